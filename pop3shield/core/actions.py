@@ -1,0 +1,91 @@
+"""What the session asks its I/O layer to do.
+
+The session never touches a socket, a file or a clock. It returns these values in order; the
+Twisted layer carries them out and reports results back through the session's methods
+(``login_succeeded``, ``stream_finished``, ``commit_finished``, ``analysis_finished``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Hashable
+
+from pop3shield.core.protections import SecurityEvent
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write these bytes to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection once everything sent so far is flushed."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Authenticate:
+    """Check credentials and open the maildrop; answer with login_succeeded/login_failed.
+
+    ``mechanism`` is ``USER`` (USER/PASS), ``PLAIN``, ``LOGIN`` or ``APOP``. For APOP,
+    ``secret`` is the client's digest and ``challenge`` the greeting's timestamp.
+    """
+
+    username: str
+    secret: bytes = field(repr=False)
+    mechanism: str
+    challenge: bytes | None = None
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """Open the message, send ``status``, then the dot-stuffed body; answer with stream_finished.
+
+    If the message cannot be opened, send nothing and call stream_failed instead.
+    """
+
+    key: Hashable
+    status: bytes
+    #: None for RETR; the TOP line count otherwise
+    body_lines: int | None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """The UPDATE state: remove these messages, release the maildrop; answer with commit_finished."""
+
+    delete: tuple[Hashable, ...]
+
+
+@dataclass(frozen=True)
+class Analyze:
+    """Run the slow malicious-code analysis on these arguments; answer with analysis_finished."""
+
+    arguments: tuple[bytes, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Log this security event."""
+
+    event: SecurityEvent
+
+
+@dataclass(frozen=True)
+class LoggedIn:
+    """The client is authenticated and its maildrop is open (for the server log)."""
+
+    username: str
+    mechanism: str
+    messages: int
+    octets: int
+
+
+Action = Send | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn
+
+#: an analysis verdict: anything with ``malicious`` and ``reasons`` (pop3shield.mcp.Verdict)
+Verdict = Any

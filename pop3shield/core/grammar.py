@@ -1,0 +1,175 @@
+"""POP3 command grammar (RFC 1939, 2449, 5034) and the byte-level compliance checks.
+
+Parsing never raises on network input: every problem comes back as a :class:`GrammarError` with a
+short reason, so that the session can answer ``-ERR`` or apply the ``non_compliant`` protection.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+#: commands whose arguments are secrets: they never reach a log or an event
+SECRET_COMMANDS = frozenset({"PASS", "APOP", "AUTH"})
+
+#: (minimum, maximum) argument count; PASS and USER take the rest of the line as one argument
+ARITY: dict[str, tuple[int, int]] = {
+    "USER": (1, 1),
+    "PASS": (1, 1),
+    "APOP": (2, 2),
+    "AUTH": (0, 2),
+    "CAPA": (0, 0),
+    "STLS": (0, 0),
+    "QUIT": (0, 0),
+    "STAT": (0, 0),
+    "LIST": (0, 1),
+    "RETR": (1, 1),
+    "DELE": (1, 1),
+    "NOOP": (0, 0),
+    "RSET": (0, 0),
+    "TOP": (2, 2),
+    "UIDL": (0, 1),
+}
+
+#: commands whose whole remainder is one argument (RFC 1939 lets PASS contain spaces)
+REST_OF_LINE = frozenset({"USER", "PASS"})
+
+MAX_NUMBER_DIGITS = 10
+_KEYWORD = re.compile(rb"[A-Za-z]{3,4}\Z")
+_HTTP_REQUEST = re.compile(rb"(?:GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|PATCH|TRACE) \S+ HTTP/\d")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f\x09]")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A syntactically valid command: upper-case keyword and raw argument bytes."""
+
+    keyword: str
+    args: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class GrammarError:
+    """Why a line is not a valid command; ``keyword`` is set when the keyword itself was valid."""
+
+    reason: str
+    keyword: str | None = None
+
+
+def looks_like_tls(content: bytes) -> bool:
+    """A TLS record header (handshake, version 3.x): someone speaks TLS to a plaintext port."""
+    return len(content) >= 3 and content[0] == 0x16 and content[1] == 0x03 and content[2] <= 0x04
+
+
+def looks_like_http(content: bytes) -> bool:
+    """An HTTP request line: a browser or a proxy probe, not a POP3 client."""
+    return _HTTP_REQUEST.match(content) is not None
+
+
+def byte_problems(content: bytes) -> list[str]:
+    """Byte-level violations in a command line: controls, DEL, lone CR, invalid UTF-8."""
+    problems: list[str] = []
+    match = _CONTROL.search(content)
+    if match is not None:
+        byte = match.group()[0]
+        if byte == 0:
+            problems.append("NUL byte")
+        elif byte == 0x0D:
+            problems.append("lone CR inside a line")
+        else:
+            problems.append(f"control byte 0x{byte:02x}")
+    if not content.isascii():
+        try:
+            content.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append("invalid UTF-8")
+    return problems
+
+
+def parse_command(content: bytes) -> Command | GrammarError:
+    """Split a line into keyword and arguments, checking the keyword and the argument count."""
+    keyword_bytes, sep, rest = content.partition(b" ")
+    if not _KEYWORD.match(keyword_bytes):
+        return GrammarError("keyword is not 3-4 ASCII letters")
+    keyword = keyword_bytes.decode("ascii").upper()
+    arity = ARITY.get(keyword)
+    if arity is None:
+        return GrammarError("unknown command", keyword)
+    if keyword in REST_OF_LINE:
+        args: tuple[bytes, ...] = (rest,) if sep else ()
+    elif not sep:
+        args = ()
+    else:
+        args = tuple(rest.split(b" "))
+        if any(arg == b"" for arg in args):
+            return GrammarError("arguments must be separated by a single space", keyword)
+    low, high = arity
+    if not low <= len(args) <= high:
+        return GrammarError("wrong number of arguments", keyword)
+    return Command(keyword, args)
+
+
+def parse_number(raw: bytes, *, allow_zero: bool = False) -> int | None:
+    """A decimal message number or line count: digits only, at most 10 of them, 1-based unless allowed.
+
+    ``-1``, ``+1``, ``1e3``, ``0x10``, blanks and 11-digit values are all rejected, so no
+    client can reach the last message through ``0`` or a wrapped-around integer.
+    """
+    if not raw or len(raw) > MAX_NUMBER_DIGITS or not raw.isdigit() or not raw.isascii():
+        return None
+    value = int(raw)
+    if value == 0 and not allow_zero:
+        return None
+    return value
+
+
+def valid_username(name: str, extra_chars: str) -> bool:
+    """Letters and digits of any script, plus the configured extra characters."""
+    if not name or name[0] == ".":
+        return False
+    for char in name:
+        if char in extra_chars:
+            continue
+        category = unicodedata.category(char)
+        if category[0] not in ("L", "N"):
+            return False
+    return True
+
+
+def escape_sample(data: bytes, limit: int = 64) -> str:
+    """Printable ASCII as is, every other byte as ``\\xNN``; at most ``limit`` input bytes."""
+    out = []
+    for byte in data[:limit]:
+        if 0x20 <= byte < 0x7F and byte != 0x5C:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    if len(data) > limit:
+        out.append("...")
+    return "".join(out)
+
+
+def command_sample(content: bytes, *, in_sasl: bool = False) -> str:
+    """A log-safe sample of a line: keyword plus at most 64 characters of non-secret arguments."""
+    if in_sasl:
+        return f"<SASL response, {len(content)} octets>"
+    keyword, sep, rest = content.partition(b" ")
+    shown = escape_sample(keyword, 16)
+    if not sep:
+        return shown
+    if keyword.upper() in (b"PASS", b"AUTH", b"APOP"):
+        return _secret_sample(keyword.upper(), rest, shown)
+    return f"{shown} {escape_sample(rest)}"
+
+
+def _secret_sample(keyword: bytes, rest: bytes, shown: str) -> str:
+    """Keep what is safe to show of PASS/AUTH/APOP: AUTH's mechanism and APOP's name only."""
+    if keyword == b"AUTH":
+        mechanism, sep, _ = rest.partition(b" ")
+        hidden = " <hidden>" if sep else ""
+        return f"{shown} {escape_sample(mechanism, 20)}{hidden}"
+    if keyword == b"APOP":
+        name, _, _ = rest.partition(b" ")
+        return f"{shown} {escape_sample(name)} <hidden>"
+    return f"{shown} <hidden, {len(rest)} octets>"

@@ -1,0 +1,399 @@
+"""The Twisted side of a POP3 session: sockets, threads and the clock around the sans-I/O core.
+
+The protocol feeds bytes to :class:`~pop3shield.core.session.Session` and carries out the actions
+it returns. Reading from the socket is paused whenever the session waits for something (a login,
+a message being streamed, a commit, a slow analysis), so pipelined input stays bounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from pop3shield.core import actions as A
+from pop3shield.core.dotstuff import DotStuffer
+from pop3shield.core.session import Session, State
+from pop3shield.core.settings import SessionSettings
+from pop3shield.events import EventLog, SessionContext
+from pop3shield.maildir import MailboxError, MailboxInUse
+from pop3shield.realm import IMaildrop, UnsafeUsername
+from pop3shield.streaming import MessageSender
+
+log = Logger(namespace="pop3shield.server")
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """RFC 1939 APOP: the digest is MD5(challenge + password), checkable only against a plaintext secret."""
+
+    def __init__(self, username: bytes, challenge: bytes, digest: bytes) -> None:
+        self.username = username
+        self.challenge = challenge
+        self.digest = digest
+
+    def checkPassword(self, password: bytes) -> bool:
+        expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self.digest)
+
+
+class FailureDelays:
+    """Brute-force brake: each failed login from an address doubles the wait before the answer."""
+
+    def __init__(self, base: float, ceiling: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.base = base
+        self.ceiling = ceiling
+        self.clock = clock
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def failed(self, address: str) -> float:
+        """Record a failure; return the delay to apply before answering it."""
+        now = self.clock()
+        count, last = self._failures.get(address, (0, now))
+        if now - last > 15 * 60:
+            count = 0
+        count += 1
+        self._failures[address] = (count, now)
+        if len(self._failures) > 50000:
+            self._forget(now)
+        if self.base <= 0:
+            return 0.0
+        return min(self.base * 2 ** (count - 1), self.ceiling)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+    def _forget(self, now: float) -> None:
+        for address in [a for a, (_, last) in self._failures.items() if now - last > 15 * 60]:
+            del self._failures[address]
+
+
+class POP3ServerProtocol(Protocol, TimeoutMixin):
+    """One client connection."""
+
+    factory: POP3ServerFactory
+    session: Session | None = None
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.callLater = f.reactor.callLater  # TimeoutMixin's clock: the factory's reactor
+        peer, host = self.transport.getPeer(), self.transport.getHost()
+        self.client_address = getattr(peer, "host", None)
+        self.session_id = secrets.token_hex(6)
+        self.ctx = SessionContext(self.session_id, self.client_address, getattr(peer, "port", None),
+                                  getattr(host, "host", None), getattr(host, "port", None))
+        self.maildrop: Any = None
+        self.sender: MessageSender | None = None
+        self._committing = False
+        self._reading_paused = False
+        self._timeout_state: State | None = None
+        refusal = f.admit(self.client_address)
+        if refusal is not None:
+            self.transport.write(refusal)
+            self.transport.loseConnection()
+            return
+        self._admitted = True
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
+                               quick_check=f.quick_check)
+        log.info("session {session} connect from {client}", session=self.session_id, client=self._peer())
+        self._run(self.session.start())
+
+    _admitted = False
+
+    def _peer(self) -> str:
+        return f"{self.ctx.client_address}:{self.ctx.client_port}"
+
+    # ------------------------------------------------------------------ input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is None or self.session.closed:
+            return
+        self.resetTimeout()
+        self._run(self.session.receive_data(data))
+
+    def timeoutConnection(self) -> None:
+        """Idle too long. Mid-message nothing more can be said: the connection is just dropped."""
+        if self.session is None or self.session.closed:
+            return
+        log.info("session {session} timed out in {state}", session=self.session_id, state=self.session.state.value)
+        if self.sender is not None:
+            self.session.connection_lost()
+            self.transport.abortConnection()
+            return
+        self._run(self.session.timed_out())
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        if self._admitted:
+            self.factory.release(self.client_address)
+        if self.session is None:
+            return
+        self.session.connection_lost()
+        if self.sender is not None:
+            self.sender.stopProducing()
+        if self.maildrop is not None and not self._committing:
+            self.factory.offload(self.maildrop.release).addErrback(self._log_failure, "release")
+            self.maildrop = None
+        self.factory.events.session_summary(self._context(), dict(self.session.engine.repeats))
+        log.info("session {session} closed", session=self.session_id)
+
+    # ------------------------------------------------------------------ actions
+
+    def _run(self, actions: Sequence[A.Action]) -> None:
+        for action in actions:
+            handler = getattr(self, "_do_" + type(action).__name__)
+            handler(action)
+        self._update_reading()
+        self._update_timeout()
+
+    def _update_reading(self) -> None:
+        """Stop reading while the session waits; this bounds pipelined input."""
+        session = self.session
+        want_pause = session is not None and (session.busy or session.closed)
+        if want_pause and not self._reading_paused:
+            self.transport.pauseProducing()
+            self._reading_paused = True
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _update_timeout(self) -> None:
+        """RFC 1939: at least 10 minutes once logged in; a shorter limit before."""
+        session = self.session
+        if session is None or session.closed or session.state is self._timeout_state:
+            return
+        self._timeout_state = session.state
+        logged_in = session.state in (State.TRANSACTION, State.UPDATE)
+        self.setTimeout(self.factory.idle_timeout if logged_in else self.factory.login_timeout)
+
+    def _context(self) -> SessionContext:
+        user = self.session.user if self.session is not None else None
+        ctx = self.ctx
+        return SessionContext(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address,
+                              ctx.server_port, user)
+
+    def _do_Send(self, action: A.Send) -> None:
+        self.transport.write(action.data)
+
+    def _do_Close(self, action: A.Close) -> None:
+        log.info("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
+        self.transport.loseConnection()
+
+    def _do_Report(self, action: A.Report) -> None:
+        self.factory.events.emit(action.event, self._context())
+
+    def _do_LoggedIn(self, action: A.LoggedIn) -> None:
+        log.info("session {session} login user={user} mechanism={mechanism} messages={messages} octets={octets}",
+                 session=self.session_id, user=action.username, mechanism=action.mechanism,
+                 messages=action.messages, octets=action.octets)
+
+    def _do_Analyze(self, action: A.Analyze) -> None:
+        d = self.factory.analyzer.analyze(action.arguments)
+        d.addErrback(self._analysis_error, len(action.arguments))
+        d.addCallback(self._guard(lambda verdicts: self.session.analysis_finished(verdicts)))
+
+    def _analysis_error(self, failure: Failure, count: int) -> list[None]:
+        log.failure("malicious code analysis failed", failure)
+        return [None] * count
+
+    def _guard(self, step: Callable[[Any], Sequence[A.Action]]) -> Callable[[Any], None]:
+        """Run a session step for an async result, unless the connection is gone by then."""
+        def call(result: Any) -> None:
+            if self.session is not None and not self.session.closed:
+                self._run(step(result))
+        return call
+
+    # login
+
+    def _do_Authenticate(self, action: A.Authenticate) -> None:
+        username = action.username.encode("utf-8")
+        if action.mechanism == "APOP":
+            credentials: Any = APOPCredentials(username, action.challenge or b"", action.secret)
+        else:
+            credentials = UsernamePassword(username, action.secret)
+        d = self.factory.portal.login(credentials, None, IMaildrop)
+        d.addCallback(self._open_maildrop)
+        d.addCallbacks(self._login_ok, self._login_error)
+        d.addErrback(self._log_failure, "login")
+
+    def _open_maildrop(self, result: tuple[Any, Any, Any]) -> defer.Deferred[Any]:
+        _, maildrop, _ = result
+        d = self.factory.offload(maildrop.open)
+        d.addCallback(lambda entries: (maildrop, entries))
+        return d
+
+    def _login_ok(self, result: tuple[Any, Sequence[Any]]) -> None:
+        maildrop, entries = result
+        if self.session is None or self.session.closed:
+            self.factory.offload(maildrop.release)
+            return
+        self.maildrop = maildrop
+        self.factory.delays.succeeded(self.client_address or "-")
+        self._run(self.session.login_succeeded(entries))
+
+    def _login_error(self, failure: Failure) -> None:
+        if self.session is None or self.session.closed:
+            return
+        if failure.check(MailboxInUse):
+            self._run(self.session.login_failed("IN-USE", "Mailbox is locked by another session."))
+            return
+        if failure.check(UnauthorizedLogin, UnhandledCredentials, LoginFailed, UnsafeUsername):
+            delay = self.factory.delays.failed(self.client_address or "-")
+            log.info("session {session} login failed for user={user}", session=self.session_id,
+                     user=self.session.user)
+            self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed()), None)
+            return
+        if failure.check(MailboxError):
+            log.error("session {session} maildrop unavailable: {error}", session=self.session_id,
+                      error=str(failure.value))
+        else:
+            log.failure("session {session} login error", failure, session=self.session_id)
+        self._run(self.session.login_failed("SYS/TEMP", "Temporary server problem, try again later."))
+
+    # messages
+
+    def _do_StreamMessage(self, action: A.StreamMessage) -> None:
+        d = self.factory.offload(_open_and_read, self.maildrop, action.key)
+        d.addCallbacks(self._start_stream, self._stream_open_failed, callbackArgs=(action,))
+
+    def _start_stream(self, opened: tuple[Any, bytes], action: A.StreamMessage) -> None:
+        source, first = opened
+        if self.session is None or self.session.closed:
+            source.close()
+            return
+        self.transport.write(action.status)
+        self.sender = MessageSender(self.transport, source, DotStuffer(action.body_lines), self.factory.offload,
+                                    on_progress=self.resetTimeout)
+        d = self.sender.start(first)
+        d.addCallbacks(self._stream_done, self._stream_error)
+
+    def _stream_open_failed(self, failure: Failure) -> None:
+        log.warn("session {session} message unavailable: {error}", session=self.session_id,
+                 error=failure.getErrorMessage())
+        self._guard(lambda _: self.session.stream_failed())(None)
+
+    def _stream_done(self, sent: int) -> None:
+        self.sender = None
+        self._guard(lambda _: self.session.stream_finished())(None)
+
+    def _stream_error(self, failure: Failure) -> None:
+        self.sender = None
+        if self.session is not None and not self.session.closed:
+            log.failure("session {session} message read failed", failure, session=self.session_id)
+            self.session.connection_lost()
+            self.transport.loseConnection()
+
+    # update
+
+    def _do_Commit(self, action: A.Commit) -> None:
+        self._committing = True
+        maildrop, self.maildrop = self.maildrop, None
+        d = self.factory.offload(maildrop.commit, action.delete)
+        d.addErrback(self._commit_error, action.delete)
+        d.addCallback(self._committed, action.delete)
+
+    def _commit_error(self, failure: Failure, keys: tuple[Any, ...]) -> list[Any]:
+        log.failure("session {session} commit failed", failure, session=self.session_id)
+        return list(keys)
+
+    def _committed(self, failed: list[Any], keys: tuple[Any, ...]) -> None:
+        log.info("session {session} update: deleted={deleted} failed={failed}", session=self.session_id,
+                 deleted=len(keys) - len(failed), failed=len(failed))
+        self._guard(lambda _: self.session.commit_finished(failed))(None)
+
+    def _log_failure(self, failure: Failure, what: str) -> None:
+        log.failure("session {session}: {what} failed", failure, session=self.session_id, what=what)
+
+
+def _open_and_read(maildrop: Any, key: Any) -> tuple[Any, bytes]:
+    """Open a message and read its first chunk in one trip to the thread pool."""
+    from pop3shield.streaming import CHUNK
+
+    source = maildrop.open_message(key)
+    try:
+        return source, source.read(CHUNK)
+    except BaseException:
+        source.close()
+        raise
+
+
+class POP3ServerFactory(ServerFactory):
+    """Shared state of all connections: settings, portal, limits, thread pools, event log."""
+
+    protocol = POP3ServerProtocol
+
+    def __init__(
+        self,
+        settings: SessionSettings,
+        portal: Portal,
+        events: EventLog,
+        *,
+        reactor: Any,
+        threadpool: Any,
+        analyzer: Any,
+        login_timeout: float = 60.0,
+        idle_timeout: float = 600.0,
+        max_connections: int = 1000,
+        max_connections_per_ip: int = 20,
+        auth_failure_delay: float = 2.0,
+        auth_failure_delay_max: float = 15.0,
+        quick_check: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.portal = portal
+        self.events = events
+        self.reactor = reactor
+        self.threadpool = threadpool
+        self.analyzer = analyzer
+        self.login_timeout = login_timeout
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_ip = max_connections_per_ip
+        self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
+        self.quick_check = quick_check
+        self.connections = 0
+        self.per_ip: dict[str | None, int] = {}
+
+    def offload(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        """Blocking work (disk, hashing) goes to the thread pool, never the reactor."""
+        return deferToThreadPool(self.reactor, self.threadpool, function, *args)
+
+    def challenge(self) -> bytes | None:
+        """The APOP timestamp for the greeting, only when APOP is enabled."""
+        if not self.settings.apop:
+            return None
+        return f"<{secrets.token_hex(8)}.{int(time.time())}@{self.settings.hostname}>".encode("ascii")
+
+    def admit(self, address: str | None) -> bytes | None:
+        """Count a new connection; the refusal line if a limit is reached."""
+        if self.connections >= self.max_connections:
+            return b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+        if self.per_ip.get(address, 0) >= self.max_connections_per_ip:
+            return b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+        self.connections += 1
+        self.per_ip[address] = self.per_ip.get(address, 0) + 1
+        return None
+
+    def release(self, address: str | None) -> None:
+        self.connections -= 1
+        left = self.per_ip.get(address, 1) - 1
+        if left > 0:
+            self.per_ip[address] = left
+        else:
+            self.per_ip.pop(address, None)
