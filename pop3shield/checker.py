@@ -1,0 +1,169 @@
+"""A ``twisted.cred`` checker backed by a Dovecot passwd file.
+
+Hash verification is slow on purpose, so it runs in a thread pool and never on the reactor
+thread.  Unknown users are verified against a dummy entry of the same cost, so the reply time
+does not reveal which accounts exist.  The file is re-read when it changes (cheap ``os.stat`` per
+request, in the worker thread); a broken new version is logged and the last good one kept, so a
+half-saved file cannot lock everybody out or let anybody in.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from pop3shield.passwd import (
+    PasswdEntry,
+    PasswdError,
+    dummy_entry_like,
+    load_passwd,
+    verify_password,
+)
+
+__all__ = ["PasswdFileChecker"]
+
+#: the file's identity and version: replaced (new inode), rewritten (mtime) or resized
+_Stamp = tuple[int, int, int, int]
+
+
+def _stamp(path: str) -> _Stamp:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _username(value: Any) -> str | None:
+    """User names are compared as str; undecodable bytes cannot match any entry."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _password(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value) if isinstance(value, (bytes, bytearray)) else b""
+
+
+@implementer(ICredentialsChecker)
+class PasswdFileChecker:
+    """Checks IUsernamePassword credentials against a passwd file; avatar id = UTF-8 user name."""
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        allow_plaintext: bool = False,
+        threadpool: Any = None,
+        reactor: Any = None,
+    ) -> None:
+        self.path = os.fspath(path)
+        self._allow_plaintext = allow_plaintext
+        self._threadpool = threadpool
+        self._reactor = reactor
+        self._lock = threading.Lock()
+        self._failed_stamp: _Stamp | None = None
+        # Load now so a bad file stops start-up (raises PasswdError).
+        stamp = _stamp_or_error(self.path)
+        self._install(load_passwd(self.path, allow_plaintext=allow_plaintext), stamp)
+
+    # ------------------------------------------------------------------ public API
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:
+        """Verify in the thread pool; fire with the user name as bytes or UnauthorizedLogin."""
+        user = _username(getattr(credentials, "username", None))
+        password = _password(getattr(credentials, "password", None))
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: PLC0415 - the global one, only if asked
+        pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
+        d = deferToThreadPool(reactor, pool, self._check, user, password)
+        d.addCallback(self._result)
+        return d
+
+    @property
+    def users(self) -> frozenset[str]:
+        """The user names currently loaded (for diagnostics; never exposes hashes)."""
+        return frozenset(self._state[0])
+
+    # ------------------------------------------------------------------ worker thread
+
+    def _check(self, user: str | None, password: bytes) -> str | None:
+        """Runs in a worker thread: BLOCKING hash verification."""
+        self._reload_if_changed()
+        entries, dummy = self._state
+        entry = entries.get(user) if user is not None else None
+        if entry is None:
+            verify_password(dummy, password)  # same cost as a real user: no enumeration oracle
+            return None
+        return entry.user if verify_password(entry, password) else None
+
+    def _reload_if_changed(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+        except OSError as exc:
+            self._report_failure(None, f"{self.path}: cannot stat: {exc.strerror or exc}")
+            return
+        if self._failed_stamp == _GONE:
+            self._failed_stamp = None  # it is back: a later disappearance is news again
+        if stamp == self._loaded_stamp:
+            return
+        with self._lock:
+            if stamp in (self._loaded_stamp, self._failed_stamp):
+                return
+            try:
+                entries = load_passwd(self.path, allow_plaintext=self._allow_plaintext)
+            except PasswdError as exc:
+                self._report_failure(stamp, str(exc))
+                return
+            self._install(entries, stamp)
+            self.log.info("reloaded {path}: {count} users", path=self.path, count=len(entries))
+
+    def _install(self, entries: dict[str, PasswdEntry], stamp: _Stamp) -> None:
+        """Swap in a new user table in one assignment, so readers never see a mix."""
+        self._state = (entries, dummy_entry_like(entries.values()))
+        self._loaded_stamp = stamp
+        self._failed_stamp = None
+
+    def _report_failure(self, stamp: _Stamp | None, message: str) -> None:
+        """Log once per broken version; keep serving the last good table."""
+        if stamp is not None and stamp == self._failed_stamp:
+            return
+        if stamp is None and self._failed_stamp == _GONE:
+            return
+        self._failed_stamp = stamp if stamp is not None else _GONE
+        self.log.error("passwd file not reloaded, keeping the previous users: {problem}", problem=message)
+
+    # ------------------------------------------------------------------ reactor thread
+
+    @staticmethod
+    def _result(user: str | None) -> bytes:
+        if user is None:
+            # One message for unknown user and wrong password alike.
+            raise UnauthorizedLogin("invalid credentials")
+        return user.encode("utf-8")
+
+
+#: marks "the file could not even be stat'ed" so that, too, is logged only once
+_GONE: _Stamp = (-1, -1, -1, -1)
+
+
+def _stamp_or_error(path: str) -> _Stamp:
+    try:
+        return _stamp(path)
+    except OSError as exc:
+        raise PasswdError(path, None, f"cannot read: {exc.strerror or exc}") from None

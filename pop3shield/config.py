@@ -1,0 +1,635 @@
+"""Load and validate the TOML configuration into frozen, typed dataclasses.
+
+The loader is deliberately strict: an unknown key, a wrong type or an out-of-range value stops
+the server at start-up with one line that names the file, the dotted key and the problem.  A
+hardened server that silently ignores ``idel_timeout = 30`` is running with settings its operator
+does not know about.
+
+Relative paths are resolved against the directory of the config file (not the working
+directory), so the same file means the same thing however the daemon is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import tomllib
+import unicodedata
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pop3shield.core.settings import (
+    PROTECTION_KEYS,
+    Action,
+    IPNetwork,
+    Override,
+    ProtectionsConfig,
+    ProtectionSettings,
+    SessionSettings,
+)
+
+__all__ = [
+    "AuthConfig",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "EventsConfig",
+    "LoggingConfig",
+    "ServerConfig",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_SOURCE = "<default>"
+
+#: first field of a Twisted server endpoint string we expect to see in ``server.listen``
+ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd", "haproxy"})
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
+BACKEND_TYPES = ("maildir",)
+UNKNOWN_COMMAND_MODES = ("bad_command", "violation")
+#: RFC 1939 section 3: the autologout timer "MUST be of at least 10 minutes' duration"
+RFC1939_MIN_IDLE = 600.0
+MIN_LINE_LIMIT = 64
+MIN_INPUT_BUFFER = 1024
+
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_REALM_FORM = re.compile(
+    r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+    r":[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*$"
+)
+
+
+class ConfigError(Exception):
+    """A configuration problem, shown to the operator as one ``file: key: problem`` line."""
+
+    def __init__(self, file: str, key: str, problem: str) -> None:
+        self.file = _one_line(file)
+        self.key = _one_line(key)
+        self.problem = _one_line(problem)
+        super().__init__(f"{self.file}: {self.key}: {self.problem}")
+
+
+#: everything str.splitlines() splits on
+_LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def _one_line(text: str) -> str:
+    """Escape line breaks so a hostile or odd value cannot forge extra log lines."""
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if ch in _LINE_BREAKS else ch for ch in str(text)
+    )
+
+
+# --------------------------------------------------------------------------- dataclasses
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Listening, greeting and resource limits of the front-end."""
+
+    listen: tuple[str, ...] = ("tcp:1110:interface=127.0.0.1",)
+    hostname: str = "localhost"
+    implementation: str | None = None
+    apop: bool = False
+    max_connections: int = 1000
+    max_connections_per_ip: int = 20
+    login_timeout: float = 60.0
+    idle_timeout: float = 600.0
+    auth_failure_delay: float = 2.0
+    auth_failure_delay_max: float = 15.0
+    input_buffer_limit: int = 65536
+    thread_pool_size: int = 10
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Where credentials come from."""
+
+    passwd_file: str | None = None
+    allow_plaintext: bool = False
+    realm: str | None = None
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The mail store behind the front-end."""
+
+    type: str = "maildir"
+    maildir: str = "/var/mail/{user}/Maildir"
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """The JSON-lines security event stream."""
+
+    path: str | None = None
+    rate_limit: int = 60
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """The operational log."""
+
+    path: str = "-"
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
+    source: str = DEFAULT_SOURCE
+
+    def session_settings(self) -> SessionSettings:
+        """The per-session view the sans-I/O core runs on."""
+        return SessionSettings(
+            hostname=self.server.hostname,
+            implementation=self.server.implementation,
+            apop=self.server.apop,
+            input_buffer_limit=self.server.input_buffer_limit,
+            protections=self.protections,
+        )
+
+
+# --------------------------------------------------------------------------- table reader
+
+_MISSING: Any = object()
+
+
+def _type_name(value: object) -> str:
+    """TOML's name for the type of a parsed value (bool before int: bool is an int subclass)."""
+    if isinstance(value, bool):
+        return "boolean"
+    names = ((int, "integer"), (float, "float"), (str, "string"), (list, "array"), (dict, "table"))
+    for kind, name in names:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__  # datetime, date, time
+
+
+def _expected(what: str, value: object) -> str:
+    article = "an" if what[0] in "aeiou" else "a"
+    return f"expected {article} {what}, got {_type_name(value)}"
+
+
+@dataclass
+class _Context:
+    """What every error needs: the file name; what every path needs: its base directory."""
+
+    source: str
+    base_dir: Path
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, key, problem)
+
+
+class _Table:
+    """One TOML table under validation; knows its dotted path so errors can name the key."""
+
+    def __init__(self, ctx: _Context, path: str, data: Mapping[str, Any], allowed: Collection[str]):
+        self.ctx = ctx
+        self.path = path
+        self.data = data
+        for name, value in data.items():
+            if name not in allowed:
+                raise ctx.error(self.key(name), _unknown(name, value, allowed, path))
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return self.ctx.error(self.key(name), problem)
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        if name in self.data:
+            return self.data[name]
+        if default is _MISSING:
+            raise self.error(name, "missing required key")
+        return default
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, _expected("boolean", value))
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, _expected("integer", value))
+        self._check_range(name, value, minimum, maximum)
+        return value
+
+    def number(self, name: str, default: float, minimum: float, *, above: bool = False) -> float:
+        """A float; TOML ints are accepted because ``timeout = 60`` is what people write."""
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, _expected("number", value))
+        value = float(value)
+        if not math.isfinite(value):
+            raise self.error(name, f"must be a finite number, got {value}")
+        if above and value <= minimum:
+            raise self.error(name, f"must be greater than {minimum:g}, got {value:g}")
+        self._check_range(name, value, minimum, None)
+        return value
+
+    def string(self, name: str, default: Any = _MISSING, choices: Collection[str] | None = None) -> Any:
+        value = self.raw(name, default)
+        if value is None and default is None:
+            return None
+        if not isinstance(value, str):
+            raise self.error(name, _expected("string", value))
+        if choices is not None and value not in choices:
+            allowed = ", ".join(repr(c) for c in choices)
+            raise self.error(name, f"must be one of {allowed}, got {value!r}")
+        return value
+
+    def array(self, name: str, default: Any = _MISSING) -> list[Any]:
+        value = self.raw(name, default)
+        if not isinstance(value, list):
+            raise self.error(name, _expected("array", value))
+        return value
+
+    def table(self, name: str) -> dict[str, Any]:
+        value = self.raw(name, {})
+        if not isinstance(value, dict):
+            raise self.error(name, _expected("table", value))
+        return value
+
+    def _check_range(self, name: str, value: float, minimum: float, maximum: float | None) -> None:
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum:g}, got {value:g}")
+        if maximum is not None and value > maximum:
+            raise self.error(name, f"must be at most {maximum:g}, got {value:g}")
+
+
+def _unknown(name: str, value: object, allowed: Collection[str], path: str) -> str:
+    """'unknown key', with a did-you-mean hint because most unknown keys are typos."""
+    what = "unknown section" if isinstance(value, dict) else "unknown key"
+    close = difflib.get_close_matches(name, list(allowed), n=1)
+    if close:
+        return f"{what} (did you mean {close[0]!r}?)"
+    if not path:
+        home = _section_of(name)
+        if home:
+            return f"{what} (did you mean '{home}.{name}'?)"
+    return what
+
+
+def _section_of(name: str) -> str | None:
+    """The section a top-level stray key belongs in (a forgotten ``[server]`` header)."""
+    for section, kind in _SECTION_CLASSES.items():
+        if name in {f.name for f in dataclasses.fields(kind)}:
+            return section
+    return None
+
+
+# --------------------------------------------------------------------------- value checks
+
+
+def _check_control(table: _Table, name: str, value: str) -> None:
+    """Control characters in names and paths only ever cause trouble (log forging, NUL paths)."""
+    if any(unicodedata.category(ch).startswith("C") for ch in value):
+        raise table.error(name, "must not contain control characters")
+
+
+def _resolve_path(table: _Table, name: str, value: str) -> str:
+    """Make a path absolute against the config file's directory, so start-up cwd never matters."""
+    if not value:
+        raise table.error(name, "must not be empty")
+    _check_control(table, name, value)
+    if os.path.isabs(value):
+        return os.path.normpath(value)
+    return os.path.normpath(os.path.join(table.ctx.base_dir, value))
+
+
+def _hostname(table: _Table, name: str, default: str) -> str:
+    value: str = table.string(name, default)
+    labels = value.rstrip(".").split(".")
+    if not value or len(value) > 255 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise table.error(
+            name, f"not a plausible host name: {value!r} (letters, digits, '-' and '.'; at most 255)"
+        )
+    return value
+
+
+def _implementation(table: _Table, name: str) -> str | None:
+    value: str | None = table.string(name, None)
+    if value is None:
+        return None
+    if not value.strip():
+        raise table.error(name, "must not be empty (leave the key out to advertise nothing)")
+    _check_control(table, name, value)
+    if len(value) > 200:
+        raise table.error(name, f"must be at most 200 characters, got {len(value)}")
+    return value
+
+
+def _listen(table: _Table, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """Syntactic check only: real endpoint parse errors surface when the server listens."""
+    items = table.array(name, list(default))
+    if not items:
+        raise table.error(name, "must list at least one endpoint")
+    result = []
+    for index, item in enumerate(items):
+        key = f"{name}[{index}]"
+        if not isinstance(item, str):
+            raise table.error(key, _expected("string", item))
+        if not item.strip():
+            raise table.error(key, "must not be empty")
+        _check_control(table, key, item)
+        kind = item.split(":", 1)[0].strip().lower()
+        if kind not in ENDPOINT_TYPES:
+            known = ", ".join(sorted(ENDPOINT_TYPES))
+            raise table.error(key, f"unknown endpoint type {kind!r} (expected one of {known})")
+        result.append(item)
+    return tuple(result)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
+    d = ServerConfig()
+    t = _Table(ctx, "server", data, _field_names(ServerConfig))
+    delay = t.number("auth_failure_delay", d.auth_failure_delay, 0.0)
+    config = ServerConfig(
+        listen=_listen(t, "listen", d.listen),
+        hostname=_hostname(t, "hostname", d.hostname),
+        implementation=_implementation(t, "implementation"),
+        apop=t.boolean("apop", d.apop),
+        max_connections=t.integer("max_connections", d.max_connections, 1),
+        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
+        idle_timeout=t.number("idle_timeout", d.idle_timeout, RFC1939_MIN_IDLE),
+        auth_failure_delay=delay,
+        auth_failure_delay_max=_delay_max(t, delay, d.auth_failure_delay_max),
+        input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
+        thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
+    )
+    if config.max_connections_per_ip > config.max_connections:
+        raise t.error(
+            "max_connections_per_ip",
+            f"must not exceed server.max_connections ({config.max_connections}), "
+            f"got {config.max_connections_per_ip}",
+        )
+    return config
+
+
+def _delay_max(table: _Table, delay: float, default: float) -> float:
+    """The back-off cap; below the base delay the back-off could never start."""
+    value = table.number("auth_failure_delay_max", default, 0.0)
+    if value < delay:
+        raise table.error(
+            "auth_failure_delay_max",
+            f"must be at least server.auth_failure_delay ({delay:g}), got {value:g}",
+        )
+    return value
+
+
+def _parse_auth(ctx: _Context, data: dict[str, Any]) -> AuthConfig:
+    t = _Table(ctx, "auth", data, _field_names(AuthConfig))
+    realm: str | None = t.string("realm", None)
+    if realm is not None and not _REALM_FORM.match(realm):
+        raise t.error("realm", f"expected 'package.module:attribute', got {realm!r}")
+    passwd: str | None = t.string("passwd_file", None)
+    if passwd is None and realm is None:
+        raise t.error("passwd_file", "missing required key (needed unless auth.realm is set)")
+    if passwd is not None:
+        passwd = _resolve_path(t, "passwd_file", passwd)
+        _check_readable(t, "passwd_file", passwd)
+    return AuthConfig(
+        passwd_file=passwd,
+        allow_plaintext=t.boolean("allow_plaintext", False),
+        realm=realm,
+    )
+
+
+def _check_readable(table: _Table, name: str, path: str) -> None:
+    """Fail at start-up, not at the first login, when the credentials file cannot be read."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise table.error(name, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _parse_backend(ctx: _Context, data: dict[str, Any]) -> BackendConfig:
+    d = BackendConfig()
+    t = _Table(ctx, "backend", data, _field_names(BackendConfig))
+    return BackendConfig(
+        type=t.string("type", d.type, BACKEND_TYPES),
+        maildir=_maildir(t, "maildir", d.maildir),
+    )
+
+
+def _maildir(table: _Table, name: str, default: str) -> str:
+    """The per-user path pattern; ``{user}`` must survive normalisation exactly once."""
+    value: str = table.string(name, default)
+    resolved = _resolve_path(table, name, value)
+    if resolved.count("{user}") != 1:
+        raise table.error(name, "must contain '{user}' exactly once (after resolving '..')")
+    rest = resolved.replace("{user}", "")
+    if "{" in rest or "}" in rest:
+        raise table.error(name, "'{user}' is the only placeholder allowed; no other braces")
+    return resolved
+
+
+def _parse_events(ctx: _Context, data: dict[str, Any]) -> EventsConfig:
+    d = EventsConfig()
+    t = _Table(ctx, "events", data, _field_names(EventsConfig))
+    path: str | None = t.string("path", None)
+    if path == "-":
+        raise t.error("path", "'-' is not a file; leave the key out to send events to the log only")
+    return EventsConfig(
+        path=None if path is None else _resolve_path(t, "path", path),
+        rate_limit=t.integer("rate_limit", d.rate_limit, 1),
+    )
+
+
+def _parse_logging(ctx: _Context, data: dict[str, Any]) -> LoggingConfig:
+    d = LoggingConfig()
+    t = _Table(ctx, "logging", data, _field_names(LoggingConfig))
+    path: str = t.string("path", d.path)
+    return LoggingConfig(
+        path=path if path == "-" else _resolve_path(t, "path", path),
+        format=t.string("format", d.format, LOG_FORMATS),
+        level=t.string("level", d.level, LOG_LEVELS),
+    )
+
+
+# --------------------------------------------------------------------------- protections
+
+
+def _parse_protections(ctx: _Context, data: dict[str, Any], buffer_limit: int) -> ProtectionsConfig:
+    t = _Table(ctx, "protections", data, ("action", *PROTECTION_KEYS))
+    default_action = _action(t, "action", Action.PREVENT)
+    values: dict[str, Any] = {}
+    for key in PROTECTION_KEYS:
+        extra = _THRESHOLDS.get(key)
+        allowed = ("action", "overrides", *(extra[0] if extra else ()))
+        sub = _Table(ctx, t.key(key), t.table(key), allowed)
+        values[key] = ProtectionSettings(_action(sub, "action", default_action), _overrides(sub))
+        if extra:
+            values.update(extra[1](sub, buffer_limit))
+    return ProtectionsConfig(**values)
+
+
+def _action(table: _Table, name: str, default: Action) -> Action:
+    choices = [a.value for a in Action]
+    return Action(table.string(name, default.value, choices))
+
+
+def _overrides(table: _Table) -> tuple[Override, ...]:
+    result = []
+    for index, item in enumerate(table.array("overrides", [])):
+        key = table.key(f"overrides[{index}]")
+        if not isinstance(item, dict):
+            raise table.ctx.error(key, _expected("table", item))
+        sub = _Table(table.ctx, key, item, ("networks", "action"))
+        networks = sub.array("networks")
+        if not networks:
+            raise sub.error("networks", "must list at least one network")
+        parsed = tuple(_network(sub, f"networks[{i}]", text) for i, text in enumerate(networks))
+        action = Action(sub.string("action", _MISSING, [a.value for a in Action]))
+        result.append(Override(networks=parsed, action=action))
+    return tuple(result)
+
+
+def _network(table: _Table, name: str, text: object) -> IPNetwork:
+    """A CIDR network; host bits set is an error because it usually hides a typo'd prefix."""
+    if not isinstance(text, str):
+        raise table.error(name, _expected("string", text))
+    try:
+        network: IPNetwork = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise table.error(name, _network_problem(text)) from None
+    return _unmap(network)
+
+
+def _network_problem(text: str) -> str:
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return f"not an IP network: {text!r}"
+    return f"{text!r} has host bits set (did you mean '{loose}'?)"
+
+
+def _unmap(network: IPNetwork) -> IPNetwork:
+    """``::ffff:192.0.2.0/120`` becomes ``192.0.2.0/24``: peers are matched as IPv4 addresses."""
+    mapped = network.network_address.ipv4_mapped if network.version == 6 else None
+    if mapped is None or network.prefixlen < 96:
+        return network
+    return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+
+
+def _bad_commands(t: _Table, _buffer_limit: int) -> dict[str, Any]:
+    return {"bad_commands_limit": t.integer("limit", ProtectionsConfig.bad_commands_limit, 1)}
+
+
+def _commands(t: _Table, _buffer_limit: int) -> dict[str, Any]:
+    return {"commands_limit": t.integer("limit", ProtectionsConfig.commands_limit, 1)}
+
+
+def _line_length(t: _Table, buffer_limit: int) -> dict[str, Any]:
+    """Line limits below the hard input cap, or the cap would trigger first and mask them."""
+    d = ProtectionsConfig()
+    limits = {
+        "line_length_limit": t.integer("limit", d.line_length_limit, MIN_LINE_LIMIT),
+        "sasl_line_limit": t.integer("sasl_limit", d.sasl_line_limit, MIN_LINE_LIMIT),
+    }
+    for name, value in zip(("limit", "sasl_limit"), limits.values()):
+        if value > buffer_limit:
+            raise t.error(
+                name, f"must not exceed server.input_buffer_limit ({buffer_limit}), got {value}"
+            )
+    return limits
+
+
+def _non_compliant(t: _Table, _buffer_limit: int) -> dict[str, Any]:
+    d = ProtectionsConfig()
+    return {
+        "strict_crlf": t.boolean("strict_crlf", d.strict_crlf),
+        "unknown_commands": t.string("unknown_commands", d.unknown_commands, UNKNOWN_COMMAND_MODES),
+        "username_extra_chars": _username_chars(t, "username_chars", d.username_extra_chars),
+    }
+
+
+def _username_chars(table: _Table, name: str, default: str) -> str:
+    """Separators and path characters never belong in a user name that becomes a path."""
+    value: str = table.string(name, default)
+    for ch in value:
+        if ch in "/\\" or ch.isspace() or unicodedata.category(ch).startswith("C"):
+            raise table.error(
+                name, f"character {ch!r} is not allowed (no control, whitespace, '/' or '\\')"
+            )
+    return "".join(dict.fromkeys(value))
+
+
+_ThresholdParser = Callable[[_Table, int], dict[str, Any]]
+_THRESHOLDS: dict[str, tuple[tuple[str, ...], _ThresholdParser]] = {
+    "max_bad_commands": (("limit",), _bad_commands),
+    "max_line_length": (("limit", "sasl_limit"), _line_length),
+    "max_commands": (("limit",), _commands),
+    "non_compliant": (("strict_crlf", "unknown_commands", "username_chars"), _non_compliant),
+}
+
+
+# --------------------------------------------------------------------------- entry points
+
+_SECTION_CLASSES: dict[str, type] = {
+    "server": ServerConfig,
+    "auth": AuthConfig,
+    "backend": BackendConfig,
+    "events": EventsConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _field_names(kind: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(kind))
+
+
+def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> Config:
+    """Validate parsed TOML; ``base_dir`` anchors relative paths (the config file's directory)."""
+    ctx = _Context(source, Path(os.path.abspath(base_dir)))
+    root = _Table(ctx, "", data, (*_SECTION_CLASSES, "protections"))
+    server = _parse_server(ctx, root.table("server"))
+    return Config(
+        server=server,
+        auth=_parse_auth(ctx, root.table("auth")),
+        backend=_parse_backend(ctx, root.table("backend")),
+        events=_parse_events(ctx, root.table("events")),
+        logging=_parse_logging(ctx, root.table("logging")),
+        protections=_parse_protections(ctx, root.table("protections"), server.input_buffer_limit),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a config file; every failure is a one-line ConfigError."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(source, "-", "not valid UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"TOML syntax error: {exc}") from None
+    return parse_config(data, source, Path(os.path.abspath(source)).parent)
