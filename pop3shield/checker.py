@@ -14,7 +14,7 @@ import threading
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3shield.passwd import (
+    PLAIN,
     PasswdEntry,
     PasswdError,
     dummy_entry_like,
@@ -60,7 +61,7 @@ def _password(value: Any) -> bytes:
 class PasswdFileChecker:
     """Checks IUsernamePassword credentials against a passwd file; avatar id = UTF-8 user name."""
 
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
     log = Logger()
 
     def __init__(
@@ -86,12 +87,15 @@ class PasswdFileChecker:
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[bytes]:
         """Verify in the thread pool; fire with the user name as bytes or UnauthorizedLogin."""
         user = _username(getattr(credentials, "username", None))
-        password = _password(getattr(credentials, "password", None))
         reactor = self._reactor
         if reactor is None:
             from twisted.internet import reactor  # noqa: PLC0415 - the global one, only if asked
         pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
-        d = deferToThreadPool(reactor, pool, self._check, user, password)
+        if IUsernamePassword.providedBy(credentials):
+            password = _password(getattr(credentials, "password", None))
+            d = deferToThreadPool(reactor, pool, self._check, user, password)
+        else:
+            d = deferToThreadPool(reactor, pool, self._check_hashed, user, credentials)
         d.addCallback(self._result)
         return d
 
@@ -111,6 +115,20 @@ class PasswdFileChecker:
             verify_password(dummy, password)  # same cost as a real user: no enumeration oracle
             return None
         return entry.user if verify_password(entry, password) else None
+
+    def _check_hashed(self, user: str | None, credentials: Any) -> str | None:
+        """APOP and the like: only a plaintext entry can answer a challenge-response digest."""
+        self._reload_if_changed()
+        entries, dummy = self._state
+        entry = entries.get(user) if user is not None else None
+        if entry is None or entry.scheme != PLAIN:
+            verify_password(dummy, b"")  # the same cost whatever the reason for failing
+            return None
+        try:
+            matched = bool(credentials.checkPassword(entry.hash.encode("utf-8")))
+        except Exception:  # noqa: BLE001 - a broken credentials object is a failed login
+            matched = False
+        return entry.user if matched else None
 
     def _reload_if_changed(self) -> None:
         try:

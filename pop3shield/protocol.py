@@ -165,7 +165,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _update_reading(self) -> None:
         """Stop reading while the session waits; this bounds pipelined input."""
         session = self.session
-        want_pause = session is not None and (session.busy or session.closed)
+        if session is None or session.closed:
+            return
+        want_pause = session.busy
         if want_pause and not self._reading_paused:
             self.transport.pauseProducing()
             self._reading_paused = True
