@@ -102,6 +102,7 @@ class ServerConfig:
     max_connections_per_ip: int = 20
     login_timeout: float = 60.0
     idle_timeout: float = 600.0
+    greeting_delay: float = 0.0
     auth_failure_delay: float = 2.0
     auth_failure_delay_max: float = 15.0
     input_buffer_limit: int = 65536
@@ -376,6 +377,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
         login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
         idle_timeout=t.number("idle_timeout", d.idle_timeout, RFC1939_MIN_IDLE),
+        greeting_delay=_greeting_delay(t, d.greeting_delay),
         auth_failure_delay=delay,
         auth_failure_delay_max=_delay_max(t, delay, d.auth_failure_delay_max),
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
@@ -388,6 +390,14 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
             f"got {config.max_connections_per_ip}",
         )
     return config
+
+
+def _greeting_delay(table: _Table, default: float) -> float:
+    """Seconds to hold the greeting; a client that talks first is not a POP3 client."""
+    value = table.number("greeting_delay", default, 0.0)
+    if value > 30.0:
+        raise table.error("greeting_delay", f"must be at most 30 seconds, got {value:g}")
+    return value
 
 
 def _delay_max(table: _Table, delay: float, default: float) -> float:

@@ -112,7 +112,19 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
                                quick_check=f.quick_check)
         log.info("session {session} connect from {client}", session=self.session_id, client=self._peer())
-        self._run(self.session.start())
+        if f.greeting_delay > 0:
+            self._greeting = f.reactor.callLater(f.greeting_delay, self._greet)
+            self.setTimeout(f.login_timeout)
+        else:
+            self._greet()
+
+    _greeting: Any = None
+
+    def _greet(self) -> None:
+        """Send the greeting; input that arrived before it makes the session refuse the client."""
+        self._greeting = None
+        if self.session is not None and not self.session.closed:
+            self._run(self.session.start())
 
     _admitted = False
 
@@ -140,6 +152,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        if self._greeting is not None and self._greeting.active():
+            self._greeting.cancel()
         if self._admitted:
             self.factory.release(self.client_address)
         if self.session is None:
@@ -351,6 +365,7 @@ class POP3ServerFactory(ServerFactory):
         analyzer: Any,
         login_timeout: float = 60.0,
         idle_timeout: float = 600.0,
+        greeting_delay: float = 0.0,
         max_connections: int = 1000,
         max_connections_per_ip: int = 20,
         auth_failure_delay: float = 2.0,
@@ -365,6 +380,7 @@ class POP3ServerFactory(ServerFactory):
         self.analyzer = analyzer
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
+        self.greeting_delay = greeting_delay
         self.max_connections = max_connections
         self.max_connections_per_ip = max_connections_per_ip
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)

@@ -233,3 +233,32 @@ def test_detect_mode_repeats_go_to_the_closing_record(mailroot: Path) -> None:
     assert [r["type"] for r in lines] == ["security", "summary"]
     assert lines[0]["action"] == "detect" and lines[0]["user"] == "alice"
     assert lines[1]["repeats"] == {"empty_password": 2}
+
+
+def test_data_before_a_delayed_greeting_is_refused(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, greeting_delay=2.0)
+    proto, transport = connect(factory)
+    assert transport.value() == b""
+    proto.dataReceived(b"USER alice\r\n")
+    clock.advance(2.0)
+    assert take(transport) == b"-ERR Protocol violation.\r\n"
+    assert transport.disconnecting
+    factory.events.close()
+    record = json.loads((mailroot / "events.jsonl").read_text())
+    assert (record["protection"], record["detail"]) == ("non_compliant", {"reason": "data sent before the greeting"})
+
+    patient, t2 = connect(make_factory(mailroot, clock, greeting_delay=2.0), port=40009)
+    clock.advance(2.0)
+    assert take(t2) == b"+OK test.invalid POP3 ready.\r\n"
+    login(patient, t2)
+
+
+def test_detect_mode_lets_an_early_talker_through(mailroot: Path) -> None:
+    clock = Clock()
+    protections = ProtectionsConfig(non_compliant=ProtectionSettings(Action.DETECT))
+    proto, transport = connect(make_factory(mailroot, clock, protections, greeting_delay=1.0))
+    proto.dataReceived(b"CAPA\r\n")
+    clock.advance(1.0)
+    out = take(transport)
+    assert out.startswith(b"+OK test.invalid POP3 ready.\r\n+OK Capability list follows.\r\n")
