@@ -73,6 +73,7 @@ class Session:
         self._out: list[A.Action] = []
         self._started = False
         self._early_data = False
+        self._seen_input = False
         self._commands = 0
         self._errors = 0
         self._messages: list[MessageEntry] = []
@@ -106,10 +107,23 @@ class Session:
             return []
         if not self._started:
             self._early_data = True
+        if self._first_bytes(data):
+            return self._flush()
         self._framer.feed(data)
         if self._started:
             self._process()
         return self._flush()
+
+    def _first_bytes(self, data: bytes) -> bool:
+        """A TLS ClientHello has no line end: judge it on arrival, not at a newline that never comes."""
+        if self._seen_input or not data:
+            return False
+        self._seen_input = True
+        if not grammar.looks_like_tls(data):
+            return False
+        trigger = self.engine.trigger("non_compliant", grammar.escape_sample(data, 16),
+                                      reason="TLS handshake on a POP3 port")
+        return self._apply([(trigger, "Protocol violation.", None)])
 
     def login_succeeded(self, messages: Sequence[MessageEntry]) -> list[A.Action]:
         """The I/O layer authenticated the user and locked the maildrop."""
