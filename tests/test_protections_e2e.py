@@ -322,3 +322,45 @@ def test_detect_reports_once_and_counts_repeats_in_the_closing_record(servers) -
     assert [r["type"] for r in records] == ["security", "summary"]
     assert records[1]["repeats"] == {"empty_username": 2}
     assert records[1]["session"] == records[0]["session"]
+
+
+def secret_attacks() -> list[bytes]:
+    """Sessions that carry the real password into every kind of refused or odd input."""
+    pw = PASSWORD.encode()
+    plain = b64(b"\0alice\0" + pw)
+    return [
+        b"USER alice\r\nPASS " + pw + b"\x00\r\n",
+        b"USER alice\r\nPASS " + pw + b"\xff\r\n",
+        b"USER alice\r\nPASS " + pw + b"A" * 400 + b"\r\n",
+        b"USER alice\r\nPASS " + pw + b"\r" + pw + b"\r\n",
+        b"USER alice\r\n" + pw + b"\r\n",
+        b"AUTH PLAIN " + plain + b"=\r\n",
+        b"AUTH PLAIN\r\n" + plain + b" \r\n",
+        b"AUTH PLAIN\r\n" + pw + b"\r\n",
+        b"AUTH PLAIN\r\n" + plain + b"A" * 3000 + b"\r\n",
+        b"AUTH LOGIN\r\n" + b64(b"alice") + b"\r\n" + b64(pw + b"\x00") + b"!\r\n",
+        b"AUTH PLAIN " + b64(b"\0al/ice\0" + pw) + b"\r\n",
+        b"APOP alice " + pw + b"\r\n",
+        b"STLS\r\nUSER alice\r\nPASS " + pw + b"\r\nLIST -1\r\n",
+        b"USER alice\r\nPASS " + pw + b"\r\n" + b"NOOP\r\n" * 60,
+        b"USER alice\r\nPASS " + pw + b"\r\nDELE 0\r\nRETR 99999999999\r\n",
+    ]
+
+
+def test_no_password_or_auth_blob_reaches_any_log(servers) -> None:
+    """Every attack with the real password: neither events, server log nor output may contain it."""
+    pw = PASSWORD.encode()
+    forbidden = [pw, b64(b"\0alice\0" + pw), b64(pw), b64(b"\0alice\0" + pw)[:24], pw[:12]]
+    for mode in ("prevent", "detect"):
+        server = servers[mode]
+        for attack in secret_attacks():
+            client = Client(server)
+            client.send(attack + b"QUIT\r\n")
+            client.closed()
+            client.close()
+        time.sleep(0.2)
+        for path in (server.events_path, server.log_path, server.stdout_path, server.stderr_path):
+            data = path.read_bytes()
+            for secret in forbidden:
+                assert secret not in data, f"{secret!r} leaked into {path.name}"
+        assert len(server.events()) > 10

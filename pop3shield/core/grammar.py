@@ -155,6 +155,9 @@ def command_sample(content: bytes, *, in_sasl: bool = False) -> str:
     if in_sasl:
         return f"<SASL response, {len(content)} octets>"
     keyword, sep, rest = content.partition(b" ")
+    if not _KEYWORD.match(keyword):
+        # Not a command: perhaps a password typed on its own line. Show its size only.
+        return f"<not a command, {len(content)} octets>"
     shown = escape_sample(keyword, 16)
     if not sep:
         return shown
