@@ -353,6 +353,7 @@ class POP3ServerFactory(ServerFactory):
     """Shared state of all connections: settings, portal, limits, thread pools, event log."""
 
     protocol = POP3ServerProtocol
+    noisy = False
 
     def __init__(
         self,
