@@ -1,14 +1,17 @@
 """Line framing over a bounded buffer.
 
-POP3 commands are lines. The framer splits incoming bytes into lines eagerly and keeps two
-limits, both enforced before anything is appended:
+POP3 commands are lines. The framer splits incoming bytes into lines as they arrive and keeps
+three limits, all enforced before anything is appended:
 
-* ``line_limit``: a line longer than this (CRLF included) is never buffered whole. The framer
+* ``partial_cap``: an unterminated line longer than this is never buffered whole. The framer
   switches to discarding, keeps only a head and a tail window for analysis, and reports an
   :class:`Overlong` once the line ends (or once the discarded amount reaches ``hard_limit``, so a
   flood without any newline cannot keep the session waiting for ever).
-* ``hard_limit``: the total of complete, not yet consumed lines. Pipelining past it is abuse and
-  is reported as :class:`Overflow`; nothing more is read after that.
+* ``line_limit``: checked when a complete line is *taken*, not when it arrives, so that the limit
+  of the state the session is in by then applies (an AUTH continuation pipelined right behind
+  ``AUTH PLAIN`` is judged by the SASL limit, however TCP split the bytes).
+* ``hard_limit``: everything held (complete lines and the partial line). Pipelining past it is
+  abuse and is reported as :class:`Overflow`; nothing more is read after that.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Overlong:
 
 @dataclass(frozen=True)
 class Overflow:
-    """More complete lines are pending than the hard limit allows."""
+    """More input is pending than the hard limit allows."""
 
     pending: int
 
@@ -59,34 +62,33 @@ FrameEvent = Line | Overlong | Overflow
 class LineFramer:
     """Splits a byte stream into :class:`Line` events within fixed memory bounds."""
 
-    def __init__(self, line_limit: int, hard_limit: int) -> None:
+    def __init__(self, line_limit: int, hard_limit: int, partial_cap: int | None = None) -> None:
         if line_limit < 3 or hard_limit < line_limit:
             raise ValueError("need 3 <= line_limit <= hard_limit")
         self.line_limit = line_limit
+        self.partial_cap = partial_cap if partial_cap is not None else line_limit
         self.hard_limit = hard_limit
         self._partial = bytearray()
         self._events: deque[FrameEvent] = deque()
         self._pending_bytes = 0
         self._discarding = False
-        self._discard_head = b""
-        self._discard_tail = bytearray()
+        self._head = bytearray()
+        self._tail = bytearray()
         self._discarded = 0
         self._broken = False
 
     @property
     def buffered(self) -> int:
         """Octets held right now (complete lines, partial line and windows)."""
-        return self._pending_bytes + len(self._partial) + len(self._discard_head) + len(self._discard_tail)
+        return self._pending_bytes + len(self._partial) + len(self._head) + len(self._tail)
 
     @property
     def has_partial(self) -> bool:
-        """True while an unterminated line is pending (used for the pre-greeting check)."""
+        """True while an unterminated line is pending."""
         return bool(self._partial) or self._discarding
 
     def feed(self, data: bytes) -> None:
         """Take bytes from the network. Never holds more than the limits allow."""
-        if self._broken:
-            return
         start = 0
         size = len(data)
         while start < size and not self._broken:
@@ -95,7 +97,8 @@ class LineFramer:
                 self._add_partial(data, start, size)
                 return
             self._add_partial(data, start, end)
-            self._end_line()
+            if not self._broken:
+                self._end_line()
             start = end + 1
 
     def next_event(self) -> FrameEvent | None:
@@ -103,37 +106,42 @@ class LineFramer:
         if not self._events:
             return None
         event = self._events.popleft()
-        if isinstance(event, Line):
-            self._pending_bytes -= event.length
-        return event
+        if not isinstance(event, Line):
+            return event
+        self._pending_bytes -= event.length
+        if event.length <= self.line_limit:
+            return event
+        content = event.content
+        return Overlong(content[:WINDOW], content[-WINDOW:], event.length, terminated=True)
 
     def _add_partial(self, data: bytes, start: int, end: int) -> None:
-        """Append data[start:end] to the unterminated line, switching to discard past the limit."""
+        """Append data[start:end] to the unterminated line, switching to discard past the cap."""
         if start >= end:
             return
         if self._discarding:
             self._discard(data, start, end)
             return
-        room = self.line_limit - 1 - len(self._partial)  # the LF is the last octet
-        if end - start <= room:
-            self._partial += data[start:end]
+        if len(self._partial) + (end - start) > self.partial_cap - 1:  # the LF is the last octet
+            self._discarding = True
+            self._head = self._partial[:WINDOW]
+            self._tail = self._partial[-WINDOW:]
+            self._discarded = len(self._partial)
+            self._partial = bytearray()
+            self._discard(data, start, end)
             return
-        self._discarding = True
-        self._discard_head = bytes(self._partial[:WINDOW])
-        self._discarded = len(self._partial)
-        if len(self._discard_head) < WINDOW:
-            take = min(end - start, WINDOW - len(self._discard_head))
-            self._discard_head += data[start:start + take]
-        self._partial = bytearray()
-        self._discard(data, start, end)
+        if self._pending_bytes + len(self._partial) + (end - start) > self.hard_limit:
+            self._overflow(self._pending_bytes + len(self._partial) + end - start)
+            return
+        self._partial += data[start:end]
 
     def _discard(self, data: bytes, start: int, end: int) -> None:
-        """Count discarded bytes and keep a rolling tail window."""
+        """Count discarded bytes, filling the head window and keeping a rolling tail window."""
+        if len(self._head) < WINDOW:
+            self._head += data[start:min(end, start + WINDOW - len(self._head))]
         self._discarded += end - start
-        piece = data[max(start, end - WINDOW):end]
-        self._discard_tail += piece
-        if len(self._discard_tail) > WINDOW:
-            del self._discard_tail[: len(self._discard_tail) - WINDOW]
+        self._tail += data[max(start, end - WINDOW):end]
+        if len(self._tail) > WINDOW:
+            del self._tail[: len(self._tail) - WINDOW]
         if self._discarded >= self.hard_limit:
             self._emit_overlong(terminated=False)
             self._broken = True
@@ -149,19 +157,24 @@ class LineFramer:
             del self._partial[-1]
         line = Line(bytes(self._partial), bare_lf)
         self._partial = bytearray()
-        if self._pending_bytes + line.length > self.hard_limit:
-            self._events.append(Overflow(self._pending_bytes + line.length))
-            self._broken = True
-            return
         self._pending_bytes += line.length
         self._events.append(line)
 
+    def _overflow(self, pending: int) -> None:
+        self._events.append(Overflow(pending))
+        self._partial = bytearray()
+        self._broken = True
+
     def _emit_overlong(self, terminated: bool) -> None:
-        tail = bytes(self._discard_tail)
-        if terminated and tail.endswith(b"\r"):
-            tail = tail[:-1]
-        self._events.append(Overlong(self._discard_head, tail, self._discarded, terminated))
+        head, tail = bytes(self._head), bytes(self._tail)
+        if terminated:
+            whole = self._discarded - 1 <= len(head)
+            if whole and head.endswith(b"\r"):
+                head = head[:-1]
+            if tail.endswith(b"\r"):
+                tail = tail[:-1]
+        self._events.append(Overlong(head, tail, self._discarded, terminated))
         self._discarding = False
-        self._discard_head = b""
-        self._discard_tail = bytearray()
+        self._head = bytearray()
+        self._tail = bytearray()
         self._discarded = 0

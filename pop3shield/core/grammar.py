@@ -125,14 +125,14 @@ def parse_number(raw: bytes, *, allow_zero: bool = False) -> int | None:
 
 
 def valid_username(name: str, extra_chars: str) -> bool:
-    """Letters and digits of any script, plus the configured extra characters."""
+    """Letters (with their combining marks) and digits of any script, plus the configured extra characters."""
     if not name or name[0] == ".":
         return False
     for char in name:
         if char in extra_chars:
             continue
         category = unicodedata.category(char)
-        if category[0] not in ("L", "N"):
+        if category[0] not in ("L", "N", "M"):  # M: combining marks of Indic, Thai, NFD Latin
             return False
     return True
 

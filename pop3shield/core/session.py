@@ -69,7 +69,8 @@ class Session:
         self.busy = False
         self.challenge = challenge if settings.apop else None
         self._quick_check = quick_check if quick_check is not None else _default_quick_check()
-        self._framer = LineFramer(self._line_limit(), max(settings.input_buffer_limit, HARD_LINE_LIMIT))
+        self._framer = LineFramer(self._line_limit(), max(settings.input_buffer_limit, HARD_LINE_LIMIT),
+                                  self._partial_cap())
         self._out: list[A.Action] = []
         self._started = False
         self._early_data = False
@@ -88,18 +89,24 @@ class Session:
 
     def start(self) -> list[A.Action]:
         """The greeting (RFC 1939 section 4), or a refusal when the client spoke first."""
+        if self._started or self.state is State.CLOSED:
+            return []
         self._started = True
         if self._early_data:
             trigger = self.engine.trigger("non_compliant", "<before greeting>", reason="data sent before the greeting")
             if self._apply([(trigger, "Protocol violation.", None)]):
                 return self._flush()
-        text = f"{self.settings.hostname} POP3 ready."
-        greeting = responses.ok(text)
-        if self.challenge is not None:
-            greeting = greeting[:-2] + b" " + self.challenge + b"\r\n"
-        self._send(greeting)
+        self._send(self._greeting())
         self._process()
         return self._flush()
+
+    def _greeting(self) -> bytes:
+        """``+OK host POP3 ready.`` plus the APOP challenge, within RFC 2449's 512 octets."""
+        if self.challenge is None:
+            return responses.ok(f"{self.settings.hostname} POP3 ready.")
+        room = responses.MAX_STATUS - len(b"+OK  POP3 ready. \r\n") - len(self.challenge)
+        host = self.settings.hostname[: max(room, 0)]
+        return b"+OK " + f"{host} POP3 ready. ".encode("ascii", "replace") + self.challenge + b"\r\n"
 
     def receive_data(self, data: bytes) -> list[A.Action]:
         """Feed network bytes; returns what to do now."""
@@ -127,6 +134,8 @@ class Session:
 
     def login_succeeded(self, messages: Sequence[MessageEntry]) -> list[A.Action]:
         """The I/O layer authenticated the user and locked the maildrop."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         self._messages = list(messages)
         self._deleted.clear()
@@ -140,6 +149,8 @@ class Session:
 
     def login_failed(self, code: str | None = "AUTH", text: str = "Authentication failed.") -> list[A.Action]:
         """Wrong credentials (``AUTH``), a locked maildrop (``IN-USE``) or a system problem."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         self.state = State.AUTHORIZATION
         self.user = None
@@ -150,12 +161,16 @@ class Session:
 
     def stream_finished(self) -> list[A.Action]:
         """The message and its terminating dot were written."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         self._process()
         return self._flush()
 
     def stream_failed(self) -> list[A.Action]:
         """The message could not be opened (it vanished): nothing was sent for it yet."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         self._error("Message is no longer available.", "SYS/TEMP")
         self._process()
@@ -163,6 +178,8 @@ class Session:
 
     def commit_finished(self, failed: Sequence[Hashable] = ()) -> list[A.Action]:
         """The UPDATE step is over; the maildrop is released."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         if failed:
             self._send(responses.err(f"{len(failed)} messages could not be deleted.", "SYS/TEMP"))
@@ -173,6 +190,8 @@ class Session:
 
     def analysis_finished(self, verdicts: Sequence[Any]) -> list[A.Action]:
         """Results of :class:`~pop3shield.core.actions.Analyze`; ``None`` means no capacity was left."""
+        if self.state is State.CLOSED:
+            return []
         self.busy = False
         pending, self._pending = self._pending, None
         triggers = self._pending_triggers
@@ -186,6 +205,7 @@ class Session:
             reasons = sorted({r for v in verdicts if v.malicious for r in v.reasons})
             triggers.insert(0, self._mcp_trigger(pending, reasons))
         self._resume(pending, triggers, refuse)
+        self._process()
         return self._flush()
 
     def timed_out(self) -> list[A.Action]:
@@ -229,6 +249,13 @@ class Session:
             return soft
         return max(soft, HARD_LINE_LIMIT)
 
+    def _partial_cap(self) -> int:
+        """The longest unterminated line the framer holds: the largest limit of any state."""
+        soft = max(self.limits.line_length_limit, self.limits.sasl_line_limit)
+        if self.engine.action("max_line_length") is Action.PREVENT:
+            return soft
+        return max(soft, HARD_LINE_LIMIT)
+
     def _soft_limit(self) -> int:
         return self.limits.sasl_line_limit if self.state is State.SASL else self.limits.line_length_limit
 
@@ -242,6 +269,13 @@ class Session:
             if self._apply([(trigger, "Too many bad commands.", None)]):
                 return
         self._send(responses.err(text, code))
+
+    def _fail_line(self, text: str, code: str | None = None) -> None:
+        """An -ERR for a line that cannot run; inside AUTH it also ends the exchange (RFC 5034)."""
+        if self.state is State.SASL:
+            self._sasl_fail(text, code)
+        else:
+            self._error(text, code)
 
     def _apply(self, triggers: list[tuple[Trigger, str, str | None]]) -> bool:
         """Report every event; the first preventing trigger answers and closes. True if closed."""
@@ -317,7 +351,7 @@ class Session:
             trigger = self.engine.trigger("non_compliant", sample, reason=f"{kind} on a POP3 port")
             triggers.append((trigger, "Protocol violation.", None))
             if not self._apply(triggers):
-                self._error("Unknown command.")
+                self._fail_line("Unknown command.")
             return
         self._screen(line, self._arguments(line.content), triggers)
 
@@ -364,14 +398,14 @@ class Session:
         """
         if isinstance(line, Overlong):
             if not self._apply(triggers):
-                self._error("Command line too long.")
-                if not line.terminated:
+                self._fail_line("Command line too long.")
+                if not line.terminated and self.state is not State.CLOSED:
                     self._close("line without end")
             return
         if self._apply(triggers):
             return
         if refuse:
-            self._error("Server busy, try again later.", "SYS/TEMP")
+            self._fail_line("Server busy, try again later.", "SYS/TEMP")
             return
         self._current_sample = self._sample(line.content)
         if self.state is State.SASL:
@@ -387,7 +421,7 @@ class Session:
         if not sep:
             return []
         upper = keyword.upper()
-        if upper in grammar.REST_OF_LINE:
+        if upper in (b"USER", b"PASS"):
             return [(rest, _FIELD_OF[upper][0])]
         parts = rest.split(b" ")
         if upper == b"AUTH":
