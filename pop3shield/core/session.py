@@ -84,6 +84,7 @@ class Session:
         self._pending: Line | Overlong | None = None
         self._pending_triggers: list[tuple[Trigger, str, str | None]] = []
         self._current_sample = ""
+        self._lead = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -200,10 +201,10 @@ class Session:
             return self._flush()
         refuse = any(v is None for v in verdicts)
         if refuse:
-            triggers.insert(0, self._mcp_unavailable(pending))
+            triggers.insert(self._lead, self._mcp_unavailable(pending))
         elif any(v.malicious for v in verdicts):
             reasons = sorted({r for v in verdicts if v.malicious for r in v.reasons})
-            triggers.insert(0, self._mcp_trigger(pending, reasons))
+            triggers.insert(self._lead, self._mcp_trigger(pending, reasons))
         self._resume(pending, triggers, refuse)
         self._process()
         return self._flush()
@@ -353,10 +354,19 @@ class Session:
             if not self._apply(triggers):
                 self._fail_line("Unknown command.")
             return
-        self._screen(line, self._arguments(line.content), triggers)
+        problems = grammar.byte_problems(line.content)
+        if problems:
+            trigger = self.engine.trigger("non_compliant", sample, reason=", ".join(problems))
+            triggers.insert(0, (trigger, "Protocol violation.", None))
+        self._screen(line, self._arguments(line.content), triggers, lead=1 if problems else 0)
 
-    def _screen(self, line: Line | Overlong, args: list[tuple[bytes, str]], triggers: list) -> None:
-        """The malicious-code check, fast tier here, slow tier through the I/O layer."""
+    def _screen(self, line: Line | Overlong, args: list[tuple[bytes, str]], triggers: list, lead: int = 0) -> None:
+        """The malicious-code check, fast tier here, slow tier through the I/O layer.
+
+        Its finding goes first (an exploit is the more useful verdict than "too long"), except
+        behind ``lead`` byte-level violations: a NUL or a Latin-1 byte is first of all not POP3.
+        """
+        self._lead = lead
         if not self.engine.active("malicious_code") or self._quick_check is None:
             self._resume(line, triggers)
             return
@@ -369,7 +379,7 @@ class Session:
             elif verdict.malicious:
                 reasons.extend(verdict.reasons)
         if reasons:
-            triggers.insert(0, self._mcp_trigger(line, sorted(set(reasons))))
+            triggers.insert(lead, self._mcp_trigger(line, sorted(set(reasons))))
         elif slow:
             self._pending = line
             self._pending_triggers = triggers
@@ -441,10 +451,8 @@ class Session:
 
     def _command(self, line: Line) -> None:
         content = line.content
-        problems = grammar.byte_problems(content)
+        problems = grammar.byte_problems(content)  # already reported before the screening
         keyword = content.partition(b" ")[0].upper()
-        if problems and self._violation("non_compliant", "Protocol violation.", reason=", ".join(problems)):
-            return
         if self._empty_credentials(keyword, content):
             return
         parsed = grammar.parse_command(content)

@@ -1366,27 +1366,39 @@ def test_tls_client_hello_without_lf_is_detected(make_driver: Any) -> None:
 
 @pytest.mark.parametrize("action", ALL_ACTIONS)
 def test_mcp_fast_tier_nop_sled(make_driver: Any, kit: Any, action: Action) -> None:
+    """Binary in USER is first of all not POP3 (non_compliant answers); the detector's event follows."""
     d = make_driver(settings_with(malicious_code=action), quick_check=kit.marker_check)
     line = b"USER " + b"\x90" * 16 + b"\r\n"
     out = d.send(line)
+    assert out == PROTOCOL_VIOLATION
+    assert d.closes == [A.Close("prevented:non_compliant")]
+    if action is Action.INACTIVE:
+        assert [e.protection for e in d.reports] == ["non_compliant"]
+        return
+    assert [e.protection for e in d.reports] == ["non_compliant", "malicious_code"]
+    event = d.reports[1]
+    assert_event(event, "malicious_code", action)
+    assert event.detail == {"reasons": ["nop sled"]}
+    assert event.command == "USER " + "\\x90" * 16
+
+
+@pytest.mark.parametrize("action", ALL_ACTIONS)
+def test_mcp_fast_tier_printable_argument(make_driver: Any, kit: Any, action: Action) -> None:
+    """A printable argument the detector flags: malicious_code alone decides."""
+    d = make_driver(settings_with(malicious_code=action), quick_check=kit.marker_check)
+    out = d.send(b"USER ab%n%n%n%ncd\r\n")
     if action is Action.PREVENT:
         assert out == b"-ERR Command refused.\r\n"
         assert d.closes == [A.Close("prevented:malicious_code")]
-        [event] = d.reports
-        assert_event(event, "malicious_code", action)
-        assert event.detail == {"reasons": ["nop sled"]}
-        assert event.command == "USER " + "\\x90" * 16
-    else:
-        # the bytes are invalid UTF-8 too: non_compliant (prevent) ends the session
-        assert out == PROTOCOL_VIOLATION
-        assert [e.protection for e in d.reports] == (["non_compliant"] if action is Action.INACTIVE
-                                                     else ["malicious_code", "non_compliant"])
+    first = "non_compliant" if action is Action.INACTIVE else "malicious_code"  # % is outside username_chars
+    assert [e.protection for e in d.reports][:1] == [first]
 
 
 def test_mcp_reasons_are_sorted_and_unique(make_driver: Any, kit: Any) -> None:
     d = make_driver(quick_check=kit.marker_check)
     d.send(b"APOP " + b"%n%n%n%n\x90\x90\x90\x90 " + b"\x90\x90\x90\x90" + b"\r\n")
-    [event] = d.reports
+    [_, event] = d.reports
+    assert event.protection == "malicious_code"
     assert event.detail == {"reasons": ["nop sled"]}
 
 
