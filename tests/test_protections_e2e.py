@@ -8,9 +8,6 @@ limit (all clients come from 127.0.0.1).
 
 from __future__ import annotations
 
-import base64
-import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +16,8 @@ import pytest
 
 from tests.support.messages import write_maildir
 from tests.support.pop3shield_server import Pop3ShieldServer
+from tests.support.raw import PASSWORD, Client, b64, client_hello, new_events
 
-PASSWORD = "Corr3ct-Horse-Battery"
 ATTACKS = {
     "empty_username": ("POP3 Policy Violation", "No username supplied in USER command"),
     "empty_password": ("POP3 Policy Violation", "No password supplied in PASS command"),
@@ -54,71 +51,6 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pop3
     finally:
         for server in started.values():
             server.stop()
-
-
-class Client:
-    """A raw POP3 connection: exact bytes out, exact bytes in."""
-
-    def __init__(self, server: Pop3ShieldServer) -> None:
-        self.sock = socket.create_connection((server.host, server.port), timeout=10)
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        chunk = self.sock.recv(65536)
-        self.buffer += chunk
-        return bool(chunk)
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            if not self._fill():
-                raise ConnectionError(f"closed; pending {self.buffer!r}")
-        line, _, self.buffer = self.buffer.partition(b"\r\n")
-        return line + b"\r\n"
-
-    def read(self, size: int) -> bytes:
-        """Exactly ``size`` bytes."""
-        while len(self.buffer) < size:
-            if not self._fill():
-                raise ConnectionError(f"closed after {self.buffer!r}")
-        data, self.buffer = self.buffer[:size], self.buffer[size:]
-        return data
-
-    def closed(self, wait: float = 5.0) -> bool:
-        """True if the server closes the connection (after anything still pending)."""
-        self.sock.settimeout(wait)
-        try:
-            while self._fill():
-                pass
-        except socket.timeout:
-            return False
-        except ConnectionResetError:
-            return True
-        return True
-
-    def still_open(self) -> bool:
-        """The session still answers: NOOP gets a reply (either state)."""
-        self.send(b"NOOP\r\n")
-        return self.line().startswith((b"+OK", b"-ERR"))
-
-    def login(self) -> None:
-        self.send(f"USER alice\r\nPASS {PASSWORD}\r\n".encode())
-        assert self.line() == b"+OK\r\n"
-        assert self.line().startswith(b"+OK Logged in")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def new_events(server: Pop3ShieldServer, before: int) -> list[dict]:
-    return [e for e in server.events()[before:] if e.get("type") == "security"]
-
-
-def b64(data: bytes) -> bytes:
-    return base64.b64encode(data)
 
 
 # (name, protection, login first?, bytes sent, prevent reply, detect reply)
@@ -286,13 +218,6 @@ def test_too_many_commands(servers, mode) -> None:
     events = new_events(server, before)
     assert [(e["protection"], e["action"]) for e in events] == [("max_commands", mode)]
     assert events[0]["detail"] == {"count": 51, "limit": 50}
-
-
-def client_hello() -> bytes:
-    """A TLS 1.2 ClientHello record as a TLS client sends it first: binary, no line end."""
-    body = b"\x03\x03" + bytes(range(32)) + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + b"\x00\x00"
-    handshake = b"\x01" + struct.pack(">I", len(body))[1:] + body
-    return b"\x16\x03\x01" + struct.pack(">H", len(handshake)) + handshake
 
 
 def test_tls_client_hello_is_stopped_at_once(servers) -> None:
