@@ -6,6 +6,7 @@ what deferToThreadPool needs (results come back through reactor.callFromThread).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import threading
@@ -15,7 +16,7 @@ from typing import Any
 import argon2
 import bcrypt
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, reactor
@@ -78,7 +79,7 @@ class InterfaceTests(_Base):
     def test_provides_checker_interface(self) -> None:
         checker = self.make()
         self.assertTrue(verifyObject(ICredentialsChecker, checker))
-        self.assertEqual(checker.credentialInterfaces, (IUsernamePassword,))
+        self.assertEqual(checker.credentialInterfaces, (IUsernamePassword, IUsernameHashedPassword))
         self.assertEqual(checker.users, frozenset({"alice", "bob"}))
 
     def test_bad_file_raises_at_construction(self) -> None:
@@ -165,6 +166,33 @@ class VerificationTests(_Base):
         self.assertEqual((yield checker.requestAvatarId(UsernamePassword(b"carol", b"ppw"))), b"carol")
         self.assertEqual((yield checker.requestAvatarId(UsernamePassword(b"dave", b"bpw"))), b"dave")
         yield self.assertFailure(checker.requestAvatarId(UsernamePassword(b"carol", b"bpw")), UnauthorizedLogin)
+
+    @defer.inlineCallbacks
+    def test_apop_digest_against_plaintext_entry(self) -> Any:
+        """APOP (RFC 1939): MD5(challenge + password), answerable only by a {PLAIN} entry."""
+        from pop3shield.protocol import APOPCredentials
+
+        bc = bcrypt.hashpw(b"bpw", bcrypt.gensalt(4)).decode()
+        self.write("carol:{PLAIN}ppw", f"dave:{{BLF-CRYPT}}{bc}")
+        checker = self.make(allow_plaintext=True)
+        challenge = b"<1896.697170952@dbc.mtview.ca.us>"
+
+        def apop(user: bytes, password: bytes) -> APOPCredentials:
+            digest = hashlib.md5(challenge + password).hexdigest().encode()
+            return APOPCredentials(user, challenge, digest)
+
+        self.assertEqual((yield checker.requestAvatarId(apop(b"carol", b"ppw"))), b"carol")
+        yield self.assertFailure(checker.requestAvatarId(apop(b"carol", b"wrong")), UnauthorizedLogin)
+        yield self.assertFailure(checker.requestAvatarId(apop(b"dave", b"bpw")), UnauthorizedLogin)
+        yield self.assertFailure(checker.requestAvatarId(apop(b"nobody", b"x")), UnauthorizedLogin)
+
+    def test_rfc1939_apop_example_digest(self) -> None:
+        from pop3shield.protocol import APOPCredentials
+
+        creds = APOPCredentials(b"mrose", b"<1896.697170952@dbc.mtview.ca.us>",
+                                b"c4c9334bac560ecc979e58001b3e22fb")
+        self.assertTrue(creds.checkPassword(b"tanstaaf"))
+        self.assertFalse(creds.checkPassword(b"tanstaaF"))
 
     @defer.inlineCallbacks
     def test_portal_integration(self) -> Any:

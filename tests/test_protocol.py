@@ -262,3 +262,26 @@ def test_detect_mode_lets_an_early_talker_through(mailroot: Path) -> None:
     clock.advance(1.0)
     out = take(transport)
     assert out.startswith(b"+OK test.invalid POP3 ready.\r\n+OK Capability list follows.\r\n")
+
+
+def test_apop_login_when_enabled(mailroot: Path) -> None:
+    import hashlib
+    import re
+
+    clock = Clock()
+    factory = make_factory(mailroot, clock)
+    factory.settings = SessionSettings(hostname="test.invalid", apop=True)
+    proto, transport = connect(factory)
+    greeting = take(transport)
+    challenge = re.fullmatch(rb"\+OK test\.invalid POP3 ready\. (<[0-9a-f]{16}\.\d+@test\.invalid>)\r\n",
+                             greeting).group(1)
+    digest = hashlib.md5(challenge + b"secret-pw").hexdigest().encode()
+    proto.dataReceived(b"APOP alice " + digest + b"\r\n")
+    assert take(transport) == b"+OK Logged in, 2 messages (58 octets).\r\n"
+
+
+def test_no_apop_challenge_unless_enabled(mailroot: Path) -> None:
+    proto, transport = connect(make_factory(mailroot, Clock()))
+    assert b"<" not in take(transport)
+    proto.dataReceived(b"APOP alice 0123456789abcdef0123456789abcdef\r\n")
+    assert take(transport) == b"-ERR APOP is not enabled.\r\n"
