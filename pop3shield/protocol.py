@@ -177,11 +177,16 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._update_timeout()
 
     def _update_reading(self) -> None:
-        """Stop reading while the session waits; this bounds pipelined input."""
+        """Stop reading while the session waits with input pending; this bounds pipelined input.
+
+        A client that waits for each answer never has input pending, so its socket is never
+        paused: two epoll changes per command saved. One that pipelines is paused as soon as
+        its commands queue up, with at most one read buffered (and the framer's cap on top).
+        """
         session = self.session
         if session is None or session.closed:
             return
-        want_pause = session.busy
+        want_pause = session.busy and session.buffered > 0
         if want_pause and not self._reading_paused:
             self.transport.pauseProducing()
             self._reading_paused = True
