@@ -32,7 +32,7 @@ from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, SessionContext
 from pop3shield.maildir import MailboxError, MailboxInUse
 from pop3shield.realm import IMaildrop, UnsafeUsername
-from pop3shield.streaming import MessageSender
+from pop3shield.streaming import MessageSender, Prefetch
 
 log = Logger(namespace="pop3shield.server")
 
@@ -87,6 +87,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     factory: POP3ServerFactory
     session: Session | None = None
+    prefetch: Prefetch | None = None
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -161,6 +162,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.session.connection_lost()
         if self.sender is not None:
             self.sender.stopProducing()
+        if self.prefetch is not None:
+            self.prefetch.discard()
         if self.maildrop is not None and not self._committing:
             self.factory.offload(self.maildrop.release).addErrback(self._log_failure, "release")
             self.maildrop = None
@@ -265,6 +268,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.factory.offload(maildrop.release)
             return
         self.maildrop = maildrop
+        self.prefetch = Prefetch(self.factory.offload, maildrop)
         self.factory.delays.succeeded(self.client_address or "-")
         self._run(self.session.login_succeeded(entries))
 
@@ -290,7 +294,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # messages
 
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
-        d = self.factory.offload(_open_and_read, self.maildrop, action.key)
+        d = self.prefetch.take(action.key)
+        self.prefetch.start(action.prefetch)
         d.addCallbacks(self._start_stream, self._stream_open_failed, callbackArgs=(action,))
 
     def _start_stream(self, opened: tuple[Any, bytes], action: A.StreamMessage) -> None:
@@ -298,10 +303,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self.session is None or self.session.closed:
             source.close()
             return
-        self.transport.write(action.status)
         self.sender = MessageSender(self.transport, source, DotStuffer(action.body_lines), self.factory.offload,
                                     on_progress=self.resetTimeout)
-        d = self.sender.start(first)
+        d = self.sender.start(first, prefix=action.status)
         d.addCallbacks(self._stream_done, self._stream_error)
 
     def _stream_open_failed(self, failure: Failure) -> None:
@@ -324,6 +328,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_Commit(self, action: A.Commit) -> None:
         self._committing = True
+        self.prefetch.discard()
         maildrop, self.maildrop = self.maildrop, None
         d = self.factory.offload(maildrop.commit, action.delete)
         d.addErrback(self._commit_error, action.delete)
@@ -340,18 +345,6 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _log_failure(self, failure: Failure, what: str) -> None:
         log.failure("session {session}: {what} failed", failure, session=self.session_id, what=what)
-
-
-def _open_and_read(maildrop: Any, key: Any) -> tuple[Any, bytes]:
-    """Open a message and read its first chunk in one trip to the thread pool."""
-    from pop3shield.streaming import CHUNK
-
-    source = maildrop.open_message(key)
-    try:
-        return source, source.read(CHUNK)
-    except BaseException:
-        source.close()
-        raise
 
 
 class POP3ServerFactory(ServerFactory):

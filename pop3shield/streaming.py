@@ -45,14 +45,27 @@ class MessageSender:
         self._stopped = False
         self._done: defer.Deferred[int] = defer.Deferred()
 
-    def start(self, first_chunk: bytes | None = None) -> defer.Deferred[int]:
-        """Register with the consumer and begin; fires with the number of octets sent."""
+    def start(self, first_chunk: bytes | None = None, prefix: bytes = b"") -> defer.Deferred[int]:
+        """Begin (after ``prefix``, the status line); fires with the number of octets sent.
+
+        A message whose first chunk is all of it goes out in one write, without registering as
+        a producer: most mail is small, and that is one write and no producer bookkeeping.
+        """
+        self._prefix = prefix
+        if first_chunk is not None and len(first_chunk) < CHUNK:
+            self._stopped = True
+            self._write(prefix + self.stuffer.feed(first_chunk) + self.stuffer.finish())
+            self._close_source()
+            self._done.callback(self.sent)
+            return self._done
         self.consumer.registerProducer(self, True)
         if first_chunk is not None:
             self._got(first_chunk)
         else:
             self._read_next()
         return self._done
+
+    _prefix = b""
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -81,7 +94,8 @@ class MessageSender:
         if self._stopped:
             return
         if data:
-            self._write(self.stuffer.feed(data))
+            prefix, self._prefix = self._prefix, b""
+            self._write(prefix + self.stuffer.feed(data))
             # A short read of a regular file is its end (Maildir files never grow once
             # delivered): finishing now saves a trip to the thread pool per message.
             if not self.stuffer.done and len(data) == CHUNK:
@@ -98,7 +112,8 @@ class MessageSender:
 
     def _finish(self) -> None:
         self._stopped = True
-        self._write(self.stuffer.finish())
+        prefix, self._prefix = self._prefix, b""
+        self._write(prefix + self.stuffer.finish())
         self.consumer.unregisterProducer()
         self._close_source()
         self._done.callback(self.sent)
@@ -118,3 +133,51 @@ class MessageSender:
             self.source.close()
         except OSError:
             pass
+
+
+def open_and_read(maildrop: Any, key: Any) -> tuple[BinaryIO, bytes]:
+    """Open a message and read its first chunk in one trip to the thread pool (BLOCKING)."""
+    source = maildrop.open_message(key)
+    try:
+        return source, source.read(CHUNK)
+    except BaseException:
+        source.close()
+        raise
+
+
+class Prefetch:
+    """At most one message opened ahead of the client's next RETR or TOP.
+
+    Clients walk the maildrop in order (fetchmail, getmail, mpop, poplib loops), so while one
+    message goes out the next one is opened and its first chunk read in the thread pool. The
+    next request then starts without waiting for a thread: one chunk of memory buys the latency
+    of a thread round trip per message.
+    """
+
+    def __init__(self, offload: Offload, maildrop: Any) -> None:
+        self.offload = offload
+        self.maildrop = maildrop
+        self._key: Any = None
+        self._opening: defer.Deferred[Any] | None = None
+
+    def take(self, key: Any) -> defer.Deferred[Any]:
+        """``(source, first_chunk)`` for ``key``: the prefetched one, or a fresh open."""
+        if self._opening is not None and self._key == key:
+            opening, self._opening, self._key = self._opening, None, None
+            return opening
+        self.discard()
+        return self.offload(open_and_read, self.maildrop, key)
+
+    def start(self, key: Any) -> None:
+        """Open ``key`` ahead of time (replacing any earlier prefetch)."""
+        self.discard()
+        if key is not None:
+            self._key = key
+            self._opening = self.offload(open_and_read, self.maildrop, key)
+
+    def discard(self) -> None:
+        """Drop the prefetch; its file is closed whenever the open completes."""
+        if self._opening is not None:
+            self._opening.addCallbacks(lambda opened: opened[0].close(), lambda failure: None)
+            self._opening = None
+            self._key = None

@@ -285,3 +285,38 @@ def test_no_apop_challenge_unless_enabled(mailroot: Path) -> None:
     assert b"<" not in take(transport)
     proto.dataReceived(b"APOP alice 0123456789abcdef0123456789abcdef\r\n")
     assert take(transport) == b"-ERR APOP is not enabled.\r\n"
+
+
+def _open_files(root: Path) -> int:
+    """Descriptors of this process open on files under ``root`` (messages, locks)."""
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        count += target.startswith(str(root)) and ("/cur/" in target or "/new/" in target)
+    return count
+
+
+def test_prefetched_message_is_served_and_never_leaks_a_file(mailroot: Path) -> None:
+    factory = make_factory(mailroot, Clock())
+    before = _open_files(mailroot)
+    proto, transport = connect(factory)
+    login(proto, transport)
+    proto.dataReceived(b"RETR 1\r\n")  # opens message 2 ahead
+    assert take(transport) == b"+OK 23 octets\r\nSubject: one\r\n\r\nfirst\r\n.\r\n"
+    proto.dataReceived(b"RETR 2\r\n")
+    assert take(transport) == b"+OK 35 octets\r\nSubject: two\r\n\r\n..dot line\r\n..\r\nend\r\n.\r\n"
+    proto.dataReceived(b"TOP 1 0\r\n")  # prefetches 2 again, then the client leaves
+    take(transport)
+    proto.connectionLost(None)
+    assert _open_files(mailroot) == before
+
+    proto, transport = connect(factory, port=40010)
+    login(proto, transport)
+    proto.dataReceived(b"RETR 1\r\nDELE 2\r\nQUIT\r\n")
+    assert take(transport).endswith(b"+OK Marked to be deleted.\r\n+OK Logging out.\r\n")
+    assert _open_files(mailroot) == before

@@ -52,6 +52,8 @@ class StreamMessage:
     status: bytes
     #: None for RETR; the TOP line count otherwise
     body_lines: int | None
+    #: the next live message, which clients that walk the maildrop will ask for next
+    prefetch: Hashable | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ turns a trigger into a :class:`SecurityEvent` (or nothing, when inactive or alre
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,12 @@ class ProtectionEngine:
     def active(self, key: str) -> bool:
         return self.actions[key] is not Action.INACTIVE
 
-    def trigger(self, key: str, command: str, **detail: Any) -> Trigger:
-        """Record that ``key`` fired; in ``detect`` mode only the first event is logged."""
+    def trigger(self, key: str, command: str | Callable[[], str], **detail: Any) -> Trigger:
+        """Record that ``key`` fired; in ``detect`` mode only the first event is logged.
+
+        ``command`` may be a callable: the sample is then built only when an event is written,
+        which keeps it off the per-line hot path.
+        """
         action = self.actions[key]
         if action is Action.INACTIVE:
             return Trigger(action, None)
@@ -96,4 +101,5 @@ class ProtectionEngine:
             self.repeats[key] += 1
             return Trigger(action, None)
         self.reported.add(key)
-        return Trigger(action, SecurityEvent(key, action, command, dict(detail)))
+        sample = command() if callable(command) else command
+        return Trigger(action, SecurityEvent(key, action, sample, dict(detail)))

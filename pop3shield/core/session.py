@@ -9,6 +9,7 @@ stays in the bounded framer and the I/O layer stops reading from the socket.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Hashable, Protocol
 
@@ -83,7 +84,7 @@ class Session:
         self._sasl_user: bytes | None = None
         self._pending: Line | Overlong | None = None
         self._pending_triggers: list[tuple[Trigger, str, str | None]] = []
-        self._current_sample = ""
+        self._current_sample: Callable[[], str] | str = ""
         self._lead = 0
 
     # ------------------------------------------------------------------ inputs
@@ -307,8 +308,9 @@ class Session:
 
     # ------------------------------------------------------------------ checks before a command runs
 
-    def _sample(self, content: bytes) -> str:
-        return grammar.command_sample(content, in_sasl=self.state is State.SASL)
+    def _sample(self, content: bytes) -> Callable[[], str]:
+        """The event sample of a line, built only if an event needs it (SASL-ness fixed now)."""
+        return functools.partial(grammar.command_sample, content, in_sasl=self.state is State.SASL)
 
     def _handle_overlong(self, line: Overlong) -> None:
         """A line over the limit: the line-length protection, plus an exploit check of its ends."""
@@ -397,7 +399,7 @@ class Session:
         trigger = self.engine.trigger("malicious_code", self._sample_of(line), reasons=["analysis capacity exhausted"])
         return (trigger, "Server busy, try again later.", "SYS/TEMP")
 
-    def _sample_of(self, line: Line | Overlong) -> str:
+    def _sample_of(self, line: Line | Overlong) -> Callable[[], str]:
         return self._sample(line.content if isinstance(line, Line) else line.head)
 
     def _resume(self, line: Line | Overlong, triggers: list, refuse: bool = False) -> None:
@@ -689,7 +691,7 @@ class Session:
         if found is not None:
             self.busy = True
             status = responses.ok(f"{found[1].size} octets")
-            self._out.append(A.StreamMessage(found[1].key, status, None))
+            self._out.append(A.StreamMessage(found[1].key, status, None, self._next_key(found[0])))
 
     def _cmd_top(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])
@@ -702,7 +704,14 @@ class Session:
                 self._error("Invalid line count.")
             return
         self.busy = True
-        self._out.append(A.StreamMessage(found[1].key, responses.ok(), count))
+        self._out.append(A.StreamMessage(found[1].key, responses.ok(), count, self._next_key(found[0])))
+
+    def _next_key(self, number: int) -> Hashable | None:
+        """The key of the first live message after ``number`` (1-based), if any."""
+        for index in range(number, len(self._messages)):
+            if index not in self._deleted:
+                return self._messages[index].key
+        return None
 
     def _cmd_dele(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])

@@ -310,7 +310,7 @@ def test_transaction_state(make_driver: Any, line: bytes, expected: bytes) -> No
 def test_retr(make_driver: Any) -> None:
     d = logged_in(make_driver, auto=(A.Authenticate,))
     assert d.send(b"RETR 1\r\n") == b""
-    assert d.new_actions == [A.StreamMessage("k1", b"+OK 10 octets\r\n", None)]
+    assert d.new_actions == [A.StreamMessage("k1", b"+OK 10 octets\r\n", None, prefetch="k2")]
     assert d.session.busy
     assert d.call("stream_finished") == b""
     assert d.new_actions == []
@@ -329,7 +329,16 @@ def test_retr_transcript(make_driver: Any, kit: Any) -> None:
 def test_top(make_driver: Any, line: bytes, key: str, count: int) -> None:
     d = logged_in(make_driver, auto=(A.Authenticate,))
     assert d.send(line + b"\r\n") == b""
-    assert d.new_actions == [A.StreamMessage(key, b"+OK\r\n", count)]
+    assert d.new_actions == [A.StreamMessage(key, b"+OK\r\n", count, prefetch="k2" if key == "k1" else None)]
+
+
+def test_prefetch_names_the_next_live_message(make_driver: Any) -> None:
+    """The I/O layer may open the next message ahead; a deleted one is skipped."""
+    d = logged_in(make_driver, auto=(A.Authenticate,))
+    d.send(b"DELE 2\r\n")
+    d.new_actions
+    d.send(b"RETR 1\r\n")
+    assert d.new_actions == [A.StreamMessage("k1", b"+OK 10 octets\r\n", None, prefetch=None)]
 
 
 def test_stream_failed(make_driver: Any) -> None:
@@ -881,9 +890,9 @@ def test_pipelining_after_a_failed_login(make_driver: Any) -> None:
 def test_pipelining_stops_at_each_stream(make_driver: Any) -> None:
     d = logged_in(make_driver, auto=(A.Authenticate,))
     assert d.send(b"RETR 1\r\nTOP 2 1\r\nSTAT\r\nNOOP\r\n") == b""
-    assert d.new_actions == [A.StreamMessage("k1", b"+OK 10 octets\r\n", None)]
+    assert d.new_actions == [A.StreamMessage("k1", b"+OK 10 octets\r\n", None, prefetch="k2")]
     assert d.call("stream_finished") == b""
-    assert d.new_actions == [A.StreamMessage("k2", b"+OK\r\n", 1)]
+    assert d.new_actions == [A.StreamMessage("k2", b"+OK\r\n", 1, prefetch=None)]
     assert d.call("stream_finished") == b"+OK 2 30\r\n+OK\r\n"
 
 
