@@ -17,17 +17,8 @@ import pytest
 from tests.support.messages import write_maildir
 from tests.support.pop3shield_server import Pop3ShieldServer
 from tests.support.raw import PASSWORD, Client, b64, client_hello, new_events
+from tests.support.spec import ATTACKS
 
-ATTACKS = {
-    "empty_username": ("POP3 Policy Violation", "No username supplied in USER command"),
-    "empty_password": ("POP3 Policy Violation", "No password supplied in PASS command"),
-    "non_compliant": ("POP3 Policy Violation", "Non protocol-compliant connection"),
-    "stls": ("POP3 Policy Violation", "Illegal POP3 TLS session"),
-    "malicious_code": ("POP3 Security Violation", "Malicious Code Protector"),
-    "max_bad_commands": ("POP3 Policy Violation", "Too many bad commands"),
-    "max_line_length": ("POP3 Format Violation", "Command line is too long"),
-    "max_commands": ("POP3 Policy Violation", "Too many commands"),
-}
 COMMON_SERVER = "auth_failure_delay = 0.0\nauth_failure_delay_max = 0.0\nmax_connections_per_ip = 200"
 COMMON_EVENTS = "rate_limit = 100000"
 MAX_COMMANDS = "[protections.max_commands]\nlimit = 50\n"

@@ -25,6 +25,7 @@ from pop3shield.core.settings import (
     ProtectionSettings,
     SessionSettings,
 )
+from tests.support.spec import ATTACKS as SPEC_ATTACKS
 
 USER = "bob"
 PASSWORD = b"s3cret-Pa55word"
@@ -84,16 +85,7 @@ def assert_event(event: Any, key: str, action: Action) -> None:
 
 def test_attack_table_matches_the_readme() -> None:
     """Byte-exact strings operators grep and SIEM rules match (docs: /work/shared/README.md)."""
-    assert ATTACKS == {
-        "empty_username": ("POP3 Policy Violation", "No username supplied in USER command"),
-        "empty_password": ("POP3 Policy Violation", "No password supplied in PASS command"),
-        "non_compliant": ("POP3 Policy Violation", "Non protocol-compliant connection"),
-        "stls": ("POP3 Policy Violation", "Illegal POP3 TLS session"),
-        "malicious_code": ("POP3 Security Violation", "Malicious Code Protector"),
-        "max_bad_commands": ("POP3 Policy Violation", "Too many bad commands"),
-        "max_line_length": ("POP3 Format Violation", "Command line is too long"),
-        "max_commands": ("POP3 Policy Violation", "Too many commands"),
-    }
+    assert ATTACKS == SPEC_ATTACKS
     assert NAMES == {
         "empty_username": "Empty POP3 Username",
         "empty_password": "Empty POP3 Password",
