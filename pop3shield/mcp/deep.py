@@ -1,18 +1,23 @@
 """Tier 1: static checks, then emulation from many start offsets, under hard budgets.
 
 Every run ends: unicorn caps the instructions of one start offset, hook callbacks are capped
-per run and per argument, the number of runs is capped per argument, and a wall-clock
-deadline is checked between runs.  A clean verdict that ran out of budget says so in its
-reasons (``budget-exhausted``) so that operators can see it.
+per run and per argument, the number of runs is capped per argument, and a time budget is
+checked between runs and, every 32 callbacks, inside them.  The budget is the analysing
+thread's CPU time, so that verdicts do not depend on how busy the machine is (the server runs
+several analyses at once); a wall-clock cap still ends every analysis under extreme load.  A clean verdict that
+ran out of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
 
-Start offsets are tried in order: the preferred entry points of a window first (offset 0,
-the end of filler or sleds, after sprayed return addresses), each with pointer-seeded and
-with cleared registers; then every other offset that no earlier run has already executed.
-The two modes alternate so that x86-64 code is found as early as x86 code.
+Start offsets are tried in two phases.  First the entry points of every window (offset 0,
+the end of filler or a sled, after sprayed return addresses, printable/binary boundaries)
+with every register seeding, both modes alternating so that neither can spend the budget
+alone; these runs may run long decoders to the end.  Then a sweep over every other offset:
+binary windows skip offsets an earlier run already executed, printable windows do not (see
+:func:`_sweep`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from . import emulate
@@ -20,33 +25,44 @@ from .static import static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
-#: wall-clock budget for the emulation of one argument (the whole check stays under 50 ms)
-DEADLINE = 0.030
+#: CPU-time budget for the emulation of one argument (the whole check stays under 50 ms)
+DEADLINE = 0.025
+#: wall-clock cap: on a loaded machine CPU time lags behind wall time, and then keeping every
+#: argument under 50 ms wins over finishing the emulation
+WALL_CAP = 0.045
 #: most runs (start offsets times modes) per argument
 MAX_RUNS = 4000
 #: most hook callbacks per argument, summed over its runs
 MAX_CALLBACKS = 60_000
-#: entry points (offset 0, after filler or a sled) may run long decoders to the end
+#: entry points may run long decoders to the end; the very first run (offset 0, the most
+#: likely entry) gets more time: a self-modifying decoder makes unicorn retranslate its code
+#: on every iteration and needs ~50 us per iteration
 ENTRY_CALLBACKS = 12_000
-ENTRY_SECONDS = 0.012
+ENTRY_SECONDS = 0.010
+FIRST_SECONDS = 0.016
+
+_SEEDINGS = (emulate.POINTER, emulate.STACK_AT_CODE, emulate.SCRATCH, emulate.ZERO)
+_log = logging.getLogger(__name__)
 
 
 class Budget:
     """What one argument may still spend."""
 
     def __init__(self, seconds: float = DEADLINE) -> None:
-        self.deadline = time.perf_counter() + seconds
+        self.deadline = (time.thread_time() + seconds, time.perf_counter() + WALL_CAP)
         self.runs = MAX_RUNS
         self.callbacks = MAX_CALLBACKS
         self.exhausted = False
+        self.first = True
 
-    def spend(self, state: emulate.RunState) -> bool:
-        """Charge one run; False once anything is used up."""
+    def spend(self, state: emulate.RunState) -> None:
+        """Charge one run; sets :attr:`exhausted` once anything is used up."""
+        self.first = False
         self.runs -= 1
         self.callbacks -= state.callbacks
-        if self.runs <= 0 or self.callbacks <= 0 or time.perf_counter() > self.deadline:
+        cpu, wall = self.deadline
+        if self.runs <= 0 or self.callbacks <= 0 or time.thread_time() > cpu or time.perf_counter() > wall:
             self.exhausted = True
-        return not self.exhausted
 
 
 def deep_check(argument: bytes) -> Verdict:
@@ -54,18 +70,21 @@ def deep_check(argument: bytes) -> Verdict:
     if not argument:
         return clean("empty")
     windows = plan(argument)
-    reasons = [reason for window in windows for reason in _static(window)]
+    reasons = [reason for window in windows if window.sweep for reason in _static(window)]
     if reasons:
         return malicious(*reasons)
     if not emulate.AVAILABLE:
         return clean("no-static-finding", "emulation-unavailable")
     budget = Budget()
-    for window in windows:
-        finding = _emulate(window, budget)
-        if finding:
-            return malicious(finding)
-        if budget.exhausted:
-            return clean("no-code-behaviour", "budget-exhausted")
+    try:
+        finding = _emulate(windows, budget)
+    except Exception:  # a bug in a hook must not take the server's analysis thread down
+        _log.exception("emulation of a %d-byte argument failed", len(argument))
+        return clean("no-static-finding", "analysis-error")
+    if finding:
+        return malicious(finding)
+    if budget.exhausted:
+        return clean("no-code-behaviour", "budget-exhausted")
     return clean("no-code-behaviour")
 
 
@@ -78,33 +97,37 @@ def _static(window: Window) -> list[str]:
     return found
 
 
-def _emulate(window: Window, budget: Budget) -> str | None:
-    """The first behaviour found in ``window``, as ``kind@offset``, or ``None``.
-
-    Entry points come first, every seeding tried in both modes before the next seeding, so
-    that neither mode can spend the budget alone; then the sweep over all offsets.
-    """
+def _emulate(windows: list[Window], budget: Budget) -> str | None:
+    """The first behaviour found, as ``kind@offset``, or ``None``."""
     engines = emulate.engines()
-    for engine in engines:
-        engine.load(window.data)
-    for offset in window.entries:
-        finding = _entry(engines, offset, window, budget)
-        if finding or budget.exhausted:
-            return finding
-    printable = _mostly_printable(window.data)
-    for offset in range(len(window.data)):
-        for engine in engines:
-            finding = _sweep(engine, offset, printable, window, budget)
+    for window in windows:
+        _load(engines, window)
+        for offset in window.entries:
+            finding = _entry(engines, offset, window, budget)
             if finding or budget.exhausted:
                 return finding
+    for window in windows:
+        if not window.sweep:
+            continue
+        _load(engines, window)
+        finding = _sweep_window(engines, window, budget)
+        if finding or budget.exhausted:
+            return finding
     return None
 
 
+def _load(engines: tuple[emulate.Engine, ...], window: Window) -> None:
+    for engine in engines:
+        if engine.window != window.data:
+            engine.load(window.data)
+
+
 def _entry(engines: tuple[emulate.Engine, ...], offset: int, window: Window, budget: Budget) -> str | None:
-    """All seedings at one entry point: pointer, stack at the code (if the pointer run used the
-    stack at all: only then can it behave differently), scratch, cleared."""
+    """All seedings at one entry point, each in both modes before the next: pointer, stack at
+    the code (only if the pointer run used the stack: only then can it behave differently),
+    scratch, cleared."""
     used_stack = {}
-    for seeding in (emulate.POINTER, emulate.STACK_AT_CODE, emulate.SCRATCH, emulate.ZERO):
+    for seeding in _SEEDINGS:
         for engine in engines:
             if seeding == emulate.STACK_AT_CODE and not used_stack[engine.bits]:
                 continue
@@ -116,6 +139,16 @@ def _entry(engines: tuple[emulate.Engine, ...], offset: int, window: Window, bud
     return None
 
 
+def _sweep_window(engines: tuple[emulate.Engine, ...], window: Window, budget: Budget) -> str | None:
+    printable = _mostly_printable(window.data)
+    for offset in range(len(window.data)):
+        for engine in engines:
+            finding = _sweep(engine, offset, printable, window, budget)
+            if finding or budget.exhausted:
+                return finding
+    return None
+
+
 def _sweep(engine: emulate.Engine, offset: int, printable: bool, window: Window, budget: Budget) -> str | None:
     """Runs from one offset after the entry points.
 
@@ -123,20 +156,12 @@ def _sweep(engine: emulate.Engine, offset: int, printable: bool, window: Window,
     printable decoders compute addresses from the register that pointed at their first byte,
     so a run that slid into the decoder from the text before it proves nothing; they are run
     from every offset (x86-64 printable decoders are rare, so the 64-bit engine keeps pruning).
+    Only the pointer seeding is swept: the others found nothing more off the entry points in
+    the real corpus and cost a third of the time of a printable argument.
     """
-    if not printable or engine.bits == 64:
-        if engine.covered[offset]:
-            return None
-        return _run(engine, offset, emulate.POINTER, window, budget)
-    return _seedings(engine, offset, window, budget)
-
-
-def _seedings(engine: emulate.Engine, offset: int, window: Window, budget: Budget) -> str | None:
-    """Pointer seeding, then the stack at the code if the run used the stack at all."""
-    finding = _run(engine, offset, emulate.POINTER, window, budget)
-    if finding or budget.exhausted or not engine.state.stack_used:
-        return finding
-    return _run(engine, offset, emulate.STACK_AT_CODE, window, budget)
+    if (not printable or engine.bits == 64) and engine.covered[offset]:
+        return None
+    return _run(engine, offset, emulate.POINTER, window, budget)
 
 
 def _mostly_printable(data: bytes) -> bool:
@@ -145,10 +170,11 @@ def _mostly_printable(data: bytes) -> bool:
 
 def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False) -> str | None:
     if entry:
-        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=ENTRY_SECONDS)
+        seconds = FIRST_SECONDS if budget.first else ENTRY_SECONDS
+        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=seconds)
     else:
         state = engine.run(offset, seeding, budget.deadline)
     budget.spend(state)
     if state.finding:
-        return f"{state.finding}@{window.position(offset)}"
+        return f"{state.finding}@{window.position(offset)}{window.label}"
     return None

@@ -6,7 +6,8 @@ pointer to the start offset (what ``jmp esp`` or ``call reg`` leaves an exploit 
 code runs until it faults, stops or exhausts its budget.  These behaviours give it away:
 
 * a self-modifying decoder: one store instruction, looping, transforms bytes it read and the
-  code then runs what it wrote (``decoder-loop``);
+  code then runs what it wrote (``decoder-loop``), or is still decoding ahead of itself when
+  the run's budget ends (long payloads; decoders whose base register is set elsewhere);
 * GetPC: a ``call`` whose return address is popped instead of returned to, or ``fnstenv``
   whose saved FPU instruction pointer is read back, followed by reads of its own payload;
 * a system call (``int 0x80``, ``int 0x2e``, ``syscall``, ``sysenter``, ``lcall 7,0``, the
@@ -14,8 +15,12 @@ code runs until it faults, stops or exhausts its budget.  These behaviours give 
   or ``mov al, n`` plus an argument pointing at data it built (a pushed ``/bin//sh``);
 * Windows PEB access: a word load of the TEB's PEB pointer (``fs:[0x30]``, ``gs:[0x60]``),
   or, for kernel shellcode, of the KPCR's current thread (``fs:[0x124]``, ``gs:[0x188]``);
-* a ``call reg`` to a hard-coded address outside the argument (an API entry point in a system
-  DLL) whose arguments point at data the code built.
+* a ``call reg`` (or ``push imm32; ret``) to a hard-coded address outside the argument (an API
+  entry point in a system DLL) whose arguments point at data the code built;
+* an exception handler installed through ``fs:[0]`` (SEH egg hunters and GetPC).
+
+Registers can be seeded four ways (pointer to the code, stack at the code as after ``jmp esp``,
+pointing at scratch memory, cleared); see :meth:`Engine.run`.
 
 Unicorn keeps hidden state between runs, which silently hides everything after the first
 argument: translated blocks survive host memory writes (so the cache is dropped whenever
@@ -24,8 +29,9 @@ set-up is restored before every run).  Loading ``fs`` for the TEB even recompute
 size from a reset-time 16-bit ``ss`` descriptor; flat 32-bit segments are loaded first.
 
 Hook callbacks run Python for every block, store and load in the watched ranges, so every
-run is bounded by an instruction cap and a callback cap.  The module imports without unicorn;
-:data:`AVAILABLE` then is ``False``.
+run is bounded by an instruction cap, a callback cap and a CPU-time limit.  Stores into the
+code also make unicorn retranslate it (~50 us per decoder iteration), so long decoders are
+the expensive case.  The module imports without unicorn; :data:`AVAILABLE` then is ``False``.
 """
 
 from __future__ import annotations
@@ -101,7 +107,7 @@ RUN_CAP = 12_000
 CALLBACK_CAP = 3_000
 #: bytes around the window compared after a run that wrote code (hooks can miss stores)
 NEAR = 0x1000
-#: wall-clock limit of one run, checked from the hooks
+#: CPU-time limit of one run, checked from the hooks
 RUN_SECONDS = 0.008
 #: a decoder loop: one transforming store that changed bytes in this many iterations...
 LOOP_ITERATIONS_MIN = 8
@@ -135,7 +141,7 @@ class RunState:
     __slots__ = (
         "start", "zeroed", "modified", "hits", "blocks", "writers", "looped", "loop_pc",
         "reads", "returns", "getpc", "getpc_kind", "payload", "callbacks", "code_dirty",
-        "stack_exec", "finding", "ran", "deadline", "cap", "dirty_low", "dirty_high", "stack_used",
+        "stack_exec", "finding", "ran", "deadline", "wall", "cap", "dirty_low", "dirty_high", "stack_used",
         "rejected",
     )
 
@@ -165,7 +171,9 @@ class RunState:
         self.finding: str | None = None
         #: addresses this run has executed (decoded code must be new code)
         self.ran: set[int] = set()
+        #: thread CPU-time and wall-clock instants at which the run must stop
         self.deadline = float("inf")
+        self.wall = float("inf")
         self.cap = CALLBACK_CAP
 
 
@@ -290,7 +298,7 @@ class Engine:
         self,
         offset: int,
         seeding: str = POINTER,
-        deadline: float | None = None,
+        deadline: tuple[float, float] | None = None,
         cap: int = RUN_CAP,
         callbacks: int = CALLBACK_CAP,
         seconds: float = RUN_SECONDS,
@@ -313,7 +321,9 @@ class Engine:
             self.uc.ctl_remove_cache(STACK_BASE, STACK_BASE + STACK_SIZE)
         start = LOAD + offset
         state = self.state = RunState(start, seeding == ZERO)
-        state.deadline = min(deadline or float("inf"), time.perf_counter() + seconds)
+        cpu_limit, wall_limit = deadline or (float("inf"), float("inf"))
+        state.deadline = min(cpu_limit, time.thread_time() + seconds)
+        state.wall = wall_limit
         state.cap = callbacks
         uc = self.uc
         uc.context_restore(self.clean)
@@ -343,17 +353,24 @@ class Engine:
             return False
         record = state.writers[state.loop_pc]
         return record[1] >= LONG_DECODER and record[2] >= LONG_DECODER and record[4] > state.loop_pc
-    def _exhausted(self, state: RunState) -> bool:
-        """Count one hook callback; stop the run past its callback cap or wall-clock deadline.
 
-        The deadline is checked every 64 callbacks: code that keeps rewriting its own block
+    def _exhausted(self, state: RunState) -> bool:
+        """Count one hook callback; stop the run past its callback cap or its deadlines.
+
+        The time limit is the thread's CPU time, so that a busy machine or sibling analysis
+        threads do not change verdicts; a wall-clock limit still ends everything under extreme
+        load.  Both are checked every 32 callbacks: code that keeps rewriting its own block
         makes unicorn retranslate on every iteration, which costs far more than the hook.
         """
         state.callbacks += 1
-        if state.callbacks > state.cap or (not state.callbacks & 63 and time.perf_counter() > state.deadline):
+        if state.callbacks > state.cap or (not state.callbacks & 31 and self._late(state)):
             self.uc.emu_stop()
             return True
         return False
+
+    @staticmethod
+    def _late(state: RunState) -> bool:
+        return time.thread_time() > state.deadline or time.perf_counter() > state.wall
 
     def _found(self, kind: str) -> None:
         state = self.state
@@ -362,9 +379,6 @@ class Engine:
         if state.finding is None:
             state.finding = f"{self.arch}-{kind}"
         self.uc.emu_stop()
-
-    def _in_window(self, address: int) -> bool:
-        return LOAD <= address < LOAD + self.length
 
     def _opcode(self) -> bytes:
         """First bytes of the instruction being executed (``fwait`` prefix skipped)."""
@@ -419,6 +433,7 @@ class Engine:
         pc = self.native.reg(self.pc_reg)
         record = state.writers.get(pc)
         if record is None:
+            # last block seen, iterations, bytes changed, transforming?, lowest address, values
             record = state.writers[pc] = [-1, 0, 0, self._transforms(), address, set()]
         if not record[3]:
             return
@@ -429,10 +444,9 @@ class Engine:
         record[4] = min(record[4], address)
         if len(record[5]) < LOOP_VALUES_MIN:
             record[5].update(data)
-        if record[1] >= LOOP_ITERATIONS_MIN and record[2] >= LOOP_WRITES_MIN and not state.looped and len(record[5]) >= LOOP_VALUES_MIN:
-            if len(state.reads) >= LOOP_READS_MIN:
-                state.looped = True
-                state.loop_pc = pc
+        if not state.looped and _decoding(record) and len(state.reads) >= LOOP_READS_MIN:
+            state.looped = True
+            state.loop_pc = pc
 
     def _transforms(self) -> bool:
         """Whether the storing instruction can compute what it stores (not a copy or push)."""
@@ -603,8 +617,9 @@ class Engine:
         A small number needs deliberately cleared registers (the seeds are large pointers);
         in a run with cleared registers the code must have loaded a nonzero number.
         ``mov al, 11`` without clearing (the upper half of the register still the seed's) only
-        counts with an argument pointing at data the code built (``/bin//sh``, a socketcall
-        argument block) or at its own GetPC'd payload.
+        counts with an argument pointing at data the code built on the stack (``/bin//sh``, a
+        socketcall argument block) or at its own GetPC'd payload.  Stores through the seeded
+        pointers into the code do not count: random bytes make those all the time.
         """
         number = self.native.reg(self.ax_reg)
         if number < SYSCALL_MAX and not (self.state.zeroed and number == 0):
@@ -612,7 +627,7 @@ class Engine:
             return
         state = self.state
         low_set = (number ^ state.start) < 0x10000 and (number & 0xFF) != (state.start & 0xFF)
-        if low_set and any(map(self._prepared, self._arguments())):
+        if low_set and any(self._prepared(value, stack_only=True) for value in self._arguments()):
             self._found("syscall")
             return
         pc = self.native.reg(self.pc_reg)
@@ -632,14 +647,17 @@ class Engine:
             return values + [0] * 5
         return values + [int.from_bytes(raw[i:i + self.word], "little") for i in range(0, len(raw), self.word)]
 
-    def _prepared(self, value: int, least: int = BUILT_MIN) -> bool:
-        """A pointer to data the code prepared: at least ``least`` bytes it wrote, its GetPC'd
-        payload, or data right after one of its ``call``s (``call`` over a string)."""
+    def _prepared(self, value: int, least: int = BUILT_MIN, stack_only: bool = False) -> bool:
+        """A pointer to data the code prepared: at least ``least`` bytes it wrote (on the stack
+        region only, if ``stack_only``), its GetPC'd payload, or data right after one of its
+        ``call``s (``call`` over a string)."""
         state = self.state
         if state.getpc is not None and state.getpc - 16 <= value < LOAD + self.length:
             return True
         if value in state.returns.values():
             return True
+        if stack_only and not STACK_BASE <= value < STACK_BASE + STACK_SIZE:
+            return False
         # the seed pointer is what the run started with, not something the code prepared
         return value != state.start and self._built(value, least)
 
@@ -719,6 +737,13 @@ class Engine:
             found = found or how
             at = code.find(needle, at + 1)
         return found
+
+
+def _decoding(record: list) -> bool:
+    """A store's record (see ``_note_writer``) shows a decoder loop: enough iterations, bytes
+    changed and distinct values stored."""
+    iterations, changed, values = record[1], record[2], record[5]
+    return iterations >= LOOP_ITERATIONS_MIN and changed >= LOOP_WRITES_MIN and len(values) >= LOOP_VALUES_MIN
 
 
 def _changed_span(a: bytes, b: bytes) -> tuple[int, int]:

@@ -5,8 +5,9 @@ catch exploits whose payload does nothing an emulator recognises.  They are pure
 small table-driven length decoder of the instructions a sled may use) so that they also run
 when the optional emulator is not installed.
 
-Text is valid x86 (``A`` is ``inc ecx``), so a run of harmless instructions means nothing on
-its own in printable data; a sled is only reported when a good part of it is non-printable.
+Text is valid x86 (``A`` is ``inc ecx``, emoji make fine sleds), so a run of harmless
+instructions means nothing on its own in text; a sled is only reported when a good part of it
+is neither printable nor valid UTF-8.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 
 #: shortest sled worth reporting; random binary reaches this with probability ~1e-9 per offset
 SLED_MIN = 40
-#: share of non-printable bytes a sled must have (a sled of ``A`` is indistinguishable from text)
+#: share of non-text bytes a sled must have (a sled of ``A`` is indistinguishable from text)
 SLED_BINARY_SHARE = 0.25
 
 _ONE = set(b"\x27\x2f\x37\x3f\x90\x91\x92\x93\x95\x96\x97\x98\x99\x9b\x9e\x9f\xd6\xf5\xf8\xf9\xfc\xfd")
@@ -99,17 +100,24 @@ def sled_runs(data: bytes) -> list[int]:
     return runs
 
 
-def _non_printable(data: bytes) -> int:
-    return sum(1 for b in data if b < 0x20 or b > 0x7E)
+def _non_text(data: bytes) -> int:
+    """Bytes that are not text: controls, and bytes outside valid UTF-8 sequences.
+
+    Valid UTF-8 is excluded as well as ASCII: emoji (``f0 9f 98 83``) decode as ``lock``,
+    ``lahf``, ``cwde`` and ``xor eax, imm8``, a perfectly good sled.
+    """
+    controls = sum(1 for b in data if b < 0x20 or b == 0x7F)
+    invalid = data.decode("utf-8", "replace").count("\ufffd")
+    return controls + invalid
 
 
 def find_sled(data: bytes) -> int | None:
-    """Offset of a NOP-equivalent sled with enough non-printable bytes, or ``None``."""
+    """Offset of a NOP-equivalent sled with enough non-text bytes, or ``None``."""
     runs = sled_runs(data)
     at = 0
     while at < len(data):
         size = runs[at]
-        if size >= SLED_MIN and _non_printable(data[at:at + size]) >= SLED_BINARY_SHARE * size:
+        if size >= SLED_MIN and _non_text(data[at:at + size]) >= SLED_BINARY_SHARE * size:
             return at
         at += max(size, 1)
     return None

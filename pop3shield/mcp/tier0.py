@@ -65,7 +65,7 @@ def _is_legacy_text(argument: bytes) -> bool:
     if _CONTROL_BYTES.search(argument) or _LEGACY_RUN.search(argument):
         return False
     high = sum(1 for b in argument if b >= 0x80)
-    return all(b >= 0xA0 for b in argument if b >= 0x80) and high * 3 <= len(argument)
+    return all(b >= 0xA0 for b in argument if b >= 0x80) and high * 2 <= len(argument)
 
 
 def quick_check(argument: bytes, field: str = "text") -> Verdict | None:

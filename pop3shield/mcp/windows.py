@@ -6,11 +6,14 @@ collapsed to a short run (a sled stays a sled, filler stays filler), and what is
 long is analysed as a head and a tail window, where exploits put their code, plus a window
 around the first binary bytes of an otherwise printable argument.
 
-Offsets are kept as a map back into the argument so that reasons name real positions.
+Offsets are kept as a map back into the argument (a few segments, not a table per byte, so
+that a 200 KB argument costs no more to plan than a short one) so that reasons name real
+positions.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -22,80 +25,135 @@ HEAD = 768
 TAIL = 1280
 #: a run of one byte longer than this is filler (or a sled) and is collapsed to this length
 RUN_KEEP = 64
-#: most bytes of a huge argument looked at before collapsing (the protocol layer bounds lines)
-SCAN_LIMIT = 16384
+#: most bytes of a huge argument looked at (head and tail halves); POP3 lines are far shorter
+#: and the protocol layer hands over the head and tail of over-long ones separately, so this
+#: only bounds the planning time (a few ms for the regex passes)
+SCAN_LIMIT = 1 << 16
 #: at most this many preferred entry points per window
 MAX_ENTRIES = 48
+#: printable bytes looked at in the UTF-16 view
+UTF16_SOURCE = 1024
 
 _RUN = re.compile(rb"(.)\1{%d,}" % RUN_KEEP, re.DOTALL)
+_RUN_SHORT = re.compile(rb"(.)\1{7,}", re.DOTALL)
 #: a 4-byte value repeated: sprayed return addresses, or an egg hunter's tag (``w00tw00t``)
 _REPEATED4 = re.compile(rb"(.{4})\1+", re.DOTALL)
 _STRETCH = re.compile(rb"[\x20-\x7e]{16,}|[^\x20-\x7e]{16,}")
+_BINARY = re.compile(rb"[^\x20-\x7e]")
+
+#: (offset in the window, offset in the argument) where a contiguous piece starts
+Segments = tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class Window:
-    """Bytes to emulate, where each came from in the argument, and preferred entry points."""
+    """Bytes to emulate, where they came from in the argument, and preferred entry points.
+
+    ``sweep`` says whether every offset is tried after the entry points; ``label`` marks a
+    derived view in reasons (``/utf16``) whose bytes stand for ``stride`` window bytes each.
+    """
 
     data: bytes
-    origin: tuple[int, ...]
+    segments: Segments
     entries: tuple[int, ...]
+    sweep: bool = True
+    label: str = ""
+    stride: int = 1
 
     def position(self, offset: int) -> int:
         """The argument offset of window offset ``offset``."""
-        return self.origin[offset] if offset < len(self.origin) else self.origin[-1] + 1
+        starts = [start for start, _ in self.segments]
+        index = max(0, bisect.bisect_right(starts, offset) - 1)
+        start, origin = self.segments[index]
+        return origin + (offset - start) // self.stride
 
 
 def plan(argument: bytes) -> list[Window]:
     """The windows to analyse for ``argument``, most promising first."""
-    data, origin = _bounded(argument)
-    data, origin = _collapse(data, origin)
+    windows = _plain(argument)
+    wide = _utf16_view(argument)
+    return windows + [wide] if wide else windows
+
+
+def _plain(argument: bytes) -> list[Window]:
+    data, segments = _collapse(argument)
     if len(data) <= WHOLE:
-        return [_window(data, origin)]
+        return [_window(data, segments)]
     spans = [(len(data) - TAIL, len(data)), (0, HEAD)]
-    binary = re.search(rb"[^\x20-\x7e]", data[HEAD:len(data) - TAIL])
-    if binary and not re.search(rb"[^\x20-\x7e]", data[:HEAD]):
-        middle = HEAD + binary.start()
+    binary = _BINARY.search(data, HEAD, len(data) - TAIL)
+    if binary and not _BINARY.search(data, 0, HEAD):
+        middle = binary.start()
         spans.append((max(HEAD, middle - 64), min(len(data) - TAIL, middle + HEAD - 64)))
-    return [_window(data[a:b], origin[a:b]) for a, b in spans if b > a]
+    return [_window(data[a:b], _slice(segments, a, b)) for a, b in spans if b > a]
 
 
-def _bounded(argument: bytes) -> tuple[bytes, list[int]]:
-    """Head and tail of a huge argument, so that collapsing stays cheap."""
+def _utf16_view(argument: bytes) -> Window | None:
+    """The argument as a server that widens it to UTF-16 would hold it in memory.
+
+    Printable exploits against such servers are written for that view ("venetian" decoders:
+    every other byte of the code is the zero the conversion inserts).  Only the entry points
+    of this view are run: it costs twice the bytes and is a rarer case.
+    """
+    head = argument[:UTF16_SOURCE]
+    if len(head) < 40 or len(_BINARY.findall(head)) > 0.1 * len(head):
+        return None
+    wide = bytearray(2 * len(head))
+    wide[0::2] = head
+    entries = sorted({0} | {2 * e for e in entry_points(head)})[:MAX_ENTRIES]
+    return Window(bytes(wide), ((0, 0),), tuple(entries), sweep=False, label="/utf16", stride=2)
+
+
+def _pieces(argument: bytes) -> list[tuple[bytes, int]]:
+    """The argument, or the head and tail halves of a huge one, with their argument offsets."""
     if len(argument) <= SCAN_LIMIT:
-        return argument, list(range(len(argument)))
+        return [(argument, 0)]
     half = SCAN_LIMIT // 2
-    tail_start = len(argument) - half
-    return argument[:half] + argument[tail_start:], list(range(half)) + list(range(tail_start, len(argument)))
+    return [(argument[:half], 0), (argument[-half:], len(argument) - half)]
 
 
-def _collapse(data: bytes, origin: list[int]) -> tuple[bytes, list[int]]:
+def _collapse(argument: bytes) -> tuple[bytes, Segments]:
     """Shorten runs of one repeated byte to :data:`RUN_KEEP` bytes, keeping the offset map."""
-    if not _RUN.search(data):
-        return data, origin
     parts: list[bytes] = []
-    kept: list[int] = []
-    at = 0
-    for match in _RUN.finditer(data):
-        parts.append(data[at:match.start() + RUN_KEEP])
-        kept.extend(origin[at:match.start() + RUN_KEEP])
-        at = match.end()
-    parts.append(data[at:])
-    kept.extend(origin[at:])
-    return b"".join(parts), kept
+    segments: list[tuple[int, int]] = []
+    size = 0
+    for chunk, base in _pieces(argument):
+        at = 0
+        for match in _RUN.finditer(chunk):
+            keep_end = match.start() + RUN_KEEP
+            segments.append((size, base + at))
+            parts.append(chunk[at:keep_end])
+            size += keep_end - at
+            at = match.end()
+        segments.append((size, base + at))
+        parts.append(chunk[at:])
+        size += len(chunk) - at
+    return b"".join(parts), tuple(segments)
 
 
-def _window(data: bytes, origin: list[int]) -> Window:
-    return Window(data, tuple(origin), tuple(entry_points(data)))
+def _slice(segments: Segments, begin: int, end: int) -> Segments:
+    """The offset map of ``data[begin:end]``."""
+    starts = [start for start, _ in segments]
+    first = max(0, bisect.bisect_right(starts, begin) - 1)
+    sliced = []
+    for start, origin in segments[first:]:
+        if start >= end:
+            break
+        shift = max(begin - start, 0)
+        sliced.append((max(start - begin, 0), origin + shift))
+    return tuple(sliced)
+
+
+def _window(data: bytes, segments: Segments) -> Window:
+    return Window(data, segments, tuple(entry_points(data)))
 
 
 def entry_points(data: bytes) -> list[int]:
     """Offsets where an exploit's code plausibly starts, beyond offset 0.
 
     The end of filler or a sled, the end of a repeated 4-byte value (sprayed return addresses,
-    an egg hunter's tag), and the boundaries of
-    printable and binary stretches: that is where a return address or a register points.
-    Each of them is emulated with its own register seeds even if an earlier run went past it.
+    an egg hunter's tag), and the boundaries of printable and binary stretches: that is where
+    a return address or a register points.  Each of them is emulated with all register
+    seedings even if an earlier run went past it.
     """
     entries = [0]
     for match in _RUN_SHORT.finditer(data):
@@ -107,6 +165,3 @@ def entry_points(data: bytes) -> list[int]:
         entries.extend((match.start(), match.end()))
     unique = sorted({e for e in entries if 0 <= e < len(data)})
     return unique[:MAX_ENTRIES]
-
-
-_RUN_SHORT = re.compile(rb"(.)\1{7,}", re.DOTALL)
