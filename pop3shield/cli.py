@@ -62,15 +62,14 @@ def _serve(config: object, demo_password: str | None) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     """Validate a config file the way start-up does, without listening."""
     from pop3shield.config import ConfigError, load_config
-    from pop3shield.passwd import PasswdError, load_passwd
-    from pop3shield.service import load_realm
+    from pop3shield.passwd import PasswdError
+    from pop3shield.service import preflight
 
     try:
         config = load_config(args.file)
-        load_realm(config)
+        users = preflight(config)
         if config.auth.passwd_file:
-            users = load_passwd(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext)
-            print(f"{args.file}: passwd file {config.auth.passwd_file}: {len(users)} users")
+            print(f"{args.file}: passwd file {config.auth.passwd_file}: {users} users")
     except (ConfigError, PasswdError) as exc:
         return _fail(str(exc))
     print(f"{args.file}: OK")

@@ -46,6 +46,19 @@ def load_realm(config: Config) -> Any:
     return realm
 
 
+def preflight(config: Config) -> int:
+    """Everything start-up would trip over, checked without listening; returns the user count.
+
+    Raises ConfigError or PasswdError with the file, key (or line) and problem.
+    """
+    from pop3shield.passwd import load_passwd
+
+    load_realm(config)
+    if not config.auth.passwd_file:
+        return 0
+    return len(load_passwd(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext))
+
+
 def build_portal(config: Config, reactor: Any) -> Portal:
     """A portal with the configured realm and the passwd-file checker (verifying in threads)."""
     portal = Portal(load_realm(config))

@@ -191,3 +191,19 @@ def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert bad.returncode != 0
     assert f"{tmp_path / 'missing.toml'}: -: cannot read" in bad.stdout + bad.stderr
+
+
+def test_check_config_names_a_broken_passwd_line(tmp_path: Path) -> None:
+    conf = good_config(tmp_path)
+    (tmp_path / "users.passwd").write_text("alice:nohash\n")
+    result = run_cli(tmp_path, "check-config", str(conf))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"pop3shield: {tmp_path / 'users.passwd'}:1: ")
+
+
+def test_unloadable_realm_is_a_config_error(tmp_path: Path) -> None:
+    conf = good_config(tmp_path)
+    conf.write_text(conf.read_text().replace("[auth]\n", '[auth]\nrealm = "no_such_module:Realm"\n'))
+    result = run_cli(tmp_path, "run", "--config", str(conf))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"pop3shield: {conf}: auth.realm: cannot load 'no_such_module:Realm'")

@@ -19,11 +19,13 @@ class Options(usage.Options):
         """Config errors stop start-up here, as a usage error naming file, key and problem."""
         from pop3shield.config import ConfigError, load_config
         from pop3shield.passwd import PasswdError
+        from pop3shield.service import preflight
 
         if not self["config"]:
             raise usage.UsageError("--config FILE is required")
         try:
             self["loaded"] = load_config(self["config"])
+            preflight(self["loaded"])
         except (ConfigError, PasswdError) as exc:
             raise usage.UsageError(str(exc)) from None
 
