@@ -218,7 +218,28 @@ service pop3-login {{
 """
 
 
-class DovecotServer:
+class ServerProcess:
+    """What every server fixture shares: a context manager around start/stop, paths, liveness."""
+
+    proc: subprocess.Popen | None
+    maildir_root: Path | None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()  # type: ignore[attr-defined]
+        return False
+
+    def maildir(self, user: str) -> Path:
+        assert self.maildir_root is not None
+        return self.maildir_root / user / "Maildir"
+
+    def _alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class DovecotServer(ServerProcess):
     """A private Dovecot POP3 server.
 
     Usage::
@@ -253,19 +274,7 @@ class DovecotServer:
         self.mail_owner: tuple[int, int] = (os.getuid(), os.getgid())
         self._short_base_dir: str | None = None
 
-    # -- context manager -------------------------------------------------
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
     # -- helpers ---------------------------------------------------------
-    def maildir(self, user: str) -> Path:
-        assert self.maildir_root is not None
-        return self.maildir_root / user / "Maildir"
-
     def diagnostics(self, lines: int = 40) -> str:
         parts = []
         if self.log_path:
@@ -273,9 +282,6 @@ class DovecotServer:
         if self.stdout_path:
             parts.append(f"--- {self.stdout_path} (tail) ---\n{tail(self.stdout_path, lines)}")
         return "\n".join(parts)
-
-    def _alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     # -- lifecycle -------------------------------------------------------
     def start(self, tmpdir: os.PathLike | str, users: dict[str, str],

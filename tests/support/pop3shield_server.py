@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .dovecot import DovecotError, tail, wait_for_pop3_greeting
+from .dovecot import DovecotError, ServerProcess, tail, wait_for_pop3_greeting
 
 __all__ = ["Pop3ShieldServer", "Pop3ShieldError", "CONFIG_TEMPLATE", "REPO_ROOT",
            "write_bcrypt_passwd"]
@@ -91,7 +91,7 @@ def write_bcrypt_passwd(path: os.PathLike | str, users: dict[str, str],
     return path
 
 
-class Pop3ShieldServer:
+class Pop3ShieldServer(ServerProcess):
     """pop3shield in a subprocess.  Same interface as ``DovecotServer``."""
 
     kind = "pop3shield"
@@ -124,17 +124,6 @@ class Pop3ShieldServer:
         #: files written after start should be owned by this (uid, gid)
         self.mail_owner: tuple[int, int] = (os.getuid(), os.getgid())
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
-    def maildir(self, user: str) -> Path:
-        assert self.maildir_root is not None
-        return self.maildir_root / user / "Maildir"
-
     def diagnostics(self, lines: int = 40) -> str:
         parts = [f"pop3shield returncode: {self.proc.poll() if self.proc else self.returncode}"]
         for label, path in (("stdout", self.stdout_path), ("stderr", self.stderr_path),
@@ -152,9 +141,6 @@ class Pop3ShieldServer:
             if line.strip():
                 out.append(json.loads(line))
         return out
-
-    def _alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
     def start(self, tmpdir: os.PathLike | str, users: dict[str, str],
               maildir_root: os.PathLike | str) -> tuple[str, int]:
