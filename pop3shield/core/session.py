@@ -614,11 +614,12 @@ class Session:
         self._sasl_credentials(creds.authcid, creds.password, data, "PLAIN")
 
     def _sasl_login(self, decoded: bytes, data: bytes) -> None:
+        """LOGIN: the user name first (refused at once if empty), then the password."""
         if self._sasl_user is None:
-            self._sasl_user = decoded
             if not decoded.strip(b" "):
-                self._sasl_credentials(decoded, b"x", data, "LOGIN")
+                self._sasl_empty("empty_username", "No username given.")
                 return
+            self._sasl_user = decoded
             self._send(responses.continuation(sasl.LOGIN_PASSWORD_PROMPT))
             return
         user, self._sasl_user = self._sasl_user, None
@@ -627,16 +628,19 @@ class Session:
     def _sasl_credentials(self, user: bytes, password: bytes, data: bytes, mechanism: str) -> None:
         self.state = State.AUTHORIZATION
         if not user.strip(b" "):
-            key, text = "empty_username", "No username given."
+            self._sasl_empty("empty_username", "No username given.")
         elif not password.strip(b" "):
-            key, text = "empty_password", "No password given."
+            self._sasl_empty("empty_password", "No password given.")
         else:
             name = self._check_username(user)
             if name is not None:
                 self.user = name
                 self._sasl_mechanism = mechanism
                 self._authenticate(name, password, mechanism)
-            return
+
+    def _sasl_empty(self, key: str, text: str) -> None:
+        """An empty SASL identity or password: the protection, else an [AUTH] failure."""
+        self.state = State.AUTHORIZATION
         if not self._violation(key, text, "AUTH"):
             self._sasl_fail(text, "AUTH")
 
