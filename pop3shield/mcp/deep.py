@@ -2,17 +2,20 @@
 
 Every run ends: unicorn caps the instructions of one start offset, hook callbacks are capped
 per run and per argument, the number of runs is capped per argument, and a time budget is
-checked between runs and, every 32 callbacks, inside them.  The budget is the analysing
+checked between runs and, every 8 callbacks, inside them.  The budget is the analysing
 thread's CPU time, so that verdicts do not depend on how busy the machine is (the server runs
 several analyses at once); a wall-clock cap still ends every analysis under extreme load.  A clean verdict that
 ran out of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
 
-Start offsets are tried in two phases.  First the entry points of every window (offset 0,
-the end of filler or a sled, after sprayed return addresses, printable/binary boundaries)
-with every register seeding, both modes alternating so that neither can spend the budget
-alone; these runs may run long decoders to the end.  Then a sweep over every other offset:
-binary windows skip offsets an earlier run already executed, printable windows do not (see
-:func:`_sweep`).
+Start offsets are tried in phases.  First the entry points of every window (offset 0, the
+start and end of filler or a sled, after sprayed return addresses, printable/binary
+boundaries) with every register seeding, both modes alternating so that neither can spend
+the budget alone; these runs may run long decoders to the end.  In a printable argument
+offset 0 of every window (including the UTF-16 view) comes first, then the other entry
+points as 32-bit code with the pointer seedings, then the same with the base register
+pointing a few bytes before the entry (:func:`_shifted`), then the rest.  Last a sweep over
+every other offset: binary windows skip offsets an earlier run already executed, printable
+windows do not (see :func:`_sweep`).
 """
 
 from __future__ import annotations
@@ -34,12 +37,20 @@ WALL_CAP = 0.045
 MAX_RUNS = 4000
 #: most hook callbacks per argument, summed over its runs
 MAX_CALLBACKS = 60_000
-#: entry points may run long decoders to the end; the very first run (offset 0, the most
-#: likely entry) gets more time: a self-modifying decoder makes unicorn retranslate its code
-#: on every iteration and needs ~50 us per iteration
+#: entry points may run long decoders to the end; the first run at offset 0 of each window
+#: (the most likely entry; the UTF-16 view's "venetian" decoders need ~9 ms) gets more time:
+#: a self-modifying decoder makes unicorn retranslate its code on every iteration and needs
+#: ~50 us per iteration
 ENTRY_CALLBACKS = 12_000
 ENTRY_SECONDS = 0.010
-FIRST_SECONDS = 0.016
+FIRST_SECONDS = 0.020
+
+#: base-register shifts tried at the entry points of printable windows: an exploit may point
+#: the register a printable decoder addresses its patches through at its buffer, a few bytes
+#: before the decoder (see ``shift`` in :meth:`emulate.Engine.run`)
+SHIFTS = range(1, 25)
+#: entry points per printable window whose pointer run patched code get the shifted runs
+SHIFT_ENTRIES = 4
 
 _SEEDINGS = (emulate.POINTER, emulate.STACK_AT_CODE, emulate.SCRATCH, emulate.ZERO)
 _log = logging.getLogger(__name__)
@@ -98,14 +109,60 @@ def _static(window: Window) -> list[str]:
 
 
 def _emulate(windows: list[Window], budget: Budget) -> str | None:
-    """The first behaviour found, as ``kind@offset``, or ``None``."""
+    """The first behaviour found, as ``kind@offset``, or ``None``.
+
+    An argument with binary code: every entry point of every window in turn, with every
+    seeding in both modes.  A printable one: offset 0 of every window first (the UTF-16
+    view's decoder must not wait for all the other entry points of the plain view), then the other
+    entry points; in printable windows first only as 32-bit code with the pointer and
+    stack-at-code seedings (what printable decoders are written for), then with the base
+    register shifted (:func:`_shifted`), and only then in the remaining modes and seedings.
+    Last the sweep over every other offset.
+    """
     engines = emulate.engines()
-    for window in windows:
-        _load(engines, window)
-        for offset in window.entries:
-            finding = _entry(engines, offset, window, budget)
+    printable = [window.sweep and _mostly_printable(window.data) for window in windows]
+    patching: list[list[int]] = [[] for _ in windows]
+    done: set[tuple[int, int, int, str]] = set()
+
+    def entries(index: int, offsets: tuple[int, ...], modes: tuple[emulate.Engine, ...], seedings: tuple[str, ...]) -> str | None:
+        window = windows[index]
+        for offset in offsets:
+            finding = _entry(modes, offset, window, budget, patching[index], seedings, done, index)
             if finding or budget.exhausted:
                 return finding
+        return None
+
+    if not all(printable[index] for index, window in enumerate(windows) if window.sweep):
+        # binary code in the argument: its entry points, window after window
+        for index, window in enumerate(windows):
+            finding = entries(index, window.entries, engines, _SEEDINGS)
+            if finding or budget.exhausted:
+                return finding
+    # each window's offset 0 may run a long decoder: first the pointer seeding (only as 32-bit
+    # code in the UTF-16 view), then the other seedings
+    for seedings in ((emulate.POINTER,), _SEEDINGS):
+        for index, window in enumerate(windows):
+            budget.first = True
+            modes = engines[:1] if window.label and len(seedings) == 1 else engines
+            finding = entries(index, window.entries[:1], modes, seedings)
+            if finding or budget.exhausted:
+                return finding
+    budget.first = False
+    for index, window in enumerate(windows):
+        if printable[index]:
+            finding = entries(index, window.entries[1:], engines[:1], _SEEDINGS[:2])
+            if finding or budget.exhausted:
+                return finding
+    for index, window in enumerate(windows):
+        if printable[index] and patching[index]:
+            _load(engines, window)
+            finding = _shifted(engines[0], sorted(patching[index])[:SHIFT_ENTRIES], window, budget)
+            if finding or budget.exhausted:
+                return finding
+    for index, window in enumerate(windows):
+        finding = entries(index, window.entries[1:], engines, _SEEDINGS)
+        if finding or budget.exhausted:
+            return finding
     for window in windows:
         if not window.sweep:
             continue
@@ -122,20 +179,58 @@ def _load(engines: tuple[emulate.Engine, ...], window: Window) -> None:
             engine.load(window.data)
 
 
-def _entry(engines: tuple[emulate.Engine, ...], offset: int, window: Window, budget: Budget) -> str | None:
-    """All seedings at one entry point, each in both modes before the next: pointer, stack at
-    the code (only if the pointer run used the stack: only then can it behave differently),
-    scratch, cleared."""
+def _entry(
+    engines: tuple[emulate.Engine, ...],
+    offset: int,
+    window: Window,
+    budget: Budget,
+    patching: list[int],
+    seedings: tuple[str, ...] = _SEEDINGS,
+    done: set[tuple[int, int, int, str]] | None = None,
+    index: int = 0,
+) -> str | None:
+    """The seedings at one entry point, each in the given modes before the next: pointer,
+    stack at the code (only if the pointer run used the stack: only then can it behave
+    differently), scratch, cleared.  ``patching`` collects the entry points whose 32-bit
+    pointer run wrote into the code region; ``done`` the runs already made (window index,
+    offset, mode, seeding)."""
     used_stack = {}
-    for seeding in _SEEDINGS:
+    for seeding in seedings:
         for engine in engines:
+            key = (index, offset, engine.bits, seeding)
+            if done is not None and key in done:
+                if seeding == emulate.POINTER:
+                    used_stack[engine.bits] = (index, offset, engine.bits, "stack") in done
+                continue
             if seeding == emulate.STACK_AT_CODE and not used_stack[engine.bits]:
                 continue
+            _load(engines, window)  # only now: switching windows drops translated code
             finding = _run(engine, offset, seeding, window, budget, entry=True)
+            if done is not None:
+                done.add(key)
             if finding or budget.exhausted:
                 return finding
             if seeding == emulate.POINTER:
                 used_stack[engine.bits] = engine.state.stack_used
+                if done is not None and engine.state.stack_used:
+                    done.add((index, offset, engine.bits, "stack"))
+                if engine.bits == 32 and engine.state.code_dirty:
+                    patching.append(offset)
+    return None
+
+
+def _shifted(engine: emulate.Engine, offsets: list[int], window: Window, budget: Budget) -> str | None:
+    """32-bit pointer runs with the code pointers :data:`SHIFTS` bytes before the entry point.
+
+    Only entry points whose unshifted run patched code are tried: a printable decoder must
+    patch its own loop (printable bytes cannot encode a backward jump), and with its base
+    register off by a few bytes it patches the wrong bytes and never loops.
+    """
+    for offset in offsets:
+        for shift in SHIFTS:
+            finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
+            if finding or budget.exhausted:
+                return finding
     return None
 
 
@@ -168,10 +263,10 @@ def _mostly_printable(data: bytes) -> bool:
     return sum(1 for b in data if 0x20 <= b < 0x7F) >= 0.9 * len(data)
 
 
-def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False) -> str | None:
+def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False, shift: int = 0) -> str | None:
     if entry:
         seconds = FIRST_SECONDS if budget.first else ENTRY_SECONDS
-        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=seconds)
+        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=seconds, shift=shift)
     else:
         state = engine.run(offset, seeding, budget.deadline)
     budget.spend(state)

@@ -119,6 +119,10 @@ LOOP_READS_MIN = 16
 LOOP_VALUES_MIN = 12
 #: iterations and bytes after which an unfinished decoder loop counts on its own
 LONG_DECODER = 64
+#: the same, checked while the loop runs, so that a slow self-modifying decoder (unicorn
+#: retranslates its block on every iteration: a UTF-16 "venetian" decoder needs ~70 us per
+#: iteration) is recognised without spending the argument's budget on the rest of it
+EARLY_DECODER = 32
 #: bytes of data the code wrote that a system call argument must point at (``/bin//sh``)...
 BUILT_MIN = 8
 #: ...and an argument of a call to a hard-coded address (``cmd``), a rarer event on its own
@@ -142,11 +146,13 @@ class RunState:
         "start", "zeroed", "modified", "hits", "blocks", "writers", "looped", "loop_pc",
         "reads", "returns", "getpc", "getpc_kind", "payload", "callbacks", "code_dirty",
         "stack_exec", "finding", "ran", "deadline", "wall", "cap", "dirty_low", "dirty_high", "stack_used",
-        "rejected",
+        "rejected", "seed",
     )
 
-    def __init__(self, start: int, zeroed: bool) -> None:
+    def __init__(self, start: int, zeroed: bool, seed: int | None = None) -> None:
         self.start = start
+        #: the code pointer the registers and stack slots were seeded with (see ``shift``)
+        self.seed = start if seed is None else seed
         self.zeroed = zeroed
         self.modified: set[int] = set()
         self.hits: dict[int, int] = {}
@@ -187,6 +193,7 @@ class Engine:
         self.arch = "x86" if bits == 32 else "x64"
         self.word = bits // 8
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32 if bits == 32 else UC_MODE_64)
+        _small_code_buffer(self.uc)
         self.pc_reg = X86.UC_X86_REG_EIP if bits == 32 else X86.UC_X86_REG_RIP
         self.ax_reg = X86.UC_X86_REG_EAX if bits == 32 else X86.UC_X86_REG_RAX
         self.sp_reg = X86.UC_X86_REG_ESP if bits == 32 else X86.UC_X86_REG_RSP
@@ -302,6 +309,7 @@ class Engine:
         cap: int = RUN_CAP,
         callbacks: int = CALLBACK_CAP,
         seconds: float = RUN_SECONDS,
+        shift: int = 0,
     ) -> RunState:
         """Execute from ``offset`` of the loaded window; ``seeding`` sets up registers and stack.
 
@@ -313,6 +321,11 @@ class Engine:
           or ``edi`` as a scratch pointer would overwrite itself with the code pointers);
         * ``ZERO``: registers cleared (a follow-up stage after ``xor eax, eax``). Such runs
           only report system calls: cleared registers make any ``fs:`` access hit the TEB.
+
+        ``shift`` makes the code pointers of ``POINTER`` seeding point that many bytes before
+        the start: an exploit may point its register at the start of its buffer, a few bytes
+        before the code that uses it as a base (a printable decoder addresses the bytes it
+        patches through it, and patches the wrong ones with any other value).
         """
         previous = self.state
         if previous.code_dirty:
@@ -320,17 +333,18 @@ class Engine:
         if previous.stack_exec:
             self.uc.ctl_remove_cache(STACK_BASE, STACK_BASE + STACK_SIZE)
         start = LOAD + offset
-        state = self.state = RunState(start, seeding == ZERO)
+        seed = start - shift
+        state = self.state = RunState(start, seeding == ZERO, seed)
         cpu_limit, wall_limit = deadline or (float("inf"), float("inf"))
         state.deadline = min(cpu_limit, time.thread_time() + seconds)
         state.wall = wall_limit
         state.cap = callbacks
         uc = self.uc
         uc.context_restore(self.clean)
-        pointer = start.to_bytes(self.word, "little") * (2 * SEED_SPAN // self.word)
+        pointer = seed.to_bytes(self.word, "little") * (2 * SEED_SPAN // self.word)
         uc.mem_write(STACK_BASE, self._stack_lead + pointer + self._stack_tail)
-        seed = {ZERO: 0, SCRATCH: SCRATCH_AREA}.get(seeding, start)
-        self.native.seed(seed, start if seeding == STACK_AT_CODE else STACK_TOP)
+        value = {ZERO: 0, SCRATCH: SCRATCH_AREA}.get(seeding, seed)
+        self.native.seed(value, start if seeding == STACK_AT_CODE else STACK_TOP)
         try:
             uc.emu_start(start, 0, count=cap)
         except UcError:
@@ -339,7 +353,7 @@ class Engine:
             state.finding = f"{self.arch}-decoder-loop"
         return state
 
-    def _long_decoder(self, state: RunState) -> bool:
+    def _long_decoder(self, state: RunState, least: int = LONG_DECODER) -> bool:
         """A decoder loop that was still going when the run ended.
 
         Long payloads (a 700-byte alphanumeric one) outlast a run's budget, and decoders
@@ -352,18 +366,19 @@ class Engine:
         if not state.looped:
             return False
         record = state.writers[state.loop_pc]
-        return record[1] >= LONG_DECODER and record[2] >= LONG_DECODER and record[4] > state.loop_pc
+        return record[1] >= least and record[2] >= least and record[4] > state.loop_pc
 
     def _exhausted(self, state: RunState) -> bool:
         """Count one hook callback; stop the run past its callback cap or its deadlines.
 
         The time limit is the thread's CPU time, so that a busy machine or sibling analysis
         threads do not change verdicts; a wall-clock limit still ends everything under extreme
-        load.  Both are checked every 32 callbacks: code that keeps rewriting its own block
-        makes unicorn retranslate on every iteration, which costs far more than the hook.
+        load.  Both are checked every 8 callbacks: code that keeps rewriting its own block
+        makes unicorn retranslate on every iteration (up to ~70 us per callback), which costs
+        far more than the two clock reads.
         """
         state.callbacks += 1
-        if state.callbacks > state.cap or (not state.callbacks & 31 and self._late(state)):
+        if state.callbacks > state.cap or (not state.callbacks & 7 and self._late(state)):
             self.uc.emu_stop()
             return True
         return False
@@ -447,6 +462,8 @@ class Engine:
         if not state.looped and _decoding(record) and len(state.reads) >= LOOP_READS_MIN:
             state.looped = True
             state.loop_pc = pc
+        elif state.looped and pc == state.loop_pc and record[1] == EARLY_DECODER and self._long_decoder(state, EARLY_DECODER):
+            self._found("decoder-loop")  # no need to wait for the end of a long decoder
 
     def _transforms(self) -> bool:
         """Whether the storing instruction can compute what it stores (not a copy or push)."""
@@ -626,7 +643,7 @@ class Engine:
             self._found("syscall")
             return
         state = self.state
-        low_set = (number ^ state.start) < 0x10000 and (number & 0xFF) != (state.start & 0xFF)
+        low_set = (number ^ state.seed) < 0x10000 and (number & 0xFF) != (state.seed & 0xFF)
         if low_set and any(self._prepared(value, stack_only=True) for value in self._arguments()):
             self._found("syscall")
             return
@@ -659,7 +676,7 @@ class Engine:
         if stack_only and not STACK_BASE <= value < STACK_BASE + STACK_SIZE:
             return False
         # the seed pointer is what the run started with, not something the code prepared
-        return value != state.start and self._built(value, least)
+        return value not in (state.start, state.seed) and self._built(value, least)
 
     def _built(self, address: int, least: int = BUILT_MIN) -> bool:
         """Whether ``address`` starts a string or block the code wrote (``push "cmd."``).
@@ -681,7 +698,7 @@ class Engine:
     def _stack_baseline(self, address: int) -> int:
         """The byte a stack address held when the run started (seeded pointer or zero)."""
         if STACK_TOP - SEED_SPAN <= address < STACK_TOP + SEED_SPAN:
-            return (self.state.start >> (8 * ((address - STACK_TOP) % self.word))) & 0xFF
+            return (self.state.seed >> (8 * ((address - STACK_TOP) % self.word))) & 0xFF
         return 0
 
     def _on_wild_jump(self, uc: Uc, access: int, address: int, size: int, value: int, _: object) -> bool:
@@ -834,6 +851,26 @@ class _Native:
             return bytes(self.uc.mem_read(address, size))
         except UcError:
             return None
+
+
+#: size of unicorn's buffer for translated code (its default is 1 GiB)
+TCG_BUFFER = 32 << 20
+
+
+def _small_code_buffer(uc: Uc) -> None:
+    """Keep translated code in a small buffer that stays in memory.
+
+    Unicorn reserves 1 GiB and fills it front to back, flushing only when it is full: every
+    argument's fresh translations then land on untouched pages, whose first-touch faults (and
+    pages the kernel has meanwhile reclaimed) made single runs take milliseconds of wall-clock
+    time with a handful of instructions.  A small buffer is flushed now and then instead.
+    """
+    setter = getattr(uc, "ctl_set_tcg_buffer_size", None)
+    if setter is not None:
+        try:
+            setter(TCG_BUFFER)
+        except UcError:  # pragma: no cover - older unicorn: keep its default
+            pass
 
 
 def _unicorn_module() -> object:

@@ -136,11 +136,29 @@ def _address_like(value: bytes) -> bool:
     return len(set(value)) >= 3 and value.count(0) <= 1 and any(b < 0x20 or b > 0x7E for b in value)
 
 
+#: a printable 4-byte word repeated this many octets is a spray, not something a person types
+PRINTABLE_SPRAY = 64
+
+
+def _printable_spray(value: bytes, run: int) -> bool:
+    """An all-printable address (alphanumeric exploits choose them) sprayed over 64+ octets.
+
+    Repeated text is only plausible with a short period ("hahaha", "abcabc"): a word of four
+    distinct-enough bytes whose minimal period is four, repeated sixteen times or more, is not
+    a password anybody types.
+    """
+    if len(value) != 4 or run < PRINTABLE_SPRAY or len(set(value)) < 3 or value[:2] == value[2:]:
+        return False
+    # "abcd", "ABCD", "1234": a keyboard run, not an address; addresses mix classes
+    return not (value.isdigit() or value.islower() or value.isupper()) or not value.isalnum()
+
+
 def find_return_spray(data: bytes) -> int | None:
     """Offset of a 4- or 8-byte value repeated back to back (4 resp. 3 times or more)."""
     for pattern in (_SPRAY4, _SPRAY8):
         for match in pattern.finditer(data):
-            if _address_like(match.group(1)):
+            unit = match.group(1)
+            if _address_like(unit) or _printable_spray(unit, match.end() - match.start()):
                 return match.start()
     return None
 

@@ -150,13 +150,14 @@ def _window(data: bytes, segments: Segments) -> Window:
 def entry_points(data: bytes) -> list[int]:
     """Offsets where an exploit's code plausibly starts, beyond offset 0.
 
-    The end of filler or a sled, the end of a repeated 4-byte value (sprayed return addresses,
+    The start and end of filler or a sled, the end of a repeated 4-byte value (sprayed return addresses,
     an egg hunter's tag), and the boundaries of printable and binary stretches: that is where
     a return address or a register points.  Each of them is emulated with all register
     seedings even if an earlier run went past it.
     """
     entries = [0]
     for match in _RUN_SHORT.finditer(data):
+        entries.append(match.start())  # padding right after the code set up a register
         entries.append(match.end())
         entries.append(match.end() + 4)  # past a return address following filler
     for match in _REPEATED4.finditer(data):

@@ -169,3 +169,17 @@ def test_without_unicorn_the_package_still_works() -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_shifted_seeding_points_registers_and_stack_before_the_start(emulation: None) -> None:
+    """``shift``: the exploit's register points a few bytes before the code that uses it."""
+    from pop3shield.mcp import emulate
+    from unicorn.x86_const import UC_X86_REG_EAX, UC_X86_REG_ECX
+
+    engine = emulate.engines()[0]
+    engine.load(b"\x58\x0f\x0b")  # pop eax; ud2
+    engine.run(0, emulate.POINTER, shift=17)
+    assert engine.uc.reg_read(UC_X86_REG_ECX) == emulate.LOAD - 17
+    assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD - 17
+    engine.run(0, emulate.POINTER)
+    assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD

@@ -33,11 +33,14 @@ REAL_DEEP = {
     # filter, so encrypted payload bodies without their decoder, protocol fields and strings
     # remain in this category and are not code at all; measured ~0.86
     "real:exploit-binary": 0.83,
-    # SEH-GetPC alphanumeric decoders (need Windows exception dispatch), decoder stubs with no
-    # payload, decoders whose base register points elsewhere in the exploit; measured ~0.82
-    "real:exploit-alnum": 0.78,
+    # decoder stubs cut off from their payload (0-9 decoded bytes: no loop to see), and
+    # blobs tier 0 refuses anyway (a GetPC'd ALPHA2 stub whose "payload" is the encoder's
+    # banner text, an HTTP request); measured ~0.925 (111/120)
+    "real:exploit-alnum": 0.89,
 }
-REAL_ANALYZE = {name: GOAL for name in REAL_DEEP} | {"real:exploit-alnum": 0.82}
+#: real:exploit-alnum in USER/PASS: measured 0.95 (114/120); the 6 misses are the decoder
+#: stubs cut off from their payload (see bench/mcp-results.md)
+REAL_ANALYZE = {name: GOAL for name in REAL_DEEP} | {"real:exploit-alnum": 0.93}
 
 
 def rate(flags: list[bool]) -> float:

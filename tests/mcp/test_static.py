@@ -47,3 +47,16 @@ def test_return_address_sprays() -> None:
     assert find_return_spray(b"\x00" * 64) is None
     assert find_return_spray(b"\x90\x90\x90\x90" * 8) is None  # one byte value: a sled, not addresses
     assert find_return_spray("a\u0000b\u0000".encode("latin-1") * 8) is None  # UTF-16 text
+
+
+def test_printable_address_sprays_of_64_octets_are_found() -> None:
+    """Alphanumeric exploits pick printable return addresses; sixteen of them back to back are a spray."""
+    for address in (b"\x5f\x4a\x35\x3f", b"w1Z~", b"Ab(d"):
+        assert find_return_spray(b"PREFIX" + address * 16) == 6
+        assert find_return_spray(address * 15) is None  # 60 octets: below the threshold
+
+
+def test_repeated_text_is_not_a_spray() -> None:
+    """What people do type: short periods and keyboard runs, however long."""
+    for text in (b"ha" * 40, b"abc" * 30, b"abcd" * 20, b"ABCD" * 20, b"1234" * 20, b"ab12" * 20, b"x" * 100):
+        assert find_return_spray(text) is None, text
