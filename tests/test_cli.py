@@ -207,3 +207,30 @@ def test_unloadable_realm_is_a_config_error(tmp_path: Path) -> None:
     result = run_cli(tmp_path, "run", "--config", str(conf))
     assert result.returncode == 2
     assert result.stderr.startswith(f"pop3shield: {conf}: auth.realm: cannot load 'no_such_module:Realm'")
+
+
+def test_implicit_tls_on_an_ssl_endpoint(tmp_path: Path) -> None:
+    """Port 995 style (RFC 8314): Twisted's ssl: endpoint, a certificate made here, poplib over TLS."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    conf = good_config(tmp_path, listen=f"ssl:0:interface=127.0.0.1:privateKey={tmp_path / 'server.pem'}")
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "pop3shield", "run", "--config", str(conf)], stdout=handle,
+                                stderr=subprocess.DEVNULL, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        port = int(wait_for_line(out, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        client = poplib.POP3_SSL("127.0.0.1", port, context=context, timeout=10)
+        assert client.getwelcome() == b"+OK cli.test POP3 ready."
+        client.user("alice")
+        client.pass_("alice-pw")
+        assert client.retr(1)[1] == [b"Subject: hi", b"", b"hello"]
+        client.quit()
+    finally:
+        stop(proc)
