@@ -27,10 +27,6 @@ from pop3shield.realm import MaildirRealm
 log = Logger(namespace="pop3shield.server")
 
 
-class StartupError(Exception):
-    """The server cannot start; the message says why."""
-
-
 def load_realm(config: Config) -> Any:
     """The configured realm: ``module:attribute`` naming an IRealm or a factory taking the Config."""
     if not config.auth.realm:

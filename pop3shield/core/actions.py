@@ -8,7 +8,7 @@ Twisted layer carries them out and reports results back through the session's me
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Hashable
 
 from pop3shield.core.protections import SecurityEvent
 
@@ -88,6 +88,3 @@ class LoggedIn:
 
 
 Action = Send | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn
-
-#: an analysis verdict: anything with ``malicious`` and ``reasons`` (pop3shield.mcp.Verdict)
-Verdict = Any

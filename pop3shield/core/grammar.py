@@ -161,7 +161,7 @@ def command_sample(content: bytes, *, in_sasl: bool = False) -> str:
     shown = escape_sample(keyword, 16)
     if not sep:
         return shown
-    if keyword.upper() in (b"PASS", b"AUTH", b"APOP"):
+    if keyword.upper().decode("ascii") in SECRET_COMMANDS:
         return _secret_sample(keyword.upper(), rest, shown)
     return f"{shown} {escape_sample(rest)}"
 

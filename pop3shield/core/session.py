@@ -433,7 +433,7 @@ class Session:
         if not sep:
             return []
         upper = keyword.upper()
-        if upper in (b"USER", b"PASS"):
+        if upper.decode("ascii", "replace") in grammar.REST_OF_LINE:
             return [(rest, _FIELD_OF[upper][0])]
         parts = rest.split(b" ")
         if upper == b"AUTH":
