@@ -148,7 +148,8 @@ def make_service(config: Config, reactor: Any = None,
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
     portal = build_portal(config, reactor)
-    events = EventLog(config.events.path, config.events.rate_limit)
+    events = EventLog(config.events.path, config.events.rate_limit,
+                      global_rate_limit=config.events.global_rate_limit)
     analyzer = Analyzer(reactor)
     server = config.server
     factory = POP3ServerFactory(
