@@ -240,12 +240,11 @@ class EventLog:
             if notice.state == "ended":
                 record["suppressed"] = notice.suppressed
             self._write(record)
-            if notice.source is None:
-                security_log.warn("security events rate-limited overall ({state}, {suppressed} suppressed)",
-                                  state=notice.state, suppressed=notice.suppressed)
-            else:
-                security_log.warn("security events of {source} rate-limited ({state}, {suppressed} suppressed)",
-                                  source=notice.source, state=notice.state, suppressed=notice.suppressed)
+            who = "overall" if notice.source is None else "of {source}"
+            what = ("rate-limited at {limit} a minute" if notice.state == "started"
+                    else "rate limit ended: {suppressed} suppressed")
+            security_log.warn(f"security events {who} {what}", source=notice.source,
+                              state=notice.state, limit=notice.limit, suppressed=notice.suppressed)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:

@@ -160,6 +160,7 @@ def make_service(config: Config, reactor: Any = None,
         max_connections=server.max_connections, max_connections_per_ip=server.max_connections_per_ip,
         auth_failure_delay=server.auth_failure_delay, auth_failure_delay_max=server.auth_failure_delay_max,
         quick_check=quick_check(),
+        log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events).setServiceParent(top)
