@@ -262,3 +262,34 @@ def test_a_connection_flood_writes_a_bounded_log(tmp_path: Path) -> None:
     assert sum("session lines of 127.0.0.1 rate-limited at 60 a minute" in line for line in lines) == 1
     assert not any(" connect from " in line or " closing: " in line for line in lines)
     assert len(lines) <= 70, "\n".join(lines[:80])
+
+
+def test_a_failed_emulation_is_logged_without_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deep.py's warning reaches twisted.logger through the bridge, naming the error, not its text."""
+    from pop3shield.mcp import deep, emulate
+
+    secret = b"correct horse battery staple 2026 and more"
+
+    def broken(windows, budget):
+        raise ValueError(f"hook choked on {secret!r}")
+
+    monkeypatch.setattr(emulate, "AVAILABLE", True)
+    monkeypatch.setattr(deep, "_static", lambda window: [])
+    monkeypatch.setattr(deep, "_emulate", broken)
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    logger = logging.getLogger("pop3shield.mcp.deep")
+    handler = TwistedLoggerHandler()
+    logger.addHandler(handler)
+    try:
+        verdict = deep.deep_check(secret)
+    finally:
+        logger.removeHandler(handler)
+        globalLogPublisher.removeObserver(seen.append)
+    assert verdict.reasons == ("no-static-finding", "analysis-error")
+    [event] = [e for e in seen if e.get("log_namespace") == "pop3shield.mcp.deep"]
+    assert event["log_level"] is LogLevel.error and "log_failure" not in event
+    text = format_text(event)
+    assert text.endswith(f"[pop3shield.mcp.deep#error] emulation of a {len(secret)}-byte argument failed: "
+                         f"ValueError at test_logsetup.py:{broken.__code__.co_firstlineno + 1} in broken\n")
+    assert "horse" not in text and "horse" not in format_json(event)
