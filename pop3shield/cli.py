@@ -21,6 +21,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the server in the foreground until SIGINT/SIGTERM."""
     from pop3shield.config import ConfigError, load_config
     from pop3shield.passwd import PasswdError
+    from pop3shield.service import preflight
 
     password = None
     try:
@@ -31,16 +32,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             directory = Path(args.demo_dir) if args.demo_dir else demo.default_demo_dir()
             config, password = demo.prepare(directory, args.listen or demo.DEMO_LISTEN)
-        return _serve(config, password)
+        report = preflight(config)
     except (ConfigError, PasswdError) as exc:
         return _fail(str(exc))
+    return _serve(config, password, report)
 
 
-def _serve(config: object, demo_password: str | None) -> int:
+def _serve(config: object, demo_password: str | None, report: object) -> int:
     from twisted.internet import reactor
 
     from pop3shield.logsetup import begin_logging
-    from pop3shield.service import make_service
+    from pop3shield.service import log_warnings, make_service
 
     def announce(address: str) -> None:
         print(f"pop3shield: listening on {address}", flush=True)
@@ -52,6 +54,7 @@ def _serve(config: object, demo_password: str | None) -> int:
                   f"p.user('demo'); p.pass_('{demo_password}'); print(p.list())\"", flush=True)
 
     begin_logging(config.logging.path, config.logging.format, config.logging.level)  # type: ignore[attr-defined]
+    log_warnings(report)  # type: ignore[arg-type]
     top = make_service(config, reactor, announce)  # type: ignore[arg-type]
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
@@ -60,18 +63,24 @@ def _serve(config: object, demo_password: str | None) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate a config file the way start-up does, without listening."""
+    """Validate a config file the way start-up does (the same preflight), without listening.
+
+    Errors: one line on stderr, exit 2. Warnings (legal but dangerous): one line each on
+    stderr, and the file is still OK.
+    """
     from pop3shield.config import ConfigError, load_config
     from pop3shield.passwd import PasswdError
     from pop3shield.service import preflight
 
     try:
         config = load_config(args.file)
-        users = preflight(config)
-        if config.auth.passwd_file:
-            print(f"{args.file}: passwd file {config.auth.passwd_file}: {users} users")
+        report = preflight(config)
     except (ConfigError, PasswdError) as exc:
         return _fail(str(exc))
+    for warning in report.warnings:
+        print(f"pop3shield: warning: {warning}", file=sys.stderr, flush=True)
+    if config.auth.passwd_file:
+        print(f"{args.file}: passwd file {config.auth.passwd_file}: {report.users} users")
     print(f"{args.file}: OK")
     return 0
 

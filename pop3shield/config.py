@@ -132,6 +132,7 @@ class EventsConfig:
 
     path: str | None = None
     rate_limit: int = 60
+    global_rate_limit: int = 600
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ class LoggingConfig:
     path: str = "-"
     format: str = "text"
     level: str = "info"
+    #: info lines of closed sessions per source address per minute, and from all sources
+    rate_limit: int = 60
+    global_rate_limit: int = 600
 
 
 @dataclass(frozen=True)
@@ -468,6 +472,7 @@ def _parse_events(ctx: _Context, data: dict[str, Any]) -> EventsConfig:
     return EventsConfig(
         path=None if path is None else _resolve_path(t, "path", path),
         rate_limit=t.integer("rate_limit", d.rate_limit, 1),
+        global_rate_limit=t.integer("global_rate_limit", d.global_rate_limit, 1),
     )
 
 
@@ -479,6 +484,8 @@ def _parse_logging(ctx: _Context, data: dict[str, Any]) -> LoggingConfig:
         path=path if path == "-" else _resolve_path(t, "path", path),
         format=t.string("format", d.format, LOG_FORMATS),
         level=t.string("level", d.level, LOG_LEVELS),
+        rate_limit=t.integer("rate_limit", d.rate_limit, 1),
+        global_rate_limit=t.integer("global_rate_limit", d.global_rate_limit, 1),
     )
 
 

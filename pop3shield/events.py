@@ -1,8 +1,10 @@
 """Security events: one JSON object per line in the event file, and the same through twisted.logger.
 
 An attacker must not be able to flood the log: the session already reports each protection once
-per connection in ``detect`` mode, and this module adds a per-source rate limit with a summary
-line when it kicks in. Counters per protection and action are kept for the metrics endpoint.
+per connection in ``detect`` mode, and this module adds a per-source and a global rate limit per
+minute, with a summary record when one kicks in and when it ends. Counters per protection and
+action are kept in memory (``EventLog.counters``). :class:`RateLimiter` also limits the
+per-session lines of the operational log (``pop3shield.protocol``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any, Callable
@@ -41,7 +43,7 @@ def rfc3339(when: float) -> str:
 
 
 class _Window:
-    """Events of one source in the current minute."""
+    """What one source (or everybody, for the global window) did in the current minute."""
 
     __slots__ = ("start", "count", "suppressed")
 
@@ -51,15 +53,115 @@ class _Window:
         self.suppressed = 0
 
 
-class EventLog:
-    """Writes security events; keeps counters; rate-limits per client address."""
+@dataclass(frozen=True)
+class RateNotice:
+    """A limit started or stopped dropping records: ``source`` is None for the global limit."""
 
-    def __init__(self, path: str | None, rate_limit: int = 60, clock: Callable[[], float] = time.time) -> None:
+    source: str | None
+    state: str  # "started" or "ended"
+    limit: int
+    suppressed: int = 0
+
+    @property
+    def scope(self) -> str:
+        return "global" if self.source is None else "source"
+
+
+class RateLimiter:
+    """Fixed one-minute windows per source address and one for everybody.
+
+    ``check`` says whether a record may be written and which summaries are due: a ``started``
+    notice the first time a window drops a record, an ``ended`` one with the count once that
+    window is over. Per-source windows live in an insertion-ordered dict: a renewed window is
+    moved to the end, so the expired ones are always at the front and each call evicts at most
+    ``EVICT_PER_CALL`` of them (bounded time); past ``max_sources`` the oldest window goes
+    (the global window still bounds everything).
+    """
+
+    WINDOW = 60.0
+    EVICT_PER_CALL = 8
+
+    def __init__(self, per_source: int, global_limit: int | None, *, max_sources: int = 10000) -> None:
+        self.per_source = per_source
+        self.global_limit = global_limit
+        self.max_sources = max_sources
+        self._sources: OrderedDict[str, _Window] = OrderedDict()
+        self._global: _Window | None = None
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    def check(self, source: str, now: float) -> tuple[bool, list[RateNotice]]:
+        notices: list[RateNotice] = []
+        self._evict(now, notices)
+        window = self._sources.get(source)
+        if window is None or now - window.start >= self.WINDOW:
+            if window is not None:
+                self._ended(source, window, notices)
+                del self._sources[source]
+            while len(self._sources) >= self.max_sources:
+                old_source, old = self._sources.popitem(last=False)
+                self._ended(old_source, old, notices)
+            window = self._sources[source] = _Window(now)
+        overall = self._global
+        if self.global_limit is not None and (overall is None or now - overall.start >= self.WINDOW):
+            if overall is not None:
+                self._ended(None, overall, notices)
+            overall = self._global = _Window(now)
+        if window.count >= self.per_source:
+            window.suppressed += 1
+            if window.suppressed == 1:
+                notices.append(RateNotice(source, "started", self.per_source))
+            return False, notices
+        if overall is not None and self.global_limit is not None and overall.count >= self.global_limit:
+            overall.suppressed += 1
+            if overall.suppressed == 1:
+                notices.append(RateNotice(None, "started", self.global_limit))
+            return False, notices
+        window.count += 1
+        if overall is not None:
+            overall.count += 1
+        return True, notices
+
+    def flush(self) -> list[RateNotice]:
+        """The ``ended`` notices of every window still dropping records (at shutdown)."""
+        notices: list[RateNotice] = []
+        for source, window in self._sources.items():
+            self._ended(source, window, notices)
+        if self._global is not None:
+            self._ended(None, self._global, notices)
+        self._sources.clear()
+        self._global = None
+        return notices
+
+    def _evict(self, now: float, notices: list[RateNotice]) -> None:
+        for _ in range(self.EVICT_PER_CALL):
+            if not self._sources:
+                return
+            source, window = next(iter(self._sources.items()))
+            if now - window.start < self.WINDOW:
+                return
+            del self._sources[source]
+            self._ended(source, window, notices)
+
+    def _ended(self, source: str | None, window: _Window, notices: list[RateNotice]) -> None:
+        if window.suppressed:
+            limit = self.per_source if source is not None else (self.global_limit or 0)
+            notices.append(RateNotice(source, "ended", limit, window.suppressed))
+            window.suppressed = 0
+
+
+class EventLog:
+    """Writes security events; keeps counters; rate-limits per client address and overall."""
+
+    def __init__(self, path: str | None, rate_limit: int = 60, clock: Callable[[], float] = time.time,
+                 global_rate_limit: int | None = 600) -> None:
         self.path = path
         self.rate_limit = rate_limit
+        self.global_rate_limit = global_rate_limit
         self.clock = clock
         self.counters: Counter[tuple[str, str]] = Counter()
-        self._windows: dict[str, _Window] = {}
+        self.limiter = RateLimiter(rate_limit, global_rate_limit)
         self._file: IO[str] | None = None
         if path:
             self._file = self._open(path)
@@ -71,6 +173,8 @@ class EventLog:
         return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
     def close(self) -> None:
+        """Write the summaries of limits still dropping records, then close the file."""
+        self._notify(self.limiter.flush())
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -121,40 +225,26 @@ class EventLog:
         })
 
     def _admit(self, source: str, now: float, ctx: SessionContext) -> bool:
-        window = self._windows.get(source)
-        if window is None or now - window.start >= 60.0:
-            if window is not None and window.suppressed:
-                self._rate_summary(source, window, ctx, ended=True)
-            window = self._windows[source] = _Window(now)
-            self._prune(now)
-        window.count += 1
-        if window.count <= self.rate_limit:
-            return True
-        window.suppressed += 1
-        if window.suppressed == 1:
-            self._rate_summary(source, window, ctx, ended=False)
-        return False
+        admitted, notices = self.limiter.check(source, now)
+        self._notify(notices)
+        return admitted
 
-    def _rate_summary(self, source: str, window: _Window, ctx: SessionContext, *, ended: bool) -> None:
-        """Say once that events of a source are being dropped, and later how many were."""
-        record: dict[str, Any] = {
-            "time": rfc3339(self.clock()),
-            "type": "rate-limit",
-            "client": {"address": source},
-            "limit_per_minute": self.rate_limit,
-            "state": "ended" if ended else "started",
-        }
-        if ended:
-            record["suppressed"] = window.suppressed
-        self._write(record)
-        security_log.warn("security events of {source} rate-limited ({state})", source=source, state=record["state"])
-
-    def _prune(self, now: float) -> None:
-        """Forget quiet sources so the table cannot grow without bound."""
-        if len(self._windows) < 10000:
-            return
-        for source in [s for s, w in self._windows.items() if now - w.start >= 60.0]:
-            del self._windows[source]
+    def _notify(self, notices: list[RateNotice]) -> None:
+        """Say once that events are being dropped, and later how many were."""
+        for notice in notices:
+            record: dict[str, Any] = {"time": rfc3339(self.clock()), "type": "rate-limit", "scope": notice.scope}
+            if notice.source is not None:
+                record["client"] = {"address": notice.source}
+            record["limit_per_minute"] = notice.limit
+            record["state"] = notice.state
+            if notice.state == "ended":
+                record["suppressed"] = notice.suppressed
+            self._write(record)
+            who = "overall" if notice.source is None else "of {source}"
+            what = ("rate-limited at {limit} a minute" if notice.state == "started"
+                    else "rate limit ended: {suppressed} suppressed")
+            security_log.warn(f"security events {who} {what}", source=notice.source,
+                              state=notice.state, limit=notice.limit, suppressed=notice.suppressed)
 
     def _write(self, record: dict[str, Any]) -> None:
         if self._file is not None:

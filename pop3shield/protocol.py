@@ -18,9 +18,10 @@ from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -29,7 +30,7 @@ from pop3shield.core import actions as A
 from pop3shield.core.dotstuff import DotStuffer
 from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
-from pop3shield.events import EventLog, SessionContext
+from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.maildir import MailboxError, MailboxInUse
 from pop3shield.realm import IMaildrop, UnsafeUsername
 from pop3shield.streaming import MessageSender, Prefetch
@@ -102,6 +103,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._committing = False
         self._reading_paused = False
         self._timeout_state: State | None = None
+        # what the one closing log line reports
+        self._started = f.reactor.seconds()
+        self._ended: str | None = None
+        self._user: str | None = None
+        self._octets_in = 0
+        self._logins_failed = 0
+        self._deleted: int | None = None
         refusal = f.admit(self.client_address)
         if refusal is not None:
             self.transport.write(refusal)
@@ -112,7 +120,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.transport.setTcpNoDelay(True)
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
                                quick_check=f.quick_check)
-        log.info("session {session} connect from {client}", session=self.session_id, client=self._peer())
+        log.debug("session {session} connect from {address}:{port}", session=self.session_id,
+                  address=self.ctx.client_address, port=self.ctx.client_port)
         if f.greeting_delay > 0:
             self._greeting = f.reactor.callLater(f.greeting_delay, self._greet)
             self.setTimeout(f.login_timeout)
@@ -129,22 +138,21 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     _admitted = False
 
-    def _peer(self) -> str:
-        return f"{self.ctx.client_address}:{self.ctx.client_port}"
-
     # ------------------------------------------------------------------ input
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is None or self.session.closed:
             return
         self.resetTimeout()
+        self._octets_in += len(data)
         self._run(self.session.receive_data(data))
 
     def timeoutConnection(self) -> None:
         """Idle too long. Mid-message nothing more can be said: the connection is just dropped."""
         if self.session is None or self.session.closed:
             return
-        log.info("session {session} timed out in {state}", session=self.session_id, state=self.session.state.value)
+        self._ended = f"timeout in {self.session.state.value}"
+        log.debug("session {session} timed out in {state}", session=self.session_id, state=self.session.state.value)
         if self.sender is not None:
             self.session.connection_lost()
             self.transport.abortConnection()
@@ -168,7 +176,33 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.factory.offload(self.maildrop.release).addErrback(self._log_failure, "release")
             self.maildrop = None
         self.factory.events.session_summary(self._context(), dict(self.session.engine.repeats))
-        log.info("session {session} closed", session=self.session_id)
+        self._log_closed(reason)
+
+    def _log_closed(self, reason: Failure | None) -> None:
+        """The one info line of a session, rate-limited per source address and overall."""
+        f = self.factory
+        now = f.reactor.seconds()
+        if self._ended is not None:
+            ended = self._ended
+        elif reason is not None and reason.check(ConnectionDone):
+            ended = "client disconnected"
+        else:
+            ended = "connection lost"
+        admitted, notices = f.session_lines.check(self.client_address or "-", now)
+        for notice in notices:
+            who = "overall" if notice.source is None else "of {source}"
+            what = ("rate-limited at {limit} a minute" if notice.state == "started"
+                    else "rate limit ended: {suppressed} suppressed")
+            log.info(f"session lines {who} {what}", source=notice.source, state=notice.state,
+                     limit=notice.limit, suppressed=notice.suppressed)
+        log.emit(LogLevel.info if admitted else LogLevel.debug,
+                 "session {session} closed ({ended}) client={address}:{port} user={user} "
+                 "duration={duration:.3f}s commands={commands} octets_in={octets_in} "
+                 "logins_failed={logins_failed} deleted={deleted}",
+                 session=self.session_id, ended=ended, address=self.ctx.client_address, port=self.ctx.client_port,
+                 user=self._user or "-", duration=max(0.0, now - self._started),
+                 commands=getattr(self.session, "_commands", None), octets_in=self._octets_in,
+                 logins_failed=self._logins_failed, deleted="-" if self._deleted is None else self._deleted)
 
     # ------------------------------------------------------------------ actions
 
@@ -216,16 +250,19 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.transport.write(action.data)
 
     def _do_Close(self, action: A.Close) -> None:
-        log.info("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
+        if self._ended is None:  # a timeout already said more
+            self._ended = action.reason
+        log.debug("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
         self.transport.loseConnection()
 
     def _do_Report(self, action: A.Report) -> None:
         self.factory.events.emit(action.event, self._context())
 
     def _do_LoggedIn(self, action: A.LoggedIn) -> None:
-        log.info("session {session} login user={user} mechanism={mechanism} messages={messages} octets={octets}",
-                 session=self.session_id, user=action.username, mechanism=action.mechanism,
-                 messages=action.messages, octets=action.octets)
+        self._user = action.username
+        log.debug("session {session} login user={user} mechanism={mechanism} messages={messages} octets={octets}",
+                  session=self.session_id, user=action.username, mechanism=action.mechanism,
+                  messages=action.messages, octets=action.octets)
 
     def _do_Analyze(self, action: A.Analyze) -> None:
         d = self.factory.analyzer.analyze(action.arguments)
@@ -280,8 +317,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         if failure.check(UnauthorizedLogin, UnhandledCredentials, LoginFailed, UnsafeUsername):
             delay = self.factory.delays.failed(self.client_address or "-")
-            log.info("session {session} login failed for user={user}", session=self.session_id,
-                     user=self.session.user)
+            self._logins_failed += 1
+            log.debug("session {session} login failed for user={user}", session=self.session_id,
+                      user=self.session.user)
             self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed()), None)
             return
         if failure.check(MailboxError):
@@ -339,8 +377,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         return list(keys)
 
     def _committed(self, failed: list[Any], keys: tuple[Any, ...]) -> None:
-        log.info("session {session} update: deleted={deleted} failed={failed}", session=self.session_id,
-                 deleted=len(keys) - len(failed), failed=len(failed))
+        self._deleted = len(keys) - len(failed)
+        log.debug("session {session} update: deleted={deleted} failed={failed}", session=self.session_id,
+                  deleted=len(keys) - len(failed), failed=len(failed))
         self._guard(lambda _: self.session.commit_finished(failed))(None)
 
     def _log_failure(self, failure: Failure, what: str) -> None:
@@ -370,6 +409,8 @@ class POP3ServerFactory(ServerFactory):
         auth_failure_delay: float = 2.0,
         auth_failure_delay_max: float = 15.0,
         quick_check: Any = None,
+        log_rate_limit: int = 60,
+        log_global_rate_limit: int | None = 600,
     ) -> None:
         self.settings = settings
         self.portal = portal
@@ -384,6 +425,8 @@ class POP3ServerFactory(ServerFactory):
         self.max_connections_per_ip = max_connections_per_ip
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
         self.quick_check = quick_check
+        #: the closing info line of each session, per source address and overall
+        self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
         self.connections = 0
         self.per_ip: dict[str | None, int] = {}
 

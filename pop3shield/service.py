@@ -1,14 +1,19 @@
 """Building the running server from a validated :class:`~pop3shield.config.Config`.
 
 Used by both the ``pop3shield run`` command and the twistd plugin, so the two start the same
-server. Anything that can fail at start-up (the passwd file, the realm, a listen endpoint) fails
-loudly with a message naming what is wrong.
+server. Anything that can fail at start-up (the passwd file, the realm, the log and event files,
+the Maildir base, a listen endpoint) fails loudly with a message naming what is wrong, and
+:func:`preflight` checks all but the endpoints the same way for ``check-config``.
 """
 
 from __future__ import annotations
 
 import importlib
+import ipaddress
+import os
+import stat
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application import service
@@ -42,17 +47,140 @@ def load_realm(config: Config) -> Any:
     return realm
 
 
-def preflight(config: Config) -> int:
-    """Everything start-up would trip over, checked without listening; returns the user count.
+@dataclass(frozen=True)
+class Preflight:
+    """What start-up found: the user count and warnings (``FILE: key: problem`` lines)."""
 
-    Raises ConfigError or PasswdError with the file, key (or line) and problem.
+    users: int
+    warnings: tuple[str, ...] = ()
+
+
+def preflight(config: Config) -> Preflight:
+    """Open everything ``run`` will open, without listening; shared by check-config, run and twistd.
+
+    Raises ConfigError (or PasswdError, naming the line) on what would stop start-up: the realm,
+    the log file and the event file (opened for append and created, as start-up does), the fixed
+    part of the Maildir path pattern, the passwd file. Returns warnings for what is legal but
+    dangerous: a passwd file other users may read or write, ``{PLAIN}`` entries, a listener on
+    every interface, the event file being another configured file.
     """
-    from pop3shield.passwd import load_passwd
+    from pop3shield.logsetup import open_log
+    from pop3shield.passwd import PLAINTEXT_SCHEMES, load_passwd
+
+    warnings: list[str] = []
+
+    def warn(key: str, problem: str) -> None:
+        warnings.append(str(ConfigError(config.source, key, problem)))
 
     load_realm(config)
-    if not config.auth.passwd_file:
-        return 0
-    return len(load_passwd(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext))
+    if config.logging.path != "-":
+        _try_open(config, "logging.path", config.logging.path, open_log)
+    if config.events.path:
+        _try_open(config, "events.path", config.events.path, EventLog._open)
+    if not config.auth.realm:
+        _check_maildir_base(config)
+    users = 0
+    if config.auth.passwd_file:
+        path = config.auth.passwd_file
+        entries = load_passwd(path, allow_plaintext=config.auth.allow_plaintext)
+        users = len(entries)
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise ConfigError(config.source, "auth.passwd_file", f"cannot stat {path}: {exc.strerror}") from None
+        if mode & 0o006:
+            warn("auth.passwd_file", f"{path} is {_other_access(mode)} by other users "
+                                     f"(mode {stat.S_IMODE(mode):04o}; chmod o-rw)")
+        plain = sum(1 for entry in entries.values() if entry.scheme in PLAINTEXT_SCHEMES)
+        if plain:
+            warn("auth.allow_plaintext", f"{path} has {plain} {{PLAIN}} "
+                                         f"{'entry' if plain == 1 else 'entries'}: a stolen copy is a list of "
+                                         f"working passwords")
+    for index, description in enumerate(config.server.listen):
+        if _listens_everywhere(description):
+            warn(f"server.listen[{index}]", f"{description!r} listens on every interface "
+                                            f"(give interface= the address clients should reach)")
+    _check_same_files(config, warn)
+    return Preflight(users, tuple(warnings))
+
+
+def _try_open(config: Config, key: str, path: str, opener: Callable[[str], Any]) -> None:
+    try:
+        opener(path).close()
+    except OSError as exc:
+        raise ConfigError(config.source, key, f"cannot open {path} for appending: {exc.strerror or exc}") from None
+
+
+def _check_maildir_base(config: Config) -> None:
+    """The part of the pattern before ``{user}`` is fixed: its directory must exist."""
+    prefix = config.backend.maildir.split("{user}", 1)[0]
+    base = prefix if prefix.endswith("/") else os.path.dirname(prefix)
+    base = base.rstrip("/") or "/"
+    if not os.path.isdir(base):
+        problem = "is not a directory" if os.path.exists(base) else "does not exist"
+        raise ConfigError(config.source, "backend.maildir", f"{base} {problem} (the fixed part of "
+                                                            f"{config.backend.maildir!r})")
+
+
+def _other_access(mode: int) -> str:
+    return {0o004: "readable", 0o002: "writable"}.get(mode & 0o006, "readable and writable")
+
+
+def _endpoint_parts(description: str) -> tuple[list[str], dict[str, str]]:
+    """Twisted's endpoint string syntax: ``:`` separates, ``\\`` escapes, ``key=value`` names."""
+    parts, current, escaped = [], [], False
+    for ch in description:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    parts.append("".join(current))
+    args = [part for part in parts if "=" not in part]
+    kwargs = dict(part.split("=", 1) for part in parts if "=" in part)
+    return args, kwargs
+
+
+#: where a positional interface sits in each endpoint type (tcp:PORT:INTERFACE, tcp6:PORT:BACKLOG:INTERFACE)
+_INTERFACE_POSITION = {"tcp": 2, "tcp6": 3, "ssl": None}
+
+
+def _listens_everywhere(description: str) -> bool:
+    kind, _, rest = description.partition(":")
+    kind = kind.strip().lower()
+    if kind == "haproxy":
+        return _listens_everywhere(rest)
+    if kind not in _INTERFACE_POSITION:
+        return False  # unix sockets, systemd-passed sockets: not ours to judge
+    args, kwargs = _endpoint_parts(description)
+    position = _INTERFACE_POSITION[kind]
+    interface = kwargs.get("interface")
+    if interface is None:
+        interface = args[position] if position is not None and len(args) > position else ""
+    interface = interface.strip().strip("[]")
+    if not interface:
+        return True
+    try:
+        return ipaddress.ip_address(interface).is_unspecified
+    except ValueError:
+        return False
+
+
+def _check_same_files(config: Config, warn: Callable[[str, str], None]) -> None:
+    """Two keys naming one file interleave their writes (or append events to the passwd file)."""
+    files = [("events.path", config.events.path), ("logging.path", None if config.logging.path == "-"
+                                                   else config.logging.path),
+             ("auth.passwd_file", config.auth.passwd_file)]
+    named = [(key, os.path.realpath(path)) for key, path in files if path]
+    for index, (key, resolved) in enumerate(named):
+        for other, other_resolved in named[index + 1:]:
+            if resolved == other_resolved:
+                warn(key, f"{resolved} is also {other}")
 
 
 def build_portal(config: Config, reactor: Any) -> Portal:
@@ -62,8 +190,6 @@ def build_portal(config: Config, reactor: Any) -> Portal:
         checker = PasswdFileChecker(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext,
                                     threadpool=reactor.getThreadPool(), reactor=reactor)
         portal.registerChecker(checker)
-        if config.auth.allow_plaintext:
-            log.warn("auth.allow_plaintext is on: {path} may hold plaintext passwords", path=config.auth.passwd_file)
     return portal
 
 
@@ -139,6 +265,12 @@ class _Lifecycle(service.Service):
         self.events.close()
 
 
+def log_warnings(report: Preflight) -> None:
+    """Start-up says what preflight found dangerous, one warning each."""
+    for warning in report.warnings:
+        log.warn("config warning: {warning}", warning=warning)
+
+
 def make_service(config: Config, reactor: Any = None,
                  announce: Callable[[str], None] | None = None) -> service.MultiService:
     """Everything the server runs, as one Twisted service."""
@@ -148,7 +280,8 @@ def make_service(config: Config, reactor: Any = None,
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
     portal = build_portal(config, reactor)
-    events = EventLog(config.events.path, config.events.rate_limit)
+    events = EventLog(config.events.path, config.events.rate_limit,
+                      global_rate_limit=config.events.global_rate_limit)
     analyzer = Analyzer(reactor)
     server = config.server
     factory = POP3ServerFactory(
@@ -159,6 +292,7 @@ def make_service(config: Config, reactor: Any = None,
         max_connections=server.max_connections, max_connections_per_ip=server.max_connections_per_ip,
         auth_failure_delay=server.auth_failure_delay, auth_failure_delay_max=server.auth_failure_delay_max,
         quick_check=quick_check(),
+        log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events).setServiceParent(top)

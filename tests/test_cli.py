@@ -234,3 +234,160 @@ def test_implicit_tls_on_an_ssl_endpoint(tmp_path: Path) -> None:
         client.quit()
     finally:
         stop(proc)
+
+
+# --------------------------------------------------------------------------- preflight: check-config and run agree
+
+
+def _one_error_line(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [expected]
+
+
+@pytest.mark.parametrize("command", [("check-config",), ("run", "--config")])
+@pytest.mark.parametrize("section", ["logging", "events"])
+def test_a_log_or_event_file_in_a_missing_directory_stops_both_commands(
+        tmp_path: Path, command: tuple[str, ...], section: str) -> None:
+    conf = good_config(tmp_path)
+    missing = tmp_path / "no-such-dir" / f"{section}.out"
+    body = conf.read_text().replace('[events]\npath = "events.jsonl"\n', "")
+    conf.write_text(body + f'[{section}]\npath = "{missing}"\n')
+    result = run_cli(tmp_path, *command, str(conf))
+    _one_error_line(result, f"pop3shield: {conf}: {section}.path: cannot open {missing} for appending: "
+                            f"No such file or directory")
+
+
+@pytest.mark.parametrize("command", [("check-config",), ("run", "--config")])
+def test_a_missing_maildir_base_stops_both_commands(tmp_path: Path, command: tuple[str, ...]) -> None:
+    conf = good_config(tmp_path)
+    conf.write_text(conf.read_text().replace('maildir = "mail/{user}/Maildir"', 'maildir = "gone/u-{user}/Maildir"'))
+    result = run_cli(tmp_path, *command, str(conf))
+    _one_error_line(result, f"pop3shield: {conf}: backend.maildir: {tmp_path / 'gone'} does not exist "
+                            f"(the fixed part of '{tmp_path}/gone/u-{{user}}/Maildir')")
+
+
+def test_check_config_opens_and_creates_the_files_run_opens(tmp_path: Path) -> None:
+    conf = good_config(tmp_path)
+    conf.write_text(conf.read_text() + '[logging]\npath = "server.log"\n')
+    result = run_cli(tmp_path, "check-config", str(conf))
+    assert (result.returncode, result.stderr) == (0, "")
+    for name in ("server.log", "events.jsonl"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == "0o640"
+
+
+def test_check_config_warns_one_line_each_on_what_is_legal_but_dangerous(tmp_path: Path) -> None:
+    conf = good_config(tmp_path)
+    passwd = tmp_path / "users.passwd"
+    with passwd.open("a") as handle:
+        handle.write("bob:{PLAIN}bob-pw\n")
+    passwd.chmod(0o644)
+    listen = ["tcp:110", "tcp:110:interface=0.0.0.0", "tcp6:110:interface=\\\\:\\\\:", "ssl:995:privateKey=k.pem",
+              "haproxy:tcp:110", "tcp:110:interface=127.0.0.1", "tcp6:110:interface=\\\\:\\\\:1", "unix:/tmp/p.sock"]
+    body = conf.read_text().replace('listen = ["tcp:0:interface=127.0.0.1"]',
+                                    "listen = [" + ", ".join(f'"{item}"' for item in listen) + "]")
+    body = body.replace("[auth]\n", "[auth]\nallow_plaintext = true\n")
+    body = body.replace('path = "events.jsonl"', 'path = "users.passwd"')
+    conf.write_text(body)
+    result = run_cli(tmp_path, "check-config", str(conf))
+    assert result.returncode == 0, result.stderr
+    everywhere = "listens on every interface (give interface= the address clients should reach)"
+    assert result.stderr.splitlines() == [
+        f"pop3shield: warning: {conf}: auth.passwd_file: {passwd} is readable by other users (mode 0644; chmod o-rw)",
+        f"pop3shield: warning: {conf}: auth.allow_plaintext: {passwd} has 1 {{PLAIN}} entry: a stolen copy is a "
+        f"list of working passwords",
+        f"pop3shield: warning: {conf}: server.listen[0]: 'tcp:110' {everywhere}",
+        f"pop3shield: warning: {conf}: server.listen[1]: 'tcp:110:interface=0.0.0.0' {everywhere}",
+        f"pop3shield: warning: {conf}: server.listen[2]: 'tcp6:110:interface=\\\\:\\\\:' {everywhere}",
+        f"pop3shield: warning: {conf}: server.listen[3]: 'ssl:995:privateKey=k.pem' {everywhere}",
+        f"pop3shield: warning: {conf}: server.listen[4]: 'haproxy:tcp:110' {everywhere}",
+        f"pop3shield: warning: {conf}: events.path: {passwd} is also auth.passwd_file",
+    ]
+    assert result.stdout.splitlines()[-1] == f"{conf}: OK"
+
+
+def test_run_logs_the_preflight_warnings_at_start_up(tmp_path: Path) -> None:
+    conf = good_config(tmp_path)
+    (tmp_path / "users.passwd").chmod(0o666)
+    conf.write_text(conf.read_text().replace('path = "events.jsonl"', 'path = "server.log"')
+                    + '[logging]\npath = "server.log"\n')
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "pop3shield", "run", "--config", str(conf)], stdout=handle,
+                                stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        wait_for_line(out, r"listening on 127\.0\.0\.1:(\d+)", proc)
+        log = tmp_path / "server.log"
+        wait_for_line(log, r"listening on", proc)
+    finally:
+        stop(proc)
+    warnings = [line.split("] ", 1)[1] for line in log.read_text().splitlines() if "#warn] config warning:" in line]
+    assert warnings == [
+        f"config warning: {conf}: auth.passwd_file: {tmp_path / 'users.passwd'} is readable and writable by other "
+        f"users (mode 0666; chmod o-rw)",
+        f"config warning: {conf}: events.path: {tmp_path / 'server.log'} is also logging.path",
+    ]
+
+
+@pytest.mark.parametrize(("description", "everywhere"), [
+    ("tcp:110", True), ("tcp:port=110", True), ("tcp:110:interface=0.0.0.0", True), ("tcp:110:0.0.0.0", True),
+    ("tcp:110:interface=\\:\\:", True), ("tcp6:110", True), ("tcp6:110:50:\\:\\:", True), ("ssl:995", True),
+    ("haproxy:tcp:110", True), ("tcp:110:interface=127.0.0.1", False), ("tcp:110:192.0.2.1", False),
+    ("tcp6:110:interface=\\:\\:1", False), ("ssl:995:interface=192.0.2.1:privateKey=k.pem", False),
+    ("haproxy:tcp:110:interface=127.0.0.1", False), ("unix:/run/pop3.sock", False),
+    ("systemd:domain=INET:index=0", False),
+])
+def test_which_listeners_are_on_every_interface(description: str, everywhere: bool) -> None:
+    from pop3shield.service import _listens_everywhere
+
+    assert _listens_everywhere(description) is everywhere
+
+
+def _worktree_plugin():
+    """This checkout's twistd plugin module (the twistd test above runs the installed one)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pop3shield_plugin_under_test",
+                                                  REPO / "twisted" / "plugins" / "pop3shield_plugin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_twistd_plugin_runs_the_same_preflight(tmp_path: Path) -> None:
+    import logging
+
+    from twisted.logger import globalLogPublisher
+    from twisted.python import usage
+
+    from pop3shield.logsetup import TwistedLoggerHandler
+
+    plugin = _worktree_plugin()
+    conf = good_config(tmp_path)
+    missing = tmp_path / "no-such-dir" / "events.jsonl"
+    conf.write_text(conf.read_text().replace('path = "events.jsonl"', f'path = "{missing}"'))
+    with pytest.raises(usage.UsageError) as refused:
+        plugin.Options().parseOptions(["--config", str(conf)])
+    assert str(refused.value) == (f"{conf}: events.path: cannot open {missing} for appending: "
+                                  f"No such file or directory")
+
+    conf.write_text(conf.read_text().replace(f'path = "{missing}"', 'path = "events.jsonl"'))
+    (tmp_path / "users.passwd").chmod(0o604)
+    options = plugin.Options()
+    options.parseOptions(["--config", str(conf)])
+    seen: list[dict] = []
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        top = plugin.serviceMaker.makeService(options)
+        assert [h for h in root.handlers if isinstance(h, TwistedLoggerHandler)]
+        logging.getLogger("pop3shield.maildir").warning("bridged %s", "x")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    top.factory.events.close()
+    assert [e["warning"] for e in seen if e.get("log_format") == "config warning: {warning}"] == [
+        f"{conf}: auth.passwd_file: {tmp_path / 'users.passwd'} is readable by other users (mode 0604; chmod o-rw)"]
+    assert [e["args"] for e in seen if e.get("log_namespace") == "pop3shield.maildir"] == [("x",)]

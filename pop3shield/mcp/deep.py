@@ -89,14 +89,28 @@ def deep_check(argument: bytes) -> Verdict:
     budget = Budget()
     try:
         finding = _emulate(windows, budget)
-    except Exception:  # a bug in a hook must not take the server's analysis thread down
-        _log.exception("emulation of a %d-byte argument failed", len(argument))
+    except Exception as exc:  # a bug in a hook must not take the server's analysis thread down
+        # the type and place only: an exception's text (or a traceback's) may quote the argument,
+        # and arguments are passwords too; stdlib logging reaches the server log via logsetup
+        _log.error("emulation of a %d-byte argument failed: %s at %s", len(argument), type(exc).__name__,
+                   _where(exc))
         return clean("no-static-finding", "analysis-error")
     if finding:
         return malicious(finding)
     if budget.exhausted:
         return clean("no-code-behaviour", "budget-exhausted")
     return clean("no-code-behaviour")
+
+
+def _where(exc: BaseException) -> str:
+    """``file:line in function`` of the innermost frame of an exception."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return "?"
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} in {code.co_name}"
 
 
 def _static(window: Window) -> list[str]:

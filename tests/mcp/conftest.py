@@ -20,6 +20,7 @@ import realcorpus  # noqa: E402
 
 from pop3shield import mcp  # noqa: E402
 from pop3shield.mcp import deep  # noqa: E402
+from tests.support import skip_or_fail  # noqa: E402
 
 #: attack arguments per generated category in the tests (the benchmark uses more)
 ATTACKS_PER_CATEGORY = 100
@@ -44,9 +45,7 @@ def benign() -> dict[str, list[tuple[bytes, str]]]:
 @pytest.fixture(scope="session")
 def real_entries() -> list[realcorpus.Entry]:
     if not realcorpus.present():
-        if in_ci():
-            pytest.fail(f"CI=true but the real corpus is missing at {realcorpus.corpus_dir()}")
-        pytest.skip(f"real corpus not found at {realcorpus.corpus_dir()}")
+        skip_or_fail(f"real corpus not found at {realcorpus.corpus_dir()} (../shared/mcp-corpus next to the checkout)")
     if not realcorpus.HAVE_ICED:  # the scope filter decodes with iced-x86 (a test dependency)
         if in_ci():
             pytest.fail("CI=true but iced-x86, needed for the corpus scope filter, is missing")

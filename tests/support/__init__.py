@@ -9,8 +9,12 @@
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+#: the checkout this suite belongs to (the worktree, wherever it is)
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def in_ci() -> bool:
@@ -39,3 +43,20 @@ def require_binary(name: str, *extra_dirs: str) -> str:
     if found is None:
         skip_or_fail(f"required program {name!r} is not installed")
     return found  # type: ignore[return-value]
+
+
+def shared_path(*parts: str) -> Path:
+    """A path in the maintainers' notes, ``../shared`` next to the checkout (no check)."""
+    return REPO_ROOT.parent.joinpath("shared", *parts)
+
+
+def shared_dir(*parts: str) -> Path:
+    """The maintainers' notes (``REPO_ROOT.parent / "shared"``, or a path inside it).
+
+    Found relative to the checkout, never by an absolute path. When it is missing the test
+    is skipped, or failed under ``CI=true``: CI must compare against the notes, not skip.
+    """
+    path = shared_path(*parts)
+    if not path.exists():
+        skip_or_fail(f"the maintainers' notes are not at {path} (../shared next to the checkout)")
+    return path

@@ -25,7 +25,7 @@ class Options(usage.Options):
             raise usage.UsageError("--config FILE is required")
         try:
             self["loaded"] = load_config(self["config"])
-            preflight(self["loaded"])
+            self["preflight"] = preflight(self["loaded"])
         except (ConfigError, PasswdError) as exc:
             raise usage.UsageError(str(exc)) from None
 
@@ -37,8 +37,13 @@ class Pop3ShieldServiceMaker:
     options = Options
 
     def makeService(self, options: Options):  # type: ignore[no-untyped-def]
-        from pop3shield.service import make_service
+        """twistd owns the log observers (--logfile); stdlib logging is bridged into them, and
+        the preflight warnings are logged (twistd replays them once its log starts)."""
+        from pop3shield.logsetup import install_stdlib_bridge
+        from pop3shield.service import log_warnings, make_service
 
+        install_stdlib_bridge(options["loaded"].logging.level)
+        log_warnings(options["preflight"])
         return make_service(options["loaded"])
 
 
