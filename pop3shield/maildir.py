@@ -585,8 +585,9 @@ class Maildir:
         if st is None:
             sub, name = _split_key(key)
             try:
-                st = os.stat(name, dir_fd=self._dir(sub), follow_symlinks=False)
-            except OSError:
+                with self._mutex:
+                    st = os.stat(name, dir_fd=self._dir(sub), follow_symlinks=False)
+            except (OSError, MailboxError):
                 return None
             if not stat.S_ISREG(st.st_mode):
                 return None
@@ -661,7 +662,8 @@ class Maildir:
         """Open a validated key without following symlinks or blocking on FIFOs."""
         sub, name = _split_key(key)
         path = os.path.join(self.path, key)
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC, dir_fd=self._dir(sub))
+        with self._mutex:  # close() cannot free the directory handle while it is in use
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _O_CLOEXEC, dir_fd=self._dir(sub))
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise MailboxError(f"not a regular file: {path}")
@@ -708,7 +710,8 @@ class Maildir:
         """Unlink one message; False if it was already gone."""
         sub, name = _split_key(key)
         try:
-            os.unlink(name, dir_fd=self._dir(sub))
+            with self._mutex:
+                os.unlink(name, dir_fd=self._dir(sub))
         except FileNotFoundError:
             return False
         touched.add(sub)
@@ -718,7 +721,8 @@ class Maildir:
         """fsync the given subdirectories; failures are logged (the unlinks already happened)."""
         for sub in sorted(subs):
             try:
-                os.fsync(self._dir(sub))
+                with self._mutex:
+                    os.fsync(self._dir(sub))
             except (OSError, MailboxError) as exc:
                 log.warning("cannot fsync %s/%s: %s", self.path, sub, exc)
 
