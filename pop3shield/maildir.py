@@ -21,6 +21,7 @@ Policy decisions (the "why"):
   that path refuses the mailbox (MailboxError, logged with the mailbox).
   Listing, opening, locking and deleting then go through those directory
   handles, so swapping ``cur/`` for a symlink after login changes nothing.
+  (:meth:`Maildir.deliver`, used by the demo and tests only, works on paths.)
 * Sizes are what the encoder sends
   (:func:`~pop3shield.core.dotstuff.wire_size`: CRLF line ends, before
   dot-stuffing). A Maildir++ ``,W=<n>`` field in the name is exactly that
