@@ -13,7 +13,7 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from pop3shield.core.dotstuff import DotStuffer, stuff, unstuff, wire_size
+from pop3shield.core.dotstuff import DotStuffer, stuff, wire_size
 from pop3shield.streaming import CHUNK, MessageSender, SizeMismatch, WireCount
 
 STATUS = b"+OK 123 octets\r\n"
