@@ -33,7 +33,7 @@ from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.maildir import MailboxError, MailboxInUse
 from pop3shield.realm import IMaildrop, UnsafeUsername
-from pop3shield.streaming import MessageSender, Prefetch
+from pop3shield.streaming import MessageSender, Prefetch, SizeMismatch
 
 log = Logger(namespace="pop3shield.server")
 
@@ -89,6 +89,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     factory: POP3ServerFactory
     session: Session | None = None
     prefetch: Prefetch | None = None
+    promised: dict[Any, int] = {}
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -306,6 +307,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self.maildrop = maildrop
         self.prefetch = Prefetch(self.factory.offload, maildrop)
+        # RETR must send exactly the size LIST and its status line announce
+        self.promised = {entry.key: entry.size for entry in entries}
         self.factory.delays.succeeded(self.client_address or "-")
         self._run(self.session.login_succeeded(entries))
 
@@ -341,8 +344,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self.session is None or self.session.closed:
             source.close()
             return
+        expected = self.promised.get(action.key) if action.body_lines is None else None  # TOP: no promise
         self.sender = MessageSender(self.transport, source, DotStuffer(action.body_lines), self.factory.offload,
-                                    on_progress=self.resetTimeout)
+                                    on_progress=self.resetTimeout, expected=expected)
         d = self.sender.start(first, prefix=action.status)
         d.addCallbacks(self._stream_done, self._stream_error)
 
@@ -357,10 +361,22 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _stream_error(self, failure: Failure) -> None:
         self.sender = None
-        if self.session is not None and not self.session.closed:
-            log.failure("session {session} message read failed", failure, session=self.session_id)
+        if self.session is None or self.session.closed:
+            return
+        if failure.check(SizeMismatch):
+            if failure.value.before_first_byte:
+                log.warn("session {session} message changed since login: {error}", session=self.session_id,
+                         error=failure.getErrorMessage())
+                self._run(self.session.stream_failed())
+                return
+            log.warn("session {session} message changed while being sent, connection cut: {error}",
+                     session=self.session_id, error=failure.getErrorMessage())
             self.session.connection_lost()
-            self.transport.loseConnection()
+            self.transport.abortConnection()
+            return
+        log.failure("session {session} message read failed", failure, session=self.session_id)
+        self.session.connection_lost()
+        self.transport.loseConnection()
 
     # update
 

@@ -53,22 +53,33 @@ def check_username(name: str) -> str:
 
 @implementer(IMaildrop)
 class MaildirMaildrop:
-    """A Maildir under the pattern's root; created on first login as Dovecot does."""
+    """A Maildir under the pattern's root; created on first login as Dovecot does.
 
-    def __init__(self, user: str, path: str) -> None:
+    With ``root`` (the directory the pattern puts ``{user}`` in), no directory below the root
+    may be a symlink (a symlinked user directory, Maildir, cur/ or new/ refuses the login with
+    MailboxError, which the session answers with ``-ERR [SYS/TEMP]``), and only the Maildir
+    directory itself is created, never a missing parent.
+    """
+
+    def __init__(self, user: str, path: str, root: str | None = None) -> None:
         self.user = user
         self.path = path
+        self.root = root
         self._store: Maildir | None = None
 
     def open(self) -> Sequence[MessageInfo]:
-        parent = os.path.dirname(self.path.rstrip(os.sep))
-        create = not os.path.isdir(self.path) and os.path.isdir(parent)
-        self._store = Maildir(self.path, create=create)
-        self._store.lock()
+        if self.root is not None:
+            store = Maildir(self.path, create=True, root=self.root)
+        else:
+            parent = os.path.dirname(self.path.rstrip(os.sep))
+            create = not os.path.isdir(self.path) and os.path.isdir(parent)
+            store = Maildir(self.path, create=create)
+        self._store = store
         try:
-            return self._store.scan()
+            store.lock()
+            return store.scan()
         except BaseException:
-            self._store.unlock()
+            store.close()
             raise
 
     def _opened(self) -> Maildir:
@@ -84,11 +95,11 @@ class MaildirMaildrop:
         try:
             return store.delete(keys)
         finally:
-            store.unlock()
+            store.close()
 
     def release(self) -> None:
         if self._store is not None:
-            self._store.unlock()
+            self._store.close()
 
 
 @implementer(IRealm)
@@ -98,9 +109,14 @@ class MaildirRealm:
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern
 
+    @property
+    def root(self) -> str:
+        """The directory ``{user}`` is put in: trusted; nothing below it may be a symlink."""
+        return os.path.dirname(self.pattern.split("{user}", 1)[0] + "x")
+
     def path_for(self, name: str) -> str:
         path = self.pattern.replace("{user}", check_username(name))
-        root = os.path.dirname(self.pattern.split("{user}", 1)[0] + "x")
+        root = self.root
         if os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) != os.path.abspath(root):
             raise UnsafeUsername("login name leaves the maildir root")
         return path
@@ -109,5 +125,5 @@ class MaildirRealm:
         if IMaildrop not in interfaces:
             raise NotImplementedError("MaildirRealm only provides IMaildrop")
         name = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-        drop = MaildirMaildrop(name, self.path_for(name))
+        drop = MaildirMaildrop(name, self.path_for(name), self.root)
         return IMaildrop, drop, drop.release

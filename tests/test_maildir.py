@@ -431,3 +431,44 @@ def test_concurrent_scans_agree(md: Maildir) -> None:
     for t in threads:
         t.join()
     assert all(r == expected for r in results)
+
+
+# -- directory handles --------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_close_releases_the_lock_and_every_directory_handle(md: Maildir) -> None:
+    key = put(md, "cur/1700000000.M1P1.h:2,")
+    before = open_fds()
+    store = Maildir(md.path)
+    store.lock()
+    assert open_fds() > before
+    store.close()
+    assert open_fds() == before
+    md.lock()  # the lock went with close()
+    md.unlock()
+    with pytest.raises(MailboxError):  # a closed store never touches a reused descriptor
+        store.open_message(key)
+    store.close()  # idempotent
+
+
+def test_removed_cur_is_noticed_even_through_the_open_handle(md: Maildir) -> None:
+    put(md, "cur/1700000000.M1P1.h:2,")
+    os.unlink(os.path.join(md.path, "cur", "1700000000.M1P1.h:2,"))
+    os.rmdir(os.path.join(md.path, "cur"))
+    with pytest.raises(MailboxError):
+        md.scan()
+
+
+def test_symlinked_maildir_without_root_is_refused(tmp_path: Path) -> None:
+    real = Maildir(tmp_path / "real", create=True)
+    os.symlink(real.path, tmp_path / "link")
+    with pytest.raises(MailboxError, match="symbolic link"):
+        Maildir(tmp_path / "link")
+    os.rename(os.path.join(real.path, "cur"), os.path.join(real.path, "cur.real"))
+    os.symlink(os.path.join(real.path, "cur.real"), os.path.join(real.path, "cur"))
+    with pytest.raises(MailboxError, match="symbolic link"):
+        Maildir(real.path)

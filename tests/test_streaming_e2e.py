@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,3 +104,132 @@ def test_200_mb_retr_is_exact_and_costs_little_memory(big) -> None:
     client.send(b"QUIT\r\n")
     assert client.line() == b"+OK Logging out.\r\n"
     client.close()
+
+
+# -- a message that changes after login -----------------------------------------------
+
+SMALL = b"Subject: small\n\ntwenty octets\n"
+BIG_LINE = b"a line of a big message, LF only\n"
+BIG_LINES = (32 << 20) // len(BIG_LINE)
+CHANGED_USERS = ("longer", "shorter", "replaced", "grows", "shrinks")
+
+
+@pytest.fixture(scope="module")
+def changing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pop3ShieldServer, Path]]:
+    tmp = tmp_path_factory.mktemp("changing")
+    root = tmp / "mail"
+    for user in CHANGED_USERS:
+        cur = root / user / "Maildir" / "cur"
+        cur.mkdir(parents=True)
+        for sub in ("new", "tmp"):
+            (root / user / "Maildir" / sub).mkdir()
+        with open(cur / "1700000000.M1P1.m:2,S", "wb") as handle:
+            if user in ("grows", "shrinks"):
+                handle.write(b"Subject: big\n\n")
+                for _ in range(BIG_LINES // 1024):
+                    handle.write(BIG_LINE * 1024)
+            else:
+                handle.write(SMALL)
+    server = Pop3ShieldServer()
+    server.start(tmp / "run", {user: PASSWORD for user in CHANGED_USERS}, root)
+    try:
+        yield server, root
+    finally:
+        server.stop()
+
+
+def message_file(root: Path, user: str) -> Path:
+    return root / user / "Maildir" / "cur" / "1700000000.M1P1.m:2,S"
+
+
+def nothing_more(client: Client) -> bool:
+    """No octet beyond what was read arrives within a short wait."""
+    client.sock.settimeout(0.3)
+    try:
+        extra = client.sock.recv(65536)
+    except TimeoutError:
+        extra = b""
+    finally:
+        client.sock.settimeout(10)
+    return client.buffer == b"" and extra == b""
+
+
+def rewrite(path: Path, how: str) -> None:
+    if how == "longer":
+        path.write_bytes(SMALL + b"and four more lines\n" * 4)  # in place: same inode
+    elif how == "shorter":
+        path.write_bytes(b"abc")
+    else:  # a new file of the same length under the same name
+        other = path.with_name("replacement")
+        other.write_bytes(SMALL.upper())
+        os.rename(other, path)
+
+
+@pytest.mark.parametrize("how", ["longer", "shorter", "replaced"])
+def test_retr_of_a_message_rewritten_after_login_is_sys_temp(changing, how: str) -> None:
+    server, root = changing
+    client = Client(server)
+    client.login(how)
+    size = len(SMALL.replace(b"\n", b"\r\n"))
+    client.send(b"LIST 1\r\n")
+    assert client.line() == f"+OK 1 {size}\r\n".encode()
+    rewrite(message_file(root, how), how)
+    client.send(b"RETR 1\r\n")
+    assert client.line() == b"-ERR [SYS/TEMP] Message is no longer available.\r\n"
+    assert nothing_more(client)  # no status line, no body, no terminator
+    client.send(b"NOOP\r\n")
+    assert client.line() == b"+OK\r\n"  # the session goes on
+    client.send(b"LIST 1\r\n")
+    assert client.line() == f"+OK 1 {size}\r\n".encode()  # the promise of this session stands
+    client.send(b"QUIT\r\n")
+    assert client.line() == b"+OK Logging out.\r\n"
+    client.close()
+    again = Client(server)  # the next login measures the new file and serves it whole
+    again.login(how)
+    new = message_file(root, how).read_bytes()
+    wire = new.replace(b"\n", b"\r\n") + (b"" if new.endswith(b"\n") else b"\r\n")
+    again.send(b"RETR 1\r\n")
+    assert again.line() == f"+OK {len(wire)} octets\r\n".encode()
+    assert again.read(len(wire) + 3) == wire + b".\r\n"
+    again.send(b"QUIT\r\n")
+    assert again.line() == b"+OK Logging out.\r\n"
+    again.close()
+    rewrite_back = message_file(root, how)
+    rewrite_back.write_bytes(SMALL)
+
+
+@pytest.mark.parametrize("how", ["grows", "shrinks"])
+def test_message_changed_while_streaming_cuts_the_connection(changing, how: str) -> None:
+    server, root = changing
+    path = message_file(root, how)
+    client = Client(server)
+    client.login(how)
+    size = len(b"Subject: big\r\n\r\n") + (BIG_LINES // 1024) * 1024 * (len(BIG_LINE) + 1)
+    client.send(b"RETR 1\r\n")
+    assert client.line() == f"+OK {size} octets\r\n".encode()
+    if how == "grows":
+        with open(path, "ab") as handle:  # appended in place after the open
+            handle.write(BIG_LINE * 100_000)
+    else:
+        os.truncate(path, 1 << 20)
+    received = len(client.buffer)
+    tail = client.buffer[-5:]
+    client.sock.settimeout(30)
+    while True:
+        try:
+            chunk = client.sock.recv(1 << 20)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        received += len(chunk)
+        tail = (tail + chunk)[-5:]
+    assert tail != b"\r\n.\r\n", "a body of another size was terminated as if complete"
+    assert received < size  # dot-stuffing adds nothing here (no line starts with '.')
+    client.close()
+    for _ in range(50):
+        log = server.log_path.read_text(encoding="utf-8", errors="replace")
+        if "connection cut" in log and f"{size} octets promised" in log:
+            break
+        time.sleep(0.1)
+    assert "connection cut" in log and f"{size} octets promised" in log, log[-2000:]
