@@ -50,6 +50,7 @@ hostname = "test.invalid"
 {server_extra}
 [auth]
 passwd_file = {passwd_file}
+{auth_extra}
 
 [backend]
 type = "maildir"
@@ -97,13 +98,17 @@ class Pop3ShieldServer(ServerProcess):
     kind = "pop3shield"
 
     def __init__(self, *, extra_toml: str = "", server_toml: str = "", events_toml: str = "",
+                 auth_toml: str = "", passwd_file: os.PathLike | str | None = None,
                  startup_timeout: float = 30.0,
                  stop_timeout: float = 10.0, python: str = sys.executable,
                  extra_args: tuple[str, ...] = ()):
         self.extra_toml = extra_toml
-        #: key = value lines added to the [server] and [events] tables
+        #: key = value lines added to the [server], [events] and [auth] tables
         self.server_toml = server_toml
         self.events_toml = events_toml
+        self.auth_toml = auth_toml
+        #: an existing passwd-file to use instead of writing a bcrypt one from ``users``
+        self.passwd_file = passwd_file
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.python = python
@@ -152,7 +157,10 @@ class Pop3ShieldServer(ServerProcess):
         for user in users:
             for sub in ("cur", "new", "tmp"):
                 (self.maildir_root / user / "Maildir" / sub).mkdir(parents=True, exist_ok=True)
-        self.passwd_path = write_bcrypt_passwd(w / "users.passwd", users)
+        if self.passwd_file is not None:
+            self.passwd_path = Path(self.passwd_file).resolve()
+        else:
+            self.passwd_path = write_bcrypt_passwd(w / "users.passwd", users)
         self.events_path = w / "events.jsonl"
         self.log_path = w / "server.log"
         self.stdout_path = w / "stdout.log"
@@ -162,7 +170,8 @@ class Pop3ShieldServer(ServerProcess):
             passwd_file=_toml_str(self.passwd_path),
             maildir=_toml_str(f"{self.maildir_root}/{{user}}/Maildir"),
             events=_toml_str(self.events_path), log=_toml_str(self.log_path),
-            server_extra=self.server_toml.strip("\n"), events_extra=self.events_toml.strip("\n"))
+            server_extra=self.server_toml.strip("\n"), events_extra=self.events_toml.strip("\n"),
+            auth_extra=self.auth_toml.strip("\n"))
         if self.extra_toml:
             conf += "\n" + self.extra_toml.strip("\n") + "\n"
         self.conf_path.write_text(conf, encoding="utf-8")
