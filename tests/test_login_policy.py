@@ -267,3 +267,26 @@ def test_pop3shield_refuses_to_start_on_a_field_it_does_not_implement(tmp_path: 
     err = shield.stderr_path.read_text()  # type: ignore[union-attr]
     assert err == (f"pop3shield: {passwd}:2: extra field 'nopassword' is not supported: "
                    f"it would accept any password\n")
+
+
+def test_allow_nets_sees_a_real_ipv4_mapped_client_as_ipv4(tmp_path: Path) -> None:
+    """An IPv6 listener that IPv4 clients reach (v4-mapped, on loopback only): Twisted reports the
+    peer as ``::ffff:127.0.0.1``, which must match ``127.0.0.0/8`` and not ``::1``."""
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text("lo:{PLAIN}pw-lo::::::allow_nets=127.0.0.0/8\n"
+                      "six:{PLAIN}pw-six::::::allow_nets=::1\n", encoding="utf-8")
+    shield = Pop3ShieldServer(passwd_file=passwd, auth_toml="allow_plaintext = true",
+                              listen=r"tcp6:0:interface=\:\:ffff\:127.0.0.1",
+                              server_toml="auth_failure_delay = 0.0\nauth_failure_delay_max = 0.0")
+    try:
+        shield.start(tmp_path / "srv", {"lo": "pw-lo", "six": "pw-six"}, tmp_path / "mail")
+        assert shield.host == "::ffff:127.0.0.1"
+        assert _attempt("127.0.0.1", shield.port, "lo", "pw-lo")[:2] == (  # type: ignore[arg-type]
+            True, b"+OK Logged in, 0 messages (0 octets).")
+        assert _attempt("127.0.0.1", shield.port, "six", "pw-six")[:2] == (  # type: ignore[arg-type]
+            False, b"-ERR [AUTH] Authentication failed.")
+        assert "login refused for user=six from ::ffff:127.0.0.1: address not in allow_nets" in \
+            shield.log_path.read_text()  # type: ignore[union-attr]
+    finally:
+        shield.stop()
+
