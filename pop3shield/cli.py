@@ -101,16 +101,17 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     problem = _username_problem(args.user, args.username_chars)
     if problem:
         return _fail(f"user name '{_shown(args.user)}': {problem}")
-    plan: _Plan | None = None
     if args.file:
         try:
-            plan = _plan_store(args.file, args.user)
+            _plan_store(args.file, args.user)  # the problem at hand, before the password is typed
         except PasswdError as exc:
             return _fail(str(exc))
     try:
         password = _read_password(args.stdin)
     except ValueError as exc:
         return _fail(str(exc))
+    except (EOFError, KeyboardInterrupt):
+        return _fail("no password given")
     if not password:
         return _fail("empty password refused")
     try:
@@ -118,7 +119,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     except ValueError as exc:  # bcrypt and a password over 72 bytes
         return _fail(str(exc))
     entry = format_entry(args.user, hashed)
-    if plan is None:
+    if not args.file:
         print(entry)
         return 0
     try:

@@ -231,7 +231,7 @@ _IGNORED_PREFIXES = ("userdb_", "forward_", "event_")
 _UNSUPPORTED = {
     "nopassword": "would accept any password",
     "noauthenticate": "would skip authentication",
-    "allow_real_nets": "checks an address pop3shield does not see",
+    "allow_real_nets": "checks the address of a proxy in front, which pop3shield does not tell apart",
     "user": "would rename the user",
     "login_user": "would rename the user",
     "destuser": "would rename the user",
