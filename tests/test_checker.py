@@ -454,6 +454,15 @@ class ExtraFieldPolicyTests(_Base):
                          b"plainsock")
         await self.refused(checker, APOPCredentials(b"plainsock", challenge, digest))  # address not given
 
+    async def test_nologin_added_while_running_takes_effect_on_the_next_login(self) -> None:
+        checker = self.make(allow_plaintext=True)
+        self.write("carol:{PLAIN}pw")
+        self.assertEqual(await checker.requestAvatarId(self.creds("carol")), b"carol")
+        self.write("carol:{PLAIN}pw::::::nologin")
+        self.assertIsInstance(await self.refused(checker, self.creds("carol")), LoginDisabled)
+        self.write("carol:{PLAIN}pw::::::nopassword")  # refused at load: the last good table stays
+        self.assertIsInstance(await self.refused(checker, self.creds("carol")), LoginDisabled)
+
     def test_credentials_repr_hides_the_password(self) -> None:
         creds = self.creds("lo", "hunter2")
         self.assertTrue(IUsernamePassword.providedBy(creds))
