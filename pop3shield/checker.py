@@ -5,6 +5,14 @@ thread.  Unknown users are verified against a dummy entry of the same cost, so t
 does not reveal which accounts exist.  The file is re-read when it changes (cheap ``os.stat`` per
 request, in the worker thread); a broken new version is logged and the last good one kept, so a
 half-saved file cannot lock everybody out or let anybody in.
+
+The entries' extra fields decide who may log in, checked only after the password verified, in
+Dovecot's order (so a guesser learns nothing from them): ``allow_nets`` refuses other client
+addresses exactly like a wrong password; ``nologin`` (and ``fail``) refuses with
+:class:`LoginDisabled`, whose ``reason`` is the operator's text for the client and whose
+``nodelay`` asks for the answer without the failure delay.  The client address comes from the
+credentials' ``client_address`` attribute (:class:`AddressedCredentials`); credentials without
+one cannot pass an ``allow_nets`` entry.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import threading
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -30,7 +38,46 @@ from pop3shield.passwd import (
     verify_password,
 )
 
-__all__ = ["PasswdFileChecker"]
+__all__ = ["AddressedCredentials", "LoginDisabled", "PasswdFileChecker"]
+
+
+class AddressedCredentials(UsernamePassword):
+    """USER/PASS or SASL credentials plus the client's address (None: no IP, e.g. a unix socket)."""
+
+    def __init__(self, username: bytes, password: bytes, client_address: str | None) -> None:
+        super().__init__(username, password)
+        self.client_address = client_address
+
+    def __repr__(self) -> str:  # never the password
+        return f"<AddressedCredentials {self.username!r} from {self.client_address!r}>"
+
+
+class LoginDisabled(UnauthorizedLogin):
+    """The password verified but the account may not log in (``nologin``/``fail``)."""
+
+    def __init__(self, reason: str | None = None, nodelay: bool = False) -> None:
+        super().__init__("invalid credentials")
+        #: operator-written text for the client (printable ASCII, checked at load), or None
+        self.reason = reason
+        self.nodelay = nodelay
+
+
+#: "the credentials did not say where the client is": never matches allow_nets
+_UNKNOWN_ADDRESS = object()
+
+
+class _Refused:
+    """A worker-thread verdict: the password was right, the account's policy said no.
+
+    ``disabled`` is the entry when it is a nologin/fail refusal (:class:`LoginDisabled`); None
+    for one that must look exactly like a wrong password (allow_nets).
+    """
+
+    def __init__(self, user: str, why: str, disabled: PasswdEntry | None = None) -> None:
+        self.user = user
+        self.why = why
+        self.disabled = disabled
+
 
 #: the file's identity and version: replaced (new inode), rewritten (mtime) or resized
 _Stamp = tuple[int, int, int, int]
@@ -91,12 +138,13 @@ class PasswdFileChecker:
         if reactor is None:
             from twisted.internet import reactor  # noqa: PLC0415 - the global one, only if asked
         pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
+        address = getattr(credentials, "client_address", _UNKNOWN_ADDRESS)
         if IUsernamePassword.providedBy(credentials):
             password = _password(getattr(credentials, "password", None))
-            d = deferToThreadPool(reactor, pool, self._check, user, password)
+            d = deferToThreadPool(reactor, pool, self._check, user, password, address)
         else:
-            d = deferToThreadPool(reactor, pool, self._check_hashed, user, credentials)
-        d.addCallback(self._result)
+            d = deferToThreadPool(reactor, pool, self._check_hashed, user, credentials, address)
+        d.addCallback(self._result, address)
         return d
 
     @property
@@ -106,17 +154,19 @@ class PasswdFileChecker:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _check(self, user: str | None, password: bytes) -> str | None:
-        """Runs in a worker thread: BLOCKING hash verification."""
+    def _check(self, user: str | None, password: bytes,
+               address: Any = _UNKNOWN_ADDRESS) -> str | _Refused | None:
+        """Runs in a worker thread: BLOCKING hash verification, then the entry's login policy."""
         self._reload_if_changed()
         entries, dummy = self._state
         entry = entries.get(user) if user is not None else None
         if entry is None:
             verify_password(dummy, password)  # same cost as a real user: no enumeration oracle
             return None
-        return entry.user if verify_password(entry, password) else None
+        return _policy(entry, address) if verify_password(entry, password) else None
 
-    def _check_hashed(self, user: str | None, credentials: Any) -> str | None:
+    def _check_hashed(self, user: str | None, credentials: Any,
+                      address: Any = _UNKNOWN_ADDRESS) -> str | _Refused | None:
         """APOP and the like: only a plaintext entry can answer a challenge-response digest."""
         self._reload_if_changed()
         entries, dummy = self._state
@@ -128,7 +178,7 @@ class PasswdFileChecker:
             matched = bool(credentials.checkPassword(entry.hash.encode("utf-8")))
         except Exception:  # noqa: BLE001 - a broken credentials object is a failed login
             matched = False
-        return entry.user if matched else None
+        return _policy(entry, address) if matched else None
 
     def _reload_if_changed(self) -> None:
         try:
@@ -153,6 +203,11 @@ class PasswdFileChecker:
 
     def _install(self, entries: dict[str, PasswdEntry], stamp: _Stamp) -> None:
         """Swap in a new user table in one assignment, so readers never see a mix."""
+        disabled = sum(1 for entry in entries.values() if entry.nologin)
+        restricted = sum(1 for entry in entries.values() if entry.allow_nets is not None)
+        if disabled or restricted:
+            self.log.info("{path}: {disabled} users with nologin, {restricted} with allow_nets",
+                          path=self.path, disabled=disabled, restricted=restricted)
         self._state = (entries, dummy_entry_like(entries.values()))
         self._loaded_stamp = stamp
         self._failed_stamp = None
@@ -168,12 +223,29 @@ class PasswdFileChecker:
 
     # ------------------------------------------------------------------ reactor thread
 
-    @staticmethod
-    def _result(user: str | None) -> bytes:
+    def _result(self, user: str | _Refused | None, address: Any) -> bytes:
+        if isinstance(user, _Refused):
+            where = address if isinstance(address, str) else (
+                "a connection without an IP address" if address is None else "an unknown address")
+            self.log.info("login refused for user={user} from {address}: {why}", user=user.user,
+                          address=where, why=user.why)
+            if user.disabled is not None:
+                raise LoginDisabled(user.disabled.reason, user.disabled.nodelay)
+            user = None
         if user is None:
             # One message for unknown user and wrong password alike.
             raise UnauthorizedLogin("invalid credentials")
         return user.encode("utf-8")
+
+
+def _policy(entry: PasswdEntry, address: Any) -> str | _Refused:
+    """After the password verified: may this entry log in from this address? (Dovecot's order)"""
+    if entry.allow_nets is not None:
+        if address is _UNKNOWN_ADDRESS or not entry.allows_address(address):
+            return _Refused(entry.user, "address not in allow_nets")  # answered as a wrong password
+    if entry.nologin:
+        return _Refused(entry.user, "fail" if "fail" in entry.extra else "nologin", entry)
+    return entry.user
 
 
 #: marks "the file could not even be stat'ed" so that, too, is logged only once

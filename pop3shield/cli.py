@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import os
+import stat
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from pop3shield import __version__
+from pop3shield.core.settings import DEFAULT_USERNAME_EXTRA
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -95,38 +99,167 @@ def _read_password(use_stdin: bool) -> str:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
-    """Print (or store in a passwd file) a hashed entry; the password is read, never an argument."""
-    from pop3shield.passwd import PasswdError, format_entry, hash_password, load_passwd
+    """Print (or store in a passwd file) a hashed entry; the password is read, never an argument.
 
+    The user name is checked the way the server checks it, and the file's line for the user
+    (fields after the password, extra fields included) before the password is asked for; only
+    that line is checked, the others are kept byte for byte.
+    """
+    from pop3shield.passwd import PasswdError, format_entry, hash_password
+
+    problem = _username_problem(args.user, args.username_chars)
+    if problem:
+        return _fail(f"user name '{_shown(args.user)}': {problem}")
+    if args.file:
+        try:
+            _plan_store(args.file, args.user)  # the problem at hand, before the password is typed
+        except PasswdError as exc:
+            return _fail(str(exc))
     try:
         password = _read_password(args.stdin)
     except ValueError as exc:
         return _fail(str(exc))
+    except (EOFError, KeyboardInterrupt):
+        return _fail("no password given")
     if not password:
         return _fail("empty password refused")
-    entry = format_entry(args.user, hash_password(password, args.scheme))
+    try:
+        hashed = hash_password(password, args.scheme)
+    except ValueError as exc:  # bcrypt and a password over 72 bytes
+        return _fail(str(exc))
+    entry = format_entry(args.user, hashed)
     if not args.file:
         print(entry)
         return 0
     try:
-        _store_entry(Path(args.file), args.user, entry)
-        load_passwd(args.file)
-    except (OSError, PasswdError) as exc:
+        # Read again: the file may have changed while the password was typed.
+        _store_entry(_plan_store(args.file, args.user), entry)
+    except PasswdError as exc:
         return _fail(str(exc))
     print(f"{args.file}: entry for {args.user} written")
     return 0
 
 
-def _store_entry(path: Path, user: str, entry: str) -> None:
-    """Replace the user's line (or append it), atomically, keeping the file private."""
-    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-    kept = [line for line in lines if line.split(":", 1)[0] != user]
-    kept.append(entry)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(kept) + "\n")
-    os.replace(temporary, path)
+def _shown(text: str, limit: int = 64) -> str:
+    """Operator input on one line: control characters escaped, cut at ``limit``."""
+    return text[:limit].encode("unicode_escape").decode("ascii") + ("..." if len(text) > limit else "")
+
+
+def _username_problem(user: str, extra_chars: str) -> str | None:
+    """The server's rules: the passwd-file format, then the protocol's user-name grammar."""
+    from pop3shield.core.grammar import valid_username
+    from pop3shield.passwd import user_problem
+
+    problem = user_problem(user)
+    if problem:
+        return problem
+    if not valid_username(user, extra_chars):
+        return (f"the server would refuse it: only letters, digits and '{_shown(extra_chars)}', "
+                f"not starting with '.' (see --username-chars)")
+    return None
+
+
+class _Plan:
+    """What ``passwd --file`` will write: the file read once, where the user's line is."""
+
+    def __init__(self, shown: str, target: Path, data: bytes, st: os.stat_result | None,
+                 index: int | None, tail: bytes, lines: list[bytes]) -> None:
+        self.shown = shown  # the path as the operator gave it, for messages
+        self.target = target  # symlinks resolved: the file that is replaced
+        self.data = data
+        self.st = st
+        self.index = index  # the user's line, or None to append
+        self.tail = tail  # the user's line after the password field (":uid:gid:...:extra")
+        self.lines = lines
+
+
+def _plan_store(name: str, user: str) -> _Plan:
+    """Read the file and find (and check) the user's line, before the password is asked for."""
+    from pop3shield.passwd import DUMMY_ENTRY, PasswdError, line_problem
+
+    target = Path(os.path.realpath(name))
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not hang the command
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PasswdError(name, None, "not a regular file")
+            data = handle.read()
+    except FileNotFoundError:
+        return _Plan(name, target, b"", None, None, b"", [])
+    except OSError as exc:
+        raise PasswdError(name, None, f"cannot read: {exc.strerror or exc}") from None
+    lines = data.split(b"\n")
+    lines = [line + b"\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+    key = user.encode("utf-8")
+    found = [i for i, line in enumerate(lines)
+             if not line.lstrip().startswith(b"#") and line.split(b":", 1)[0] == key]
+    if len(found) > 1:
+        raise PasswdError(name, found[1] + 1, f"user {user!r} appears again (first on line {found[0] + 1})")
+    if not found:
+        return _Plan(name, target, data, st, None, b"", lines)
+    index = found[0]
+    body = lines[index].rstrip(b"\n").rstrip(b"\r")
+    fields = body.split(b":", 2)
+    tail = b":" + fields[2] if len(fields) > 2 else b""
+    try:
+        text = tail.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PasswdError(name, index + 1, "not valid UTF-8") from None
+    problem = line_problem(f"{user}:{{ARGON2ID}}{DUMMY_ENTRY.hash}{text}")
+    if problem:
+        raise PasswdError(name, index + 1, problem)
+    return _Plan(name, target, data, st, index, tail, lines)
+
+
+def _store_entry(plan: _Plan, entry: str) -> None:
+    """Replace the user's password field (keeping the rest of the line) or append the entry.
+
+    Atomic and through symlinks: a temporary file next to the link's target, with the original's
+    owner, group and mode (0600 for a new file), fsync'ed, renamed onto the target, and the
+    directory fsync'ed.  Every other line is kept byte for byte.
+    """
+    from pop3shield.passwd import PasswdError
+
+    line = entry.encode("utf-8")
+    if plan.index is not None:
+        old = plan.lines[plan.index]
+        ending = old[len(old.rstrip(b"\r\n")):]
+        lines = list(plan.lines)
+        lines[plan.index] = line + plan.tail + ending
+        content = b"".join(lines)
+    else:
+        content = plan.data + (b"\n" if plan.data and not plan.data.endswith(b"\n") else b"") + line + b"\n"
+    directory = plan.target.parent
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{plan.target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise PasswdError(plan.shown, None, f"cannot write in {directory}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            if plan.st is not None:
+                made = os.fstat(handle.fileno())
+                if (made.st_uid, made.st_gid) != (plan.st.st_uid, plan.st.st_gid):
+                    os.fchown(handle.fileno(), plan.st.st_uid, plan.st.st_gid)
+                os.fchmod(handle.fileno(), stat.S_IMODE(plan.st.st_mode))
+            else:
+                os.fchmod(handle.fileno(), 0o600)
+            os.fsync(handle.fileno())
+        os.rename(temporary, plan.target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise PasswdError(plan.shown, None, f"not changed: {exc.strerror or exc}") from None
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise PasswdError(plan.shown, None, f"written, but the directory sync failed: {exc.strerror or exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     pw.add_argument("--scheme", default="ARGON2ID", choices=["ARGON2ID", "BLF-CRYPT"])
     pw.add_argument("--file", help="add or replace the entry in this passwd file")
     pw.add_argument("--stdin", action="store_true", help="read the password from standard input")
+    pw.add_argument("--username-chars", default=DEFAULT_USERNAME_EXTRA, metavar="CHARS",
+                    help="characters allowed in user names besides letters and digits, as the server's "
+                         f"username_chars (default {DEFAULT_USERNAME_EXTRA!r})")
     pw.set_defaults(func=cmd_passwd)
     return parser
 

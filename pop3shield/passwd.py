@@ -4,8 +4,29 @@ Line format (Dovecot ``passwd-file``)::
 
     user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra_fields]
 
-Only the user and password fields are used; the rest is accepted and ignored so existing Dovecot
-files work unchanged.  ``#`` comments and blank lines are skipped.
+uid, gid, gecos, home and shell are accepted and ignored (the Maildir comes from
+``backend.maildir``).  ``#`` comments and blank lines are skipped.
+
+Extra fields (the 8th colon-separated field onward, joined back with ``:`` and split on spaces,
+as Dovecot does) are ``key=value`` or a bare ``key``.  The ones that decide who may log in are
+honoured, the rest are refused at load, naming file, line and field, so that a file migrated
+from Dovecot never silently re-opens a disabled account or drops an address restriction:
+
+* honoured: ``nologin`` (login refused after the password verified; with ``reason=TEXT`` the
+  client gets ``-ERR [AUTH] TEXT``), ``allow_nets=NET,...`` (login refused from other client
+  addresses, answered like a wrong password; a client at ``::ffff:a.b.c.d`` is matched as
+  ``a.b.c.d``; ``local`` = a connection without an IP address),
+  ``fail`` (always refused, like a wrong password), ``nodelay`` (a ``nologin`` refusal is
+  answered without the failure delay).  Boolean fields are true whenever present, whatever
+  their value (``nologin=no`` disables the account), as in Dovecot.
+* kept on :attr:`PasswdEntry.extra` for the upstream relay, no effect today: ``proxy``,
+  ``host``, ``hostip``, ``port``, ``ssl``, ``starttls``, ``source_ip``, ``proxy_timeout``.
+* accepted with no effect: ``userdb_*`` (user database settings), ``forward_*``, ``event_*``.
+* everything else is refused, in particular what pop3shield does not implement and what would
+  change who may log in: ``nopassword``, ``noauthenticate``, ``allow_real_nets``, ``user``,
+  ``login_user``, ``destuser``, ``proxy_maybe``, ``proxy_always``, ``master``, ``pass``,
+  ``k5principals``, ``delay_until``, the ``:protected``/``:remove`` suffixes, duplicated fields,
+  and ``%`` variables in the honoured and relay fields (Dovecot would expand them).
 
 Supported schemes (case-insensitive, aliases in brackets):
 
@@ -29,24 +50,29 @@ callers run it in a thread.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import argon2
 import bcrypt
 
 __all__ = [
     "DUMMY_ENTRY",
+    "LOCAL",
     "PasswdEntry",
     "PasswdError",
     "dummy_entry_like",
     "format_entry",
     "hash_password",
+    "line_problem",
     "load_passwd",
+    "user_problem",
     "verify_password",
 ]
 
@@ -82,19 +108,62 @@ class PasswdError(Exception):
         super().__init__(f"{where}: {problem}")
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: the ``allow_nets`` keyword for a connection without an IP address (a unix socket)
+LOCAL = "local"
+
+
 @dataclass(frozen=True)
 class PasswdEntry:
-    """One user's stored credential; the hash stays out of repr so it cannot leak into logs."""
+    """One user's stored credential; the hash stays out of repr so it cannot leak into logs.
+
+    ``extra`` holds the line's extra fields (``key -> value``, ``""`` for a bare key), read-only.
+    The login policy parsed from them: ``nologin`` (refused after the password verified, with
+    ``reason`` for the client), ``allow_nets`` (None: from anywhere; else the networks, plus
+    :data:`LOCAL` for a connection without an IP address), ``nodelay``.
+    """
 
     user: str
     scheme: str
     hash: str = field(repr=False)
+    extra: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+    nologin: bool = False
+    reason: str | None = None
+    allow_nets: tuple[IPNetwork | str, ...] | None = None
+    nodelay: bool = False
+
+    def allows_address(self, address: str | None) -> bool:
+        """Whether ``allow_nets`` lets a client at ``address`` (None: no IP address) log in."""
+        if self.allow_nets is None:
+            return True
+        if address is None:
+            return LOCAL in self.allow_nets
+        ip = _client_ip(address)
+        if ip is None:
+            return False
+        return any(not isinstance(net, str) and ip.version == net.version and ip in net
+                   for net in self.allow_nets)
+
+
+def _client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address, an IPv4-mapped IPv6 address as plain IPv4 (as Dovecot matches it)."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.scope_id is not None:
+            ip = ipaddress.IPv6Address(str(ip).split("%", 1)[0])
+    return ip
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _user_problem(user: str) -> str | None:
+def user_problem(user: str) -> str | None:
     """Why a user name cannot be stored, or None when it is fine."""
     if not user:
         return "empty user name"
@@ -152,23 +221,150 @@ def _read_lines(path: str) -> list[bytes]:
         raise PasswdError(path, None, f"cannot read: {exc.strerror or exc}") from None
 
 
+#: honoured: they decide who may log in
+_POLICY_FIELDS = frozenset({"nologin", "reason", "allow_nets", "fail", "nodelay"})
+#: kept for the upstream relay (routing to a backend); no effect on who may log in
+_RELAY_FIELDS = frozenset({"proxy", "host", "hostip", "port", "ssl", "starttls", "source_ip", "proxy_timeout"})
+#: accepted with no effect: user database settings, proxy forwarding, event fields
+_IGNORED_PREFIXES = ("userdb_", "forward_", "event_")
+#: Dovecot fields that would change who may log in (or as whom) and that pop3shield does not do
+_UNSUPPORTED = {
+    "nopassword": "would accept any password",
+    "noauthenticate": "would skip authentication",
+    "allow_real_nets": "checks the address of a proxy in front, which pop3shield does not tell apart",
+    "user": "would rename the user",
+    "login_user": "would rename the user",
+    "destuser": "would rename the user",
+    "proxy_maybe": "would log in locally or proxy",
+    "proxy_always": "belongs to proxy_maybe",
+    "master": "is a master-user login",
+    "pass": "is a master-user password",
+    "k5principals": "is for GSSAPI",
+    "delay_until": "would delay logins",
+}
+#: a reason must fit "-ERR [AUTH] " + reason + CRLF in RFC 2449's 512 octets
+REASON_MAX = 512 - len("-ERR [AUTH] ") - 2
+
+
+def _field_problem(key: str, value: str) -> str | None:
+    """Why an extra field cannot be loaded, or None."""
+    shown = _printable(key)
+    if key in _UNSUPPORTED:
+        return f"extra field '{shown}' is not supported: it {_UNSUPPORTED[key]}"
+    if key.startswith(_IGNORED_PREFIXES):
+        return None
+    if key not in _POLICY_FIELDS and key not in _RELAY_FIELDS:
+        return (f"unsupported extra field '{shown}' (extra fields are space-separated key=value; "
+                f"user database settings need the userdb_ prefix)")
+    if "%" in value:
+        return f"extra field '{shown}': %variables are not supported"
+    if key == "reason":
+        if len(value) > REASON_MAX or any(not 0x21 <= ord(ch) < 0x7F for ch in value):
+            return f"extra field 'reason': at most {REASON_MAX} printable ASCII characters"
+    if key == "allow_nets":
+        return _nets(value)[1]
+    if key == "port" and not (value.isdigit() and 0 < int(value) < 65536):
+        return "extra field 'port': not a port number"
+    return None
+
+
+def _nets(value: str) -> tuple[tuple[IPNetwork | str, ...], str | None]:
+    """The networks of an ``allow_nets`` value, and the problem if one does not parse."""
+    nets: list[IPNetwork | str] = []
+    for item in value.split(","):
+        item = item.strip()
+        if item == LOCAL:
+            nets.append(LOCAL)
+            continue
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return (), f"extra field 'allow_nets': '{_printable(item)}' is not a network"
+        mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+        if mapped is not None and net.prefixlen >= 96:
+            # Clients at ::ffff:a.b.c.d are matched as a.b.c.d, so (as in Dovecot) such a network
+            # could never match: say so instead of refusing the user at every login.
+            return (), (f"extra field 'allow_nets': '{_printable(item)}' is an IPv4-mapped network "
+                        f"that never matches; write {mapped}/{net.prefixlen - 96}")
+        nets.append(net)
+    return tuple(nets), None
+
+
+def _extra_fields(fields: list[str]) -> dict[str, str] | str:
+    """The extra fields of a line split on ':' (``fields[7:]``), or the problem."""
+    rest = fields[7:]
+    if not rest:
+        return {}
+    if rest[0] == "":
+        if any(rest[1:]):
+            # Dovecot's old format: an empty 8th field makes the rest a mail location.
+            return ("field 8 is empty but later fields are not: extra fields start in field 8 "
+                    "(Dovecot would read the rest as a mail location)")
+        return {}
+    extra: dict[str, str] = {}
+    for token in ":".join(rest).split(" "):
+        if not token:
+            continue
+        key, _, value = token.partition("=")
+        if not key:
+            return "extra field without a name"
+        if key in extra:
+            return f"extra field '{_printable(key)}' given twice"
+        problem = _field_problem(key, value)
+        if problem:
+            return problem
+        extra[key] = value
+    return extra
+
+
+def _policy(extra: dict[str, str]) -> dict[str, object]:
+    """PasswdEntry keyword arguments for the honoured fields (already validated)."""
+    policy: dict[str, object] = {"extra": MappingProxyType(extra)}
+    if "nologin" in extra or "fail" in extra:
+        policy["nologin"] = True
+    if extra.get("reason") and "fail" not in extra:
+        policy["reason"] = extra["reason"]
+    if "allow_nets" in extra:
+        policy["allow_nets"] = _nets(extra["allow_nets"])[0]
+    if "nodelay" in extra and "fail" not in extra:
+        policy["nodelay"] = True
+    return policy
+
+
+def line_problem(line: str, allow_plaintext: bool = False) -> str | None:
+    """Why one passwd-file line (without its line ending) cannot be loaded, or None."""
+    try:
+        _parse_text("", 0, line, allow_plaintext)
+    except PasswdError as exc:
+        return exc.problem
+    return None
+
+
 def _parse_line(path: str, number: int, raw: bytes, allow_plaintext: bool) -> PasswdEntry | None:
     try:
         line = raw.decode("utf-8").rstrip("\r")
     except UnicodeDecodeError:
         raise PasswdError(path, number, "not valid UTF-8") from None
+    return _parse_text(path, number, line, allow_plaintext)
+
+
+def _parse_text(path: str, number: int, line: str, allow_plaintext: bool) -> PasswdEntry | None:
     if not line.strip() or line.lstrip().startswith("#"):
         return None
-    user, sep, rest = line.partition(":")
-    if not sep:
+    fields = line.split(":")
+    if len(fields) < 2:
         raise PasswdError(path, number, "expected user:{SCHEME}hash")
-    problem = _user_problem(user)
+    user = fields[0]
+    problem = user_problem(user)
     if problem:
         raise PasswdError(path, number, problem)
-    parsed = _parse_password(rest.split(":", 1)[0], allow_plaintext)
+    parsed = _parse_password(fields[1], allow_plaintext)
     if isinstance(parsed, str):
         raise PasswdError(path, number, parsed)
-    return PasswdEntry(user=user, scheme=parsed[0], hash=parsed[1])
+    extra = _extra_fields(fields)
+    if isinstance(extra, str):
+        raise PasswdError(path, number, extra)
+    return PasswdEntry(user=user, scheme=parsed[0], hash=parsed[1], **_policy(extra))  # type: ignore[arg-type]
 
 
 def load_passwd(path: str | os.PathLike[str], *, allow_plaintext: bool = False) -> dict[str, PasswdEntry]:
@@ -225,7 +421,7 @@ def _plain_field(secret: bytes) -> str:
 
 def format_entry(user: str, hashed: str) -> str:
     """A passwd-file line for ``user`` with a field made by :func:`hash_password`."""
-    problem = _user_problem(user)
+    problem = user_problem(user)
     if problem:
         raise ValueError(problem)
     if not _SCHEME_PREFIX.match(hashed) or any(ch in hashed for ch in ":\r\n"):

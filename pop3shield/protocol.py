@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from twisted.cred.credentials import IUsernameHashedPassword, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3shield.checker import AddressedCredentials, LoginDisabled
 from pop3shield.core import actions as A
 from pop3shield.core.dotstuff import DotStuffer
 from pop3shield.core.session import Session, State
@@ -42,10 +43,11 @@ log = Logger(namespace="pop3shield.server")
 class APOPCredentials:
     """RFC 1939 APOP: the digest is MD5(challenge + password), checkable only against a plaintext secret."""
 
-    def __init__(self, username: bytes, challenge: bytes, digest: bytes) -> None:
+    def __init__(self, username: bytes, challenge: bytes, digest: bytes, client_address: Any = "not given") -> None:
         self.username = username
         self.challenge = challenge
         self.digest = digest
+        self.client_address = client_address  # None: no IP address; not given: no allow_nets entry passes
 
     def checkPassword(self, password: bytes) -> bool:
         expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
@@ -286,9 +288,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_Authenticate(self, action: A.Authenticate) -> None:
         username = action.username.encode("utf-8")
         if action.mechanism == "APOP":
-            credentials: Any = APOPCredentials(username, action.challenge or b"", action.secret)
+            credentials: Any = APOPCredentials(username, action.challenge or b"", action.secret, self.client_address)
         else:
-            credentials = UsernamePassword(username, action.secret)
+            credentials = AddressedCredentials(username, action.secret, self.client_address)
         d = self.factory.portal.login(credentials, None, IMaildrop)
         d.addCallback(self._open_maildrop)
         d.addCallbacks(self._login_ok, self._login_error)
@@ -323,7 +325,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._logins_failed += 1
             log.debug("session {session} login failed for user={user}", session=self.session_id,
                       user=self.session.user)
-            self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed()), None)
+            disabled = failure.value if failure.check(LoginDisabled) else None
+            if disabled is not None and disabled.nodelay:
+                delay = 0.0  # nologin + nodelay (after a verified password): answered at once
+            args = ("AUTH", disabled.reason) if disabled is not None and disabled.reason else ()
+            self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed(*args)), None)
             return
         if failure.check(MailboxError):
             log.error("session {session} maildrop unavailable: {error}", session=self.session_id,

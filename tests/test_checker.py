@@ -27,7 +27,7 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from pop3shield import checker as checker_module
-from pop3shield.checker import PasswdFileChecker
+from pop3shield.checker import AddressedCredentials, LoginDisabled, PasswdFileChecker
 from pop3shield.passwd import DUMMY_ENTRY, PasswdEntry, PasswdError
 
 FAST_ARGON2 = argon2.PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
@@ -349,4 +349,135 @@ class ReloadTests(_Base):
         self.assertEqual(await self.login(checker, b"carol", b"hunter2"), b"carol")
         for event in self.logged:
             self.assertNotIn("hunter2", repr(event))
+            self.assertNotIn("$argon2id$", repr(event))
+
+
+class ExtraFieldPolicyTests(_Base):
+    """Dovecot extra fields: checked after the password, in Dovecot's order, with no oracle."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.write(
+            argon2_line("dis1", "pw") + "::::::nologin",
+            argon2_line("why", "pw") + "::::::nologin reason=Moved_to_pop.example.org nodelay",
+            argon2_line("dis2", "pw") + "::::::allow_nets=10.0.0.0/8",
+            argon2_line("lo", "pw") + "::::::allow_nets=127.0.0.0/8",
+            argon2_line("sock", "pw") + "::::::allow_nets=local",
+            argon2_line("both", "pw") + "::::::nologin reason=Closed allow_nets=10.0.0.0/8",
+            argon2_line("gone", "pw") + "::::::fail",
+            "plain:{PLAIN}pw::::::allow_nets=192.0.2.0/24 nologin reason=Read_only",
+            "plainsock:{PLAIN}pw::::::allow_nets=local",
+        )
+
+    def creds(self, user: str, password: str = "pw", address: Any = "127.0.0.1") -> AddressedCredentials:
+        return AddressedCredentials(user.encode(), password.encode(), address)
+
+    async def refused(self, checker: PasswdFileChecker, creds: Any) -> UnauthorizedLogin:
+        return await self.assert_unauthorized(checker, creds)
+
+    async def test_nologin_refuses_a_right_password_with_the_reason(self) -> None:
+        checker = self.make(allow_plaintext=True)
+        error = await self.refused(checker, self.creds("dis1"))
+        self.assertIsInstance(error, LoginDisabled)
+        self.assertEqual((error.reason, error.nodelay), (None, False))
+        error = await self.refused(checker, self.creds("why"))
+        self.assertIsInstance(error, LoginDisabled)
+        self.assertEqual((error.reason, error.nodelay), ("Moved_to_pop.example.org", True))
+
+    async def test_nologin_with_a_wrong_password_is_an_ordinary_failure(self) -> None:
+        """No oracle: neither the reason nor nodelay reach someone who does not know the password."""
+        checker = self.make(allow_plaintext=True)
+        wrong = await self.refused(checker, self.creds("why", "guess"))
+        unknown = await self.refused(checker, self.creds("nosuchuser", "guess"))
+        for error in (wrong, unknown):
+            self.assertNotIsInstance(error, LoginDisabled)
+            self.assertEqual(str(error), str(await self.refused(checker, self.creds("lo", "guess"))))
+
+    async def test_allow_nets_refuses_other_addresses_like_a_wrong_password(self) -> None:
+        checker = self.make(allow_plaintext=True)
+        self.assertEqual(await checker.requestAvatarId(self.creds("lo")), b"lo")
+        self.assertEqual(await checker.requestAvatarId(self.creds("lo", address="::ffff:127.0.0.1")), b"lo")
+        self.assertEqual(await checker.requestAvatarId(self.creds("dis2", address="10.9.8.7")), b"dis2")
+        wrong_password = await self.refused(checker, self.creds("lo", "guess"))
+        for creds in (self.creds("dis2"), self.creds("lo", address="192.0.2.1"), self.creds("lo", address=None),
+                      self.creds("lo", address="garbage"), UsernamePassword(b"lo", b"pw")):
+            error = await self.refused(checker, creds)
+            self.assertNotIsInstance(error, LoginDisabled)
+            self.assertEqual(str(error), str(wrong_password))
+
+    async def test_local_matches_only_a_connection_without_an_ip_address(self) -> None:
+        checker = self.make(allow_plaintext=True)
+        self.assertEqual(await checker.requestAvatarId(self.creds("sock", address=None)), b"sock")
+        await self.refused(checker, self.creds("sock"))
+        await self.refused(checker, UsernamePassword(b"sock", b"pw"))  # address unknown
+
+    async def test_allow_nets_is_checked_before_nologin(self) -> None:
+        """As in Dovecot: from a refused network even the nologin reason is not shown."""
+        checker = self.make(allow_plaintext=True)
+        outside = await self.refused(checker, self.creds("both"))
+        self.assertNotIsInstance(outside, LoginDisabled)
+        inside = await self.refused(checker, self.creds("both", address="10.0.0.1"))
+        self.assertIsInstance(inside, LoginDisabled)
+        self.assertEqual(inside.reason, "Closed")
+
+    async def test_fail_is_refused_like_a_wrong_password(self) -> None:
+        error = await self.refused(self.make(allow_plaintext=True), self.creds("gone"))
+        self.assertIsInstance(error, LoginDisabled)
+        self.assertEqual((error.reason, error.nodelay), (None, False))
+
+    async def test_every_refusal_costs_exactly_one_verification(self) -> None:
+        calls: list[str] = []
+        real = checker_module.verify_password
+        self.patch(checker_module, "verify_password", lambda e, p: calls.append(e.user) or real(e, p))
+        checker = self.make(allow_plaintext=True)
+        for creds in (self.creds("dis1"), self.creds("dis2"), self.creds("lo"), self.creds("dis1", "x")):
+            try:
+                await checker.requestAvatarId(creds)
+            except UnauthorizedLogin:
+                pass
+        self.assertEqual(calls, ["dis1", "dis2", "lo", "dis1"])
+
+    async def test_apop_obeys_the_same_policy(self) -> None:
+        from pop3shield.protocol import APOPCredentials
+
+        checker = self.make(allow_plaintext=True)
+        challenge = b"<1.2@test>"
+        digest = hashlib.md5(challenge + b"pw").hexdigest().encode()
+        inside = await self.refused(checker, APOPCredentials(b"plain", challenge, digest, "192.0.2.9"))
+        self.assertIsInstance(inside, LoginDisabled)
+        self.assertEqual(inside.reason, "Read_only")
+        outside = await self.refused(checker, APOPCredentials(b"plain", challenge, digest, "127.0.0.1"))
+        self.assertNotIsInstance(outside, LoginDisabled)
+        unknown = await self.refused(checker, APOPCredentials(b"plain", challenge, digest))
+        self.assertNotIsInstance(unknown, LoginDisabled)
+        self.assertEqual(await checker.requestAvatarId(APOPCredentials(b"plainsock", challenge, digest, None)),
+                         b"plainsock")
+        await self.refused(checker, APOPCredentials(b"plainsock", challenge, digest))  # address not given
+
+    async def test_nologin_added_while_running_takes_effect_on_the_next_login(self) -> None:
+        checker = self.make(allow_plaintext=True)
+        self.write("carol:{PLAIN}pw")
+        self.assertEqual(await checker.requestAvatarId(self.creds("carol")), b"carol")
+        self.write("carol:{PLAIN}pw::::::nologin")
+        self.assertIsInstance(await self.refused(checker, self.creds("carol")), LoginDisabled)
+        self.write("carol:{PLAIN}pw::::::nopassword")  # refused at load: the last good table stays
+        self.assertIsInstance(await self.refused(checker, self.creds("carol")), LoginDisabled)
+
+    def test_credentials_repr_hides_the_password(self) -> None:
+        creds = self.creds("lo", "hunter2")
+        self.assertTrue(IUsernamePassword.providedBy(creds))
+        self.assertTrue(creds.checkPassword(b"hunter2"))
+        self.assertNotIn("hunter2", repr(creds))
+        self.assertEqual(creds.client_address, "127.0.0.1")
+
+    async def test_load_logs_the_policy_counts_and_refusals_without_secrets(self) -> None:
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        checker = self.make(allow_plaintext=True)
+        await self.refused(checker, self.creds("dis2", "pw"))
+        texts = [e.get("log_format", "").format(**e) for e in logged if "log_format" in e]
+        self.assertIn(f"{self.path}: 5 users with nologin, 6 with allow_nets", texts)
+        self.assertIn("login refused for user=dis2 from 127.0.0.1: address not in allow_nets", texts)
+        for event in logged:
             self.assertNotIn("$argon2id$", repr(event))

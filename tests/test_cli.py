@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from pop3shield.passwd import load_passwd, verify_password
@@ -391,3 +392,158 @@ def test_the_twistd_plugin_runs_the_same_preflight(tmp_path: Path) -> None:
     assert [e["warning"] for e in seen if e.get("log_format") == "config warning: {warning}"] == [
         f"{conf}: auth.passwd_file: {tmp_path / 'users.passwd'} is readable by other users (mode 0604; chmod o-rw)"]
     assert [e["args"] for e in seen if e.get("log_namespace") == "pop3shield.maildir"] == [("x",)]
+
+
+# --------------------------------------------------------------------------- passwd --file
+
+
+def _stat_of(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def _store(home: Path, target: Path, user: str = "alice", password: str = "n3w-pass",
+           *extra: str) -> subprocess.CompletedProcess[str]:
+    return run_cli(home, "passwd", user, "--scheme", "BLF-CRYPT", "--file", str(target), "--stdin", *extra,
+                   stdin=password + "\n")
+
+
+def _only_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another owner needs root")
+def test_passwd_file_keeps_owner_group_and_mode(tmp_path: Path) -> None:
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text("bob:{PLAIN}x\n")
+    os.chown(passwd, 4321, 8765)  # e.g. root:nogroup 0640 under User=vmail, Group=nogroup
+    os.chmod(passwd, 0o640)
+    result = _store(tmp_path, passwd)
+    assert result.returncode == 0, result.stderr
+    assert _stat_of(passwd) == (4321, 8765, 0o640)
+    assert verify_password(load_passwd(passwd, allow_plaintext=True)["alice"], b"n3w-pass")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users.passwd"]  # no temporary left
+
+
+def test_passwd_new_file_is_private(tmp_path: Path) -> None:
+    passwd = tmp_path / "new.passwd"
+    result = _store(tmp_path, passwd)
+    assert result.returncode == 0, result.stderr
+    assert _stat_of(passwd)[2] == 0o600
+    assert passwd.read_bytes().count(b"\n") == 1
+
+
+def test_passwd_writes_through_a_symlink_and_keeps_it(tmp_path: Path) -> None:
+    real_dir, link_dir = tmp_path / "real", tmp_path / "etc"
+    real_dir.mkdir()
+    link_dir.mkdir()
+    real = real_dir / "users.passwd"
+    real.write_text("bob:{PLAIN}x\n")
+    os.chmod(real, 0o640)
+    link = link_dir / "users.passwd"
+    link.symlink_to(Path("..") / "real" / "users.passwd")
+    inode = os.stat(real).st_ino
+    result = _store(tmp_path, link)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and os.readlink(link) == "../real/users.passwd"
+    assert os.stat(real).st_ino != inode  # replaced by rename, not rewritten in place
+    assert _stat_of(real)[2] == 0o640
+    assert verify_password(load_passwd(link, allow_plaintext=True)["alice"], b"n3w-pass")
+    assert sorted(p.name for p in real_dir.iterdir()) == ["users.passwd"]
+    assert sorted(p.name for p in link_dir.iterdir()) == ["users.passwd"]
+
+
+def test_passwd_keeps_other_lines_byte_for_byte_and_the_users_extra_fields(tmp_path: Path) -> None:
+    passwd = tmp_path / "users.passwd"
+    before = [
+        b"# pop3shield users \xe2\x80\x94 comments stay\n",
+        b"bob:{PLAIN}plain-pw\r\n",  # needs allow_plaintext, and is none of this command's business
+        b"carol:{SHA512-CRYPT}$6$not-supported-here\n",
+        b"\n",
+        b"alice:{PLAIN}old:1000:1000::/home/alice::nologin allow_nets=10.0.0.0/8\r\n",
+        b"dave:{PLAIN}x::::::quota=1\n",
+        b"\xff not utf-8 at all",
+    ]
+    passwd.write_bytes(b"".join(before))
+    result = _store(tmp_path, passwd)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{passwd}: entry for alice written\n"
+    after = passwd.read_bytes().split(b"\n")
+    after = [line + b"\n" for line in after[:-1]] + ([after[-1]] if after[-1] else [])
+    assert after[:4] == before[:4] and after[5:] == before[5:]
+    user, hashed, rest = after[4].split(b":", 2)
+    assert user == b"alice" and hashed.startswith(b"{BLF-CRYPT}$2b$")
+    assert rest == b"1000:1000::/home/alice::nologin allow_nets=10.0.0.0/8\r\n"  # still disabled
+    assert bcrypt.checkpw(b"n3w-pass", hashed[len(b"{BLF-CRYPT}"):])
+
+
+def test_passwd_appends_a_new_user_after_a_last_line_without_newline(tmp_path: Path) -> None:
+    passwd = tmp_path / "users.passwd"
+    passwd.write_bytes(b"bob:{PLAIN}x")
+    result = _store(tmp_path, passwd, "erin")
+    assert result.returncode == 0, result.stderr
+    first, second, end = passwd.read_bytes().split(b"\n")
+    assert (first, end) == (b"bob:{PLAIN}x", b"")
+    assert second.startswith(b"erin:{BLF-CRYPT}$2b$")
+
+
+@pytest.mark.parametrize(("user", "problem"), [
+    ("a:b", "user name contains ':'"),
+    ("a\nb", "whitespace or control characters"),
+    ("a\rb", "whitespace or control characters"),
+    ("", "empty user name"),
+    ("a b", "whitespace or control characters"),
+    ("a/b", "the server would refuse it"),
+    (".hidden", "the server would refuse it"),
+    ("%s%n", "the server would refuse it"),
+])
+def test_passwd_refuses_bad_user_names_before_asking_in_one_line(tmp_path: Path, user: str, problem: str) -> None:
+    passwd = tmp_path / "users.passwd"
+    passwd.write_bytes(b"bob:{PLAIN}x\n")
+    for args in ((), ("--file", str(passwd))):
+        result = run_cli(tmp_path, "passwd", user, "--stdin", *args, stdin="pw\n")
+        assert result.returncode == 2
+        line = _only_line(result)
+        assert line.startswith("pop3shield: user name '") and problem in line
+        assert result.stdout == ""
+    assert passwd.read_bytes() == b"bob:{PLAIN}x\n"
+
+
+def test_passwd_username_chars_follow_the_option(tmp_path: Path) -> None:
+    assert _store(tmp_path, tmp_path / "u.passwd", "a%b").returncode == 2
+    result = _store(tmp_path, tmp_path / "u.passwd", "a%b", "pw", "--username-chars", "%")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "u.passwd").read_text().startswith("a%b:{BLF-CRYPT}")
+
+
+def test_passwd_names_only_the_problem_of_the_line_it_writes(tmp_path: Path) -> None:
+    passwd = tmp_path / "users.passwd"
+    original = b"bob:{PLAIN}x\nalice:{PLAIN}old::::::nopassword\ncarol:{PLAIN}y\n"
+    passwd.write_bytes(original)
+    result = _store(tmp_path, passwd)
+    assert result.returncode == 2
+    assert _only_line(result) == (f"pop3shield: {passwd}:2: extra field 'nopassword' is not supported: "
+                                  f"it would accept any password")
+    assert passwd.read_bytes() == original
+    passwd.write_bytes(b"alice:{PLAIN}a\nbob:{PLAIN}x\nalice:{PLAIN}b\n")
+    result = _store(tmp_path, passwd)
+    assert _only_line(result) == f"pop3shield: {passwd}:3: user 'alice' appears again (first on line 1)"
+
+
+def test_passwd_reports_unwritable_places_and_long_bcrypt_passwords_in_one_line(tmp_path: Path) -> None:
+    result = _store(tmp_path, tmp_path / "missing-dir" / "users.passwd")
+    assert result.returncode == 2
+    assert _only_line(result).startswith(f"pop3shield: {tmp_path / 'missing-dir' / 'users.passwd'}: cannot write in ")
+    result = _store(tmp_path, tmp_path / "users.passwd", "alice", "x" * 73)
+    assert result.returncode == 2
+    assert _only_line(result) == "pop3shield: bcrypt ignores bytes past 72; use ARGON2ID for longer passwords"
+    assert "xxxx" not in result.stderr
+    directory = tmp_path / "adir"
+    directory.mkdir()
+    assert _only_line(_store(tmp_path, directory)) == f"pop3shield: {directory}: cannot read: Is a directory"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert _only_line(_store(tmp_path, fifo)) == f"pop3shield: {fifo}: not a regular file"

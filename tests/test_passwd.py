@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def test_load_all_schemes_comments_and_extra_fields(tmp_path: Path) -> None:
     )
     entries = load_passwd(path, allow_plaintext=True)
     assert sorted(entries) == sorted(["alice", "bob", "carol", "dave", "eve", "jürgen@example.org"])
-    assert entries["alice"] == PasswdEntry("alice", "ARGON2ID", a2[len("{ARGON2ID}"):])
+    assert entries["alice"] == PasswdEntry("alice", "ARGON2ID", a2[len("{ARGON2ID}"):],
+                                           extra={"userdb_quota_rule": "*:storage=1G"})  # ':' rejoined
     assert entries["bob"].scheme == "BLF-CRYPT"
     assert entries["carol"].scheme == "BLF-CRYPT"  # {BCRYPT} alias, case-insensitive
     assert entries["dave"] == PasswdEntry("dave", "PLAIN", "pw4")
@@ -393,3 +395,111 @@ def test_no_twisted_import() -> None:
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- extra fields (Dovecot)
+
+
+def test_extra_fields_that_decide_who_may_log_in_are_parsed(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "dis1:{PLAIN}pw::::::nologin",
+        "dis2:{PLAIN}pw::::::allow_nets=10.0.0.0/8",
+        "why:{PLAIN}pw:1000:1000::/home/why::nologin reason=Moved_to_pop.example.org nodelay",
+        "off:{PLAIN}pw::::::nologin=no",  # Dovecot: a boolean field is true whenever present
+        "gone:{PLAIN}pw::::::fail reason=ignored",
+        "nets:{PLAIN}pw::::::allow_nets=127.0.0.0/8,::1,2001:db8::/32,192.0.2.0/24,local",
+        "relay:{PLAIN}pw::::::proxy host=10.1.2.3 port=1110 userdb_mail=maildir:~/Mail event_x=1",
+        "plain:{PLAIN}pw",
+    )
+    entries = load_passwd(path, allow_plaintext=True)
+    assert entries["dis1"].nologin and entries["dis1"].reason is None and not entries["dis1"].nodelay
+    assert entries["dis1"].extra == {"nologin": ""}
+    assert entries["dis2"].allow_nets == (ipaddress.ip_network("10.0.0.0/8"),) and not entries["dis2"].nologin
+    assert (entries["why"].nologin, entries["why"].reason, entries["why"].nodelay) == (
+        True, "Moved_to_pop.example.org", True)
+    assert entries["off"].nologin
+    assert entries["gone"].nologin and entries["gone"].reason is None  # fail: like a wrong password
+    assert entries["nets"].allow_nets == (
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"),
+        ipaddress.ip_network("2001:db8::/32"), ipaddress.ip_network("192.0.2.0/24"), "local")
+    relay = entries["relay"]
+    assert dict(relay.extra) == {"proxy": "", "host": "10.1.2.3", "port": "1110",
+                                 "userdb_mail": "maildir:~/Mail", "event_x": "1"}
+    assert (relay.nologin, relay.allow_nets) == (False, None)
+    assert entries["plain"] == PasswdEntry("plain", "PLAIN", "pw")
+    with pytest.raises(TypeError):
+        relay.extra["proxy"] = "n"  # type: ignore[index]  # read-only
+
+
+def test_allows_address_matches_networks_mapped_ipv4_and_local(tmp_path: Path) -> None:
+    path = write(tmp_path, "a:{PLAIN}p::::::allow_nets=127.0.0.0/8,2001:db8::/32",
+                 "b:{PLAIN}p::::::allow_nets=192.0.2.1,local", "c:{PLAIN}p")
+    entries = load_passwd(path, allow_plaintext=True)
+    a, b, c = entries["a"], entries["b"], entries["c"]
+    assert a.allows_address("127.0.0.1") and a.allows_address("127.255.0.9")
+    assert a.allows_address("::ffff:127.0.0.1")  # a dual-stack tcp6 listener's IPv4 client
+    assert a.allows_address("2001:db8::7") and a.allows_address("[2001:db8::7]")
+    assert not a.allows_address("10.0.0.1") and not a.allows_address("::1")
+    assert not a.allows_address(None)  # no IP address (a unix socket) needs "local"
+    assert not a.allows_address("not-an-address") and not a.allows_address("")
+    assert b.allows_address(None) and b.allows_address("192.0.2.1") and not b.allows_address("192.0.2.2")
+    assert c.allows_address("203.0.113.5") and c.allows_address(None)
+
+
+REFUSED_EXTRA = [
+    ("nopassword", "'nopassword' is not supported"),
+    ("noauthenticate", "'noauthenticate' is not supported"),
+    ("allow_real_nets=127.0.0.1", "'allow_real_nets' is not supported"),
+    ("user=root", "'user' is not supported"),
+    ("login_user=other", "'login_user' is not supported"),
+    ("destuser=other", "'destuser' is not supported"),
+    ("proxy_maybe host=10.0.0.1", "'proxy_maybe' is not supported"),
+    ("master=proxy pass=secret", "'master' is not supported"),
+    ("pass=secret", "'pass' is not supported"),
+    ("k5principals=a@B", "'k5principals' is not supported"),
+    ("delay_until=2000000000", "'delay_until' is not supported"),
+    ("quota_rule=*:storage=1G", "unsupported extra field 'quota_rule'"),
+    ("nologin:protected", "unsupported extra field 'nologin:protected'"),
+    ("reason=System is down", "unsupported extra field 'is'"),  # values cannot hold spaces
+    ("nologin nologin", "'nologin' given twice"),
+    ("=x", "extra field without a name"),
+    ("allow_nets=", "'allow_nets': '' is not a network"),
+    ("allow_nets=10.0.0.0/8,example.org", "'allow_nets': 'example.org' is not a network"),
+    ("allow_nets=::ffff:127.0.0.0/104", "'::ffff:127.0.0.0/104' is an IPv4-mapped network that never matches; "
+                                        "write 127.0.0.0/8"),
+    ("allow_nets=%{rip}", "'allow_nets': %variables are not supported"),
+    ("nologin reason=Hi_%u", "'reason': %variables are not supported"),
+    ("nologin reason=" + "x" * 499, "'reason': at most 498 printable ASCII"),
+    ("nologin reason=caf\u00e9", "'reason': at most 498 printable ASCII"),
+    ("nologin\treason=x", "unsupported extra field 'nologin\\treason'"),
+    ("proxy port=0", "'port': not a port number"),
+]
+
+
+@pytest.mark.parametrize(("extra", "problem"), REFUSED_EXTRA)
+def test_unsupported_or_bad_extra_fields_stop_the_load_naming_line_and_field(
+        tmp_path: Path, extra: str, problem: str) -> None:
+    path = write(tmp_path, "# header", "ok:{PLAIN}x::::::nologin", f"bad:{{PLAIN}}x:1000:1000::/home/bad::{extra}")
+    with pytest.raises(PasswdError) as info:
+        load_passwd(path, allow_plaintext=True)
+    assert (info.value.path, info.value.line) == (str(path), 3)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert problem in str(info.value)
+    assert "secret" not in str(info.value)
+
+
+def test_old_format_empty_field_8_with_more_fields_is_refused(tmp_path: Path) -> None:
+    """Dovecot reads ``user:pw:::::::nologin`` (field 8 empty) as a mail location, not as nologin."""
+    path = write(tmp_path, "a:{PLAIN}x:::::::nologin")
+    with pytest.raises(PasswdError, match=r":1: field 8 is empty but later fields are not"):
+        load_passwd(path, allow_plaintext=True)
+    assert load_passwd(write(tmp_path, "a:{PLAIN}x::::::::"), allow_plaintext=True)["a"].extra == {}
+
+
+def test_line_problem_checks_one_line() -> None:
+    assert passwd_module.line_problem("a:{PLAIN}x::::::nologin", allow_plaintext=True) is None
+    assert passwd_module.line_problem("# comment") is None
+    assert passwd_module.line_problem("a:{PLAIN}x::::::nopassword", allow_plaintext=True) == (
+        "extra field 'nopassword' is not supported: it would accept any password")
+    assert passwd_module.line_problem("a:{PLAIN}x") == "{PLAIN} entries need auth.allow_plaintext = true"

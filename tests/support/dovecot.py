@@ -255,9 +255,14 @@ class DovecotServer(ServerProcess):
     kind = "dovecot"
 
     def __init__(self, *, lock_session: bool = True, extra_config: str = "",
-                 startup_timeout: float = 20.0, stop_timeout: float = 10.0):
+                 startup_timeout: float = 20.0, stop_timeout: float = 10.0,
+                 extra_fields: dict[str, str] | None = None):
         self.lock_session = lock_session
         self.extra_config = extra_config
+        #: user -> passwd-file extra fields (field 8, e.g. "nologin allow_nets=10.0.0.0/8")
+        self.extra_fields = dict(extra_fields or {})
+        #: the passwd-file written by start()
+        self.passwd_path: Path | None = None
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.host = HOST
@@ -334,7 +339,7 @@ class DovecotServer(ServerProcess):
         self.log_path = w / "dovecot.log"
         self.stdout_path = w / "dovecot.stdout"
         self.conf_path = w / "dovecot.conf"
-        passwd_file = w / "dovecot.passwd"
+        passwd_file = self.passwd_path = w / "dovecot.passwd"
         self.port = free_port(self.host)
 
         me = pwd.getpwuid(os.getuid()).pw_name
@@ -362,7 +367,8 @@ class DovecotServer(ServerProcess):
 
         with open(passwd_file, "w", encoding="utf-8") as fh:
             for user, password in users.items():
-                fh.write(f"{user}:{{PLAIN}}{password}:{uid}:{gid}::{home(user)}::\n")
+                fh.write(f"{user}:{{PLAIN}}{password}:{uid}:{gid}::{home(user)}::"
+                         f"{self.extra_fields.get(user, '')}\n")
         os.chmod(passwd_file, 0o600)
 
         template = _CONF_24 if self.version[:2] >= (2, 4) else _CONF_23
