@@ -507,7 +507,7 @@ class Session:
                 caps.append(b"SASL " + " ".join(self.settings.sasl_mechanisms).encode("ascii"))
         if self.settings.implementation:
             caps.append(b"IMPLEMENTATION " + self.settings.implementation.encode("ascii", "replace"))
-        self._send(responses.multiline(responses.ok("Capability list follows."), caps))
+        self._send(responses.multiline(responses.ok("Capability list follows"), caps))
 
     def _cmd_quit_auth(self, args: tuple[bytes, ...]) -> None:
         self._send(responses.ok("Logging out."))
@@ -564,7 +564,7 @@ class Session:
     def _cmd_auth(self, args: tuple[bytes, ...]) -> None:
         if not args:
             mechs = [m.encode("ascii") for m in self.settings.sasl_mechanisms]
-            self._send(responses.multiline(responses.ok("Supported mechanisms follow."), mechs))
+            self._send(responses.multiline(responses.ok("Supported mechanisms follow"), mechs))
             return
         mechanism = args[0].upper().decode("ascii", "replace")
         if mechanism not in self.settings.sasl_mechanisms:
@@ -688,7 +688,7 @@ class Session:
             return
         live = self._live()
         lines = [f"{n} {value(m)}".encode("ascii") for n, m in live]
-        self._send(responses.multiline(responses.ok(f"{len(live)} messages."), lines))
+        self._send(responses.multiline(responses.ok(f"{len(live)} messages"), lines))
 
     def _cmd_retr(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])

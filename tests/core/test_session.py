@@ -33,11 +33,11 @@ DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
 CHALLENGE = b"<1896.697170952@dbc.mtview.ca.us>"
 
 GREETING = b"+OK localhost POP3 ready.\r\n"
-CAPA_AUTH = (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
+CAPA_AUTH = (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
              b"AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n")
-CAPA_TRANS = (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
+CAPA_TRANS = (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
               b"AUTH-RESP-CODE\r\n.\r\n")
-MECHANISMS = b"+OK Supported mechanisms follow.\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+MECHANISMS = b"+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n"
 LOGGED_IN = b"+OK Logged in, 2 messages (30 octets).\r\n"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
 UNKNOWN = b"-ERR Unknown command.\r\n"
@@ -260,15 +260,15 @@ def test_authorization_commands_never_authenticate(make_driver: Any) -> None:
 TRANSACTION_TABLE = [
     (b"CAPA", CAPA_TRANS),
     (b"STAT", b"+OK 2 30\r\n"),
-    (b"LIST", b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"),
-    (b"list", b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"),
+    (b"LIST", b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"),
+    (b"list", b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"),
     (b"LIST 1", b"+OK 1 10\r\n"),
     (b"LIST 2", b"+OK 2 20\r\n"),
     (b"LIST 002", b"+OK 2 20\r\n"),
     (b"LIST 3", b"-ERR There is no such message.\r\n"),
     (b"LIST 99", b"-ERR There is no such message.\r\n"),
     (b"LIST 4294967295", b"-ERR There is no such message.\r\n"),
-    (b"UIDL", b"+OK 2 messages.\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"),
+    (b"UIDL", b"+OK 2 messages\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"),
     (b"UIDL 1", b"+OK 1 uid-1\r\n"),
     (b"UIDL 2", b"+OK 2 uid-2\r\n"),
     (b"UIDL 99", b"-ERR There is no such message.\r\n"),
@@ -340,11 +340,35 @@ def test_stream_failed(make_driver: Any) -> None:
     assert not d.closed
 
 
+@pytest.mark.parametrize("command", [b"CAPA", b"AUTH", b"LIST", b"UIDL", b"TOP 1 0", b"RETR 1", b"TOP 2 5"])
+def test_no_multiline_status_line_carries_a_period(make_driver: Any, command: bytes) -> None:
+    """nmap's POP3 library reads a CAPA answer up to the first ``.``: a period in the status
+    line hid the whole list. No multi-line response's status line has one."""
+    d = make_driver(SessionSettings(hostname="mail.example.org"))
+    if command not in (b"CAPA", b"AUTH"):
+        d.login()
+    status = d.send(command + b"\r\n").split(b"\r\n", 1)[0]
+    assert status.startswith(b"+OK") and b"." not in status, status
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_capa_read_the_way_nmap_reads_it(make_driver: Any, logged: bool) -> None:
+    """nselib/pop3.lua capabilities(): everything up to the first ``.``, split on CRLF."""
+    d = make_driver(SessionSettings(hostname="mail.example.org"))
+    if logged:
+        d.login()
+    seen = d.send(b"CAPA\r\n").split(b".", 1)[0].split(b"\r\n")
+    assert seen[0].startswith(b"+OK")
+    names = {line.split(b" ")[0] for line in seen[1:] if line}
+    assert {b"CAPA", b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"} <= names
+    assert ({b"USER", b"SASL"} <= names) is not logged
+
+
 def test_capa_with_implementation_and_no_sasl(make_driver: Any) -> None:
     d = make_driver(SessionSettings(implementation="pop3shield", sasl_mechanisms=()))
-    assert d.send(b"CAPA\r\n") == (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
+    assert d.send(b"CAPA\r\n") == (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
                                    b"PIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nIMPLEMENTATION pop3shield\r\n.\r\n")
-    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow.\r\n.\r\n"
+    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow\r\n.\r\n"
     assert d.send(b"AUTH PLAIN\r\n") == b"-ERR Unsupported authentication mechanism.\r\n"
 
 
@@ -391,16 +415,16 @@ def test_deleted_messages_are_excluded(make_driver: Any) -> None:
     d = logged_in(make_driver)
     assert d.send(b"DELE 1\r\n") == b"+OK Marked to be deleted.\r\n"
     assert d.send(b"STAT\r\n") == b"+OK 1 20\r\n"
-    assert d.send(b"LIST\r\n") == b"+OK 1 messages.\r\n2 20\r\n.\r\n"
-    assert d.send(b"UIDL\r\n") == b"+OK 1 messages.\r\n2 uid-2\r\n.\r\n"
+    assert d.send(b"LIST\r\n") == b"+OK 1 messages\r\n2 20\r\n.\r\n"
+    assert d.send(b"UIDL\r\n") == b"+OK 1 messages\r\n2 uid-2\r\n.\r\n"
     assert d.send(b"LIST 2\r\n") == b"+OK 2 20\r\n"
     for line in (b"LIST 1", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1"):
         assert d.send(line + b"\r\n") == b"-ERR Message is deleted.\r\n", line
     assert d.streams == []
     assert d.send(b"DELE 2\r\n") == b"+OK Marked to be deleted.\r\n"
     assert d.send(b"STAT\r\n") == b"+OK 0 0\r\n"
-    assert d.send(b"LIST\r\n") == b"+OK 0 messages.\r\n.\r\n"
-    assert d.send(b"UIDL\r\n") == b"+OK 0 messages.\r\n.\r\n"
+    assert d.send(b"LIST\r\n") == b"+OK 0 messages\r\n.\r\n"
+    assert d.send(b"UIDL\r\n") == b"+OK 0 messages\r\n.\r\n"
 
 
 def test_rset_restores(make_driver: Any) -> None:
@@ -648,7 +672,7 @@ def test_login_failed_defaults(make_driver: Any) -> None:
 def test_login_succeeded_with_an_empty_maildrop(make_driver: Any) -> None:
     d = make_driver(entries=[])
     assert d.send(b"USER bob\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n+OK Logged in, 0 messages (0 octets).\r\n"
-    assert d.send(b"STAT\r\nLIST\r\nLIST 1\r\n") == (b"+OK 0 0\r\n+OK 0 messages.\r\n.\r\n"
+    assert d.send(b"STAT\r\nLIST\r\nLIST 1\r\n") == (b"+OK 0 0\r\n+OK 0 messages\r\n.\r\n"
                                                      b"-ERR There is no such message.\r\n")
 
 
@@ -793,7 +817,7 @@ def test_sasl_exchange_ends_after_an_http_line(make_driver: Any) -> None:
 
 def test_auth_mechanism_not_offered(make_driver: Any) -> None:
     d = make_driver(SessionSettings(sasl_mechanisms=("PLAIN",)))
-    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow.\r\nPLAIN\r\n.\r\n"
+    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"
     assert d.send(b"AUTH LOGIN\r\n") == b"-ERR Unsupported authentication mechanism.\r\n"
     assert d.session.state is State.AUTHORIZATION
 
@@ -864,7 +888,7 @@ def test_pipelining_stops_at_authenticate(make_driver: Any) -> None:
     assert out == CAPA_AUTH + b"+OK\r\n"
     assert d.kinds() == ["Send", "Send", "Authenticate"]
     assert d.call("login_succeeded", d.entries) == (LOGGED_IN + b"+OK 2 30\r\n"
-                                                    b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"
+                                                    b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"
                                                     b"+OK Marked to be deleted.\r\n")
     assert d.kinds() == ["LoggedIn", "Send", "Send", "Send", "Send", "Commit"]
     assert d.new_actions[-1] == A.Commit(("k1",))
@@ -894,8 +918,8 @@ def test_pipelining_full_transcript(make_driver: Any) -> None:
                  b"TOP 2 0\r\nQUIT\r\n")
     body1 = stuff(b"Subject: message k1\r\n\r\nline one of k1\r\n.dotted line\r\nline three\r\n")
     body2 = stuff(b"Subject: message k2\r\n\r\nline one of k2\r\n.dotted line\r\nline three\r\n", 0)
-    assert out == (CAPA_AUTH + b"+OK\r\n" + LOGGED_IN + b"+OK 2 messages.\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"
-                   b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n" + b"+OK 10 octets\r\n" + body1 +
+    assert out == (CAPA_AUTH + b"+OK\r\n" + LOGGED_IN + b"+OK 2 messages\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"
+                   b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n" + b"+OK 10 octets\r\n" + body1 +
                    b"+OK Marked to be deleted.\r\n" + b"+OK\r\n" + body2 + BYE)
     assert d.commits == [A.Commit(("k1",))]
     assert d.closes == [A.Close("quit")]

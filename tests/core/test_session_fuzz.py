@@ -216,7 +216,7 @@ def test_the_response_checker_rejects_malformed_responses() -> None:
 
     check_send(b"+OK\r\n")
     check_send(b"+ \r\n")
-    check_send(b"+OK 2 messages.\r\n1 10\r\n..x\r\n.\r\n")
+    check_send(b"+OK 2 messages\r\n1 10\r\n..x\r\n.\r\n")
     for bad in [b"+OK", b"OK\r\n", b"+OK\r\n+OK\r\n", b"+OK x\rforged\r\n", b"-ERR\n", b"+OK\r\n.x\r\n.\r\n",
                 b"-ERR x\r\nbody\r\n.\r\n", b"+OK " + b"x" * 509 + b"\r\n", b"+OK\r\n.\r\n.\r\n", b"+\r\n"]:
         with pytest.raises(AssertionError):
