@@ -67,6 +67,8 @@ CASES = [
      b"-ERR Protocol violation.\r\n", b"-ERR Invalid characters in command.\r\n"),
     ("format-string-user", "non_compliant", False, b"USER %s%s%s%n\r\n",
      b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n"),
+    ("hangul-filler-in-user", "non_compliant", False, "USER alice\u3164\r\n".encode(),
+     b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n"),
     ("bad-keyword", "non_compliant", False, b"US3R alice\r\n",
      b"-ERR Protocol violation.\r\n", b"-ERR Unknown command.\r\n"),
     ("wrong-arg-count", "non_compliant", False, b"QUIT now\r\n",

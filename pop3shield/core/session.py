@@ -521,15 +521,17 @@ class Session:
         self._error("STLS is not available.")
 
     def _check_username(self, raw: bytes) -> str | None:
-        """A user name that is valid UTF-8 and made of allowed characters, else a violation."""
+        """The NFC form of a user name that is valid UTF-8 and made of allowed characters, else
+        a violation. The NFC form is what authentication, the maildrop and the logs see."""
         try:
-            name = raw.decode("utf-8")
+            name: str | None = grammar.normalise_username(raw.decode("utf-8"))
         except UnicodeDecodeError:
             name = None
-        if name is not None and grammar.valid_username(name, self.limits.username_extra_chars):
+        problem = "user name is not UTF-8" if name is None else grammar.username_problem(
+            name, self.limits.username_extra_chars)
+        if problem is None:
             return name
-        if not self._violation("non_compliant", "Invalid user name.", "AUTH",
-                               reason="user name has characters outside username_chars"):
+        if not self._violation("non_compliant", "Invalid user name.", "AUTH", reason=problem):
             self._error("Invalid user name.", "AUTH")
         return None
 

@@ -846,6 +846,33 @@ def test_sasl_continuation_pipelined_with_auth(make_driver: Any) -> None:
 # ================================================================== APOP
 
 
+@pytest.mark.parametrize("typed", ["mu\u0308ller", "m\u00fcller"])
+def test_user_name_is_passed_on_in_nfc(make_driver: Any, typed: str) -> None:
+    """A decomposed name (macOS) logs in as the composed one: one user, one maildrop, one log name."""
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"USER " + typed.encode() + b"\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n" + LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "USER", None)]
+    assert d.session.user == "m\u00fcller"
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"AUTH PLAIN " + plain(typed.encode()) + b"\r\n") == LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "PLAIN", None)]
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"AUTH LOGIN\r\n" + b64(typed.encode()) + b"\r\n" + b64(PASSWORD) + b"\r\n") == (
+        LOGIN_USER_PROMPT + LOGIN_PASS_PROMPT + LOGGED_IN)
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "LOGIN", None)]
+    d = make_driver(SessionSettings(apop=True), challenge=CHALLENGE, users={"m\u00fcller": DIGEST})
+    assert d.send(b"APOP " + typed.encode() + b" " + DIGEST + b"\r\n") == LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", DIGEST, "APOP", CHALLENGE)]
+
+
+@pytest.mark.parametrize("name", ["\u0926\u0947\u0935\u0928\u093e\u0917\u0930\u0940", "\u0e27\u0e34\u0e0a\u0e31\u0e22",
+                                  "\u5c71\u7530", "\u0414\u043c\u0438\u0442\u0440\u0438\u0439", "Jos\u00e9"])
+def test_user_names_of_other_scripts_log_in(make_driver: Any, name: str) -> None:
+    d = make_driver(users={name: PASSWORD})
+    assert d.send(b"USER " + name.encode() + b"\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n" + LOGGED_IN
+    assert d.reports == []
+
+
 def test_apop_disabled_by_default(make_driver: Any) -> None:
     d = make_driver(challenge=CHALLENGE)
     assert d.send(b"APOP bob " + DIGEST + b"\r\n") == b"-ERR APOP is not enabled.\r\n"
@@ -1123,6 +1150,21 @@ CASES = [
          b"-ERR [AUTH] Invalid user name.\r\n"),
     Case("username-leading-dot", "non_compliant", b"USER .bob\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
          b"-ERR [AUTH] Invalid user name.\r\n"),
+    Case("username-hangul-filler", "non_compliant", "USER bob\u3164\r\n".encode(), b"-ERR [AUTH] Invalid user name.\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", command="USER bob\\xe3\\x85\\xa4",
+         detail={"reason": "user name has an invisible character"}),
+    Case("username-variation-selector", "non_compliant", "USER bob\ufe0f\r\n".encode(),
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         detail={"reason": "user name has an invisible character"}),
+    Case("username-mark-after-digit", "non_compliant", "USER bob1\u0301\r\n".encode(),
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         detail={"reason": "user name has a combining mark that follows no letter"}),
+    Case("username-plain-invisible", "non_compliant", b"AUTH PLAIN " + plain("bob\u3164".encode()) + b"\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         command="AUTH PLAIN <hidden>", detail={"reason": "user name has an invisible character"}),
+    Case("username-apop-invisible", "non_compliant", "APOP bob\u115f ".encode() + DIGEST + b"\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         session={"apop": True}, detail={"reason": "user name has an invisible character"}),
     Case("message-number", "non_compliant", b"DELE -1\r\n", b"-ERR Invalid message number.\r\n",
          b"-ERR Invalid message number.\r\n", state="transaction", command="DELE -1",
          detail={"reason": "malformed message number"}),
