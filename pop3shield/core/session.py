@@ -77,6 +77,7 @@ class Session:
         self._early_data = False
         self._seen_input = False
         self._commands = 0
+        self._command_limit = settings.protections.commands_limit
         self._errors = 0
         self._messages: list[MessageEntry] = []
         self._deleted: set[int] = set()
@@ -142,6 +143,9 @@ class Session:
         self._messages = list(messages)
         self._deleted.clear()
         self.state = State.TRANSACTION
+        # from here on the commands an honest session needs grow with the maildrop
+        self._commands = 0
+        self._command_limit = self.limits.commands_after_login_limit(len(self._messages))
         octets = sum(m.size for m in self._messages)
         self._out.append(A.LoggedIn(self.user or "", self._sasl_mechanism or "USER", len(self._messages), octets))
         self._sasl_mechanism = None
@@ -174,7 +178,9 @@ class Session:
         if self.state is State.CLOSED:
             return []
         self.busy = False
-        self._error("Message is no longer available.", "SYS/TEMP")
+        # the maildrop changed under the session (another program removed the file): the
+        # client did nothing wrong, so this is not a bad command
+        self._send(responses.err("Message is no longer available.", "SYS/TEMP"))
         self._process()
         return self._flush()
 
@@ -337,9 +343,9 @@ class Session:
         sample = self._sample(line.content)
         if self.state is not State.SASL:
             self._commands += 1
-            if self._commands > self.limits.commands_limit:
+            if self._commands > self._command_limit:
                 trigger = self.engine.trigger(
-                    "max_commands", sample, count=self._commands, limit=self.limits.commands_limit
+                    "max_commands", sample, count=self._commands, limit=self._command_limit
                 )
                 if self._apply([(trigger, "Too many commands.", None)]):
                     return
@@ -665,7 +671,8 @@ class Session:
             self._error("There is no such message.")
             return None
         if number - 1 in self._deleted:
-            self._error("Message is deleted.")
+            # a client that lost track of its own DELEs is no attacker: not a bad command
+            self._send(responses.err("Message is deleted."))
             return None
         return number, self._messages[number - 1]
 

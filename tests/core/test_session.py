@@ -120,7 +120,8 @@ def test_attack_table_matches_the_shared_readme_file() -> None:
 def test_defaults() -> None:
     p = ProtectionsConfig()
     assert all(p.get(key).action is Action.PREVENT for key in PROTECTION_KEYS)
-    assert (p.bad_commands_limit, p.line_length_limit, p.sasl_line_limit, p.commands_limit) == (10, 255, 2048, 10000)
+    assert (p.bad_commands_limit, p.line_length_limit, p.sasl_line_limit, p.commands_limit) == (10, 255, 2048, 50)
+    assert (p.commands_after_login, p.commands_per_message) == (1000, 5)
     assert p.strict_crlf is False and p.unknown_commands == "bad_command"
     s = SessionSettings()
     assert s.apop is False and s.implementation is None and s.sasl_mechanisms == ("PLAIN", "LOGIN")
@@ -983,7 +984,7 @@ def test_busy_session_holds_input(make_driver: Any) -> None:
 
 
 def test_overflow_while_busy(make_driver: Any) -> None:
-    d = logged_in(make_driver, settings_with(commands_limit=100000), auto=(A.Authenticate,))
+    d = logged_in(make_driver, settings_with(commands_after_login=100000), auto=(A.Authenticate,))
     d.send(b"RETR 1\r\n")
     d.send(b"NOOP\r\n" * 11000)  # 66000 octets of pipelined input
     assert d.new_actions == []
@@ -1201,7 +1202,9 @@ CASES = [
     Case("commands", "max_commands", b"CAPA\r\n", b"-ERR Too many commands.\r\n", CAPA_AUTH,
          setup=b"CAPA\r\n" * 3, settings={"commands_limit": 3}, command="CAPA", detail={"count": 4, "limit": 3}),
     Case("commands-login", "max_commands", b"STAT\r\n", b"-ERR Too many commands.\r\n", b"+OK 2 30\r\n",
-         state="transaction", settings={"commands_limit": 2}),
+         state="transaction", setup=b"NOOP\r\n" * 4,
+         settings={"commands_limit": 2, "commands_after_login": 2, "commands_per_message": 1},
+         command="STAT", detail={"count": 5, "limit": 4}),
     # max_bad_commands
     Case("bad-commands", "max_bad_commands", b"XYZZ\r\n", b"-ERR Too many bad commands.\r\n", UNKNOWN,
          setup=b"XYZZ\r\n" * 10, command="<error reply>", detail={"count": 11, "limit": 10}),
@@ -1301,22 +1304,109 @@ def test_successful_commands_do_not_count_as_bad(make_driver: Any) -> None:
     assert d.send(b"LIST 99\r\n") == b"-ERR Too many bad commands.\r\n"
 
 
-def test_max_commands_default_limit(make_driver: Any) -> None:
-    d = logged_in(make_driver)  # USER and PASS count
-    d.send(b"NOOP\r\n" * 9998)
+def test_max_commands_before_login_default(make_driver: Any) -> None:
+    """50 commands before login: CAPA, USER, PASS and retries fit many times over."""
+    d = make_driver()
+    d.send(b"CAPA\r\n" * 48 + b"USER bob\r\n")
     assert not d.closed
+    assert d.send(b"USER bob\r\n") == b"+OK\r\n"  # the 50th
+    assert d.send(b"PASS " + PASSWORD + b"\r\n") == b"-ERR Too many commands.\r\n"
+    assert d.closes == [A.Close("prevented:max_commands")]
+    [event] = d.reports
+    assert event.command == "PASS <hidden, 15 octets>"
+    assert event.detail == {"count": 51, "limit": 50}
+    assert d.logins == []
+
+
+def test_max_commands_after_login_default(make_driver: Any) -> None:
+    """After login 1000 + 5 per message, counted from the login on."""
+    d = make_driver()
+    d.send(b"CAPA\r\n" * 48)
+    assert d.login() == b"+OK\r\n" + LOGGED_IN  # commands 49 and 50 of the login phase
+    d.send(b"NOOP\r\n" * 1009)
+    assert not d.closed
+    assert d.send(b"NOOP\r\n") == b"+OK\r\n"  # 1000 + 5 * 2 messages
     assert d.send(b"NOOP\r\n") == b"-ERR Too many commands.\r\n"
     assert d.closes == [A.Close("prevented:max_commands")]
     [event] = d.reports
-    assert event.detail == {"count": 10001, "limit": 10000}
+    assert event.detail == {"count": 1011, "limit": 1010}
+
+
+@pytest.mark.parametrize("messages, limit", [(0, 7), (1, 10), (4, 19)])
+def test_max_commands_after_login_grows_with_the_maildrop(make_driver: Any, kit: Any, messages: int,
+                                                          limit: int) -> None:
+    entries = [kit.Entry(f"k{i}", f"uid-{i}", 10) for i in range(messages)]
+    settings = settings_with(commands_after_login=7, commands_per_message=3)
+    d = make_driver(settings, entries=entries)
+    d.login()
+    d.send(b"NOOP\r\n" * limit)
+    assert not d.closed and d.reports == []
+    assert d.send(b"STAT\r\n") == b"-ERR Too many commands.\r\n"
+    [event] = d.reports
+    assert event.detail == {"count": limit + 1, "limit": limit}
+
+
+@pytest.mark.parametrize("action", [Action.DETECT, Action.INACTIVE])
+def test_max_commands_after_login_detect_goes_on(make_driver: Any, action: Action) -> None:
+    d = logged_in(make_driver, settings_with(max_commands=action, commands_after_login=3, commands_per_message=0))
+    assert d.send(b"NOOP\r\n" * 5 + b"STAT\r\n") == b"+OK\r\n" * 5 + b"+OK 2 30\r\n"
+    assert not d.closed
+    assert [e.detail for e in d.reports] == ([{"count": 4, "limit": 3}] if action is Action.DETECT else [])
+
+
+def test_a_big_mailbox_is_emptied_in_one_session(make_driver: Any, kit: Any) -> None:
+    """12,000 messages, each with LIST n, UIDL n, TOP n 0, RETR n and DELE n, as fetchmail and
+    getmail do (60,000 commands and more): no protection fires and QUIT commits every DELE."""
+    count = 12000
+    entries = [kit.Entry(f"k{i}", f"uid-{i}", 10) for i in range(1, count + 1)]
+    d = make_driver(entries=entries)
+    d.send(b"CAPA\r\n")
+    d.login()
+    d.send(b"STAT\r\nUIDL\r\nLIST\r\n")
+    for n in range(1, count + 1):
+        number = str(n).encode()
+        d.send(b"LIST " + number + b"\r\nUIDL " + number + b"\r\nTOP " + number + b" 0\r\nRETR "
+               + number + b"\r\nDELE " + number + b"\r\n")
+    d.send(b"STAT\r\nNOOP\r\n" * 400)
+    assert d.reports == [] and not d.closed
+    assert d.send(b"QUIT\r\n") == BYE
+    assert d.commits == [A.Commit(tuple(e.key for e in entries))]
+    assert d.reports == []
+
+
+def test_requests_for_deleted_messages_are_not_bad_commands(make_driver: Any) -> None:
+    """A client that asks again for what it deleted gets -ERR, but it is not attacking."""
+    d = logged_in(make_driver)
+    d.send(b"DELE 1\r\n")
+    for _ in range(5):
+        for line in (b"LIST 1", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1"):
+            assert d.send(line + b"\r\n") == b"-ERR Message is deleted.\r\n", line
+    assert not d.closed and d.reports == []
+    # the bad-command count is untouched: ten real errors are still allowed, the eleventh is not
+    assert d.send(b"LIST 99\r\n" * 10) == b"-ERR There is no such message.\r\n" * 10
+    assert d.send(b"LIST 99\r\n") == b"-ERR Too many bad commands.\r\n"
+    assert d.closes == [A.Close("prevented:max_bad_commands")]
+    assert d.reports[0].detail == {"count": 11, "limit": 10}
+
+
+def test_a_vanished_message_is_not_a_bad_command(make_driver: Any) -> None:
+    """RETR of a file another program removed: -ERR [SYS/TEMP], and the client did nothing wrong."""
+    d = logged_in(make_driver, auto=(A.Authenticate,))
+    for _ in range(12):
+        d.send(b"RETR 1\r\n")
+        assert d.call("stream_failed") == b"-ERR [SYS/TEMP] Message is no longer available.\r\n"
+    assert not d.closed and d.reports == []
 
 
 def test_sasl_lines_are_not_commands(make_driver: Any) -> None:
-    d = make_driver(settings_with(commands_limit=2))
+    d = make_driver(settings_with(commands_limit=1))
     assert d.send(b"AUTH LOGIN\r\n" + b64(b"bob") + b"\r\n" + b64(PASSWORD) + b"\r\n") == (
         LOGIN_USER_PROMPT + LOGIN_PASS_PROMPT + LOGGED_IN)
-    assert d.send(b"NOOP\r\n") == b"+OK\r\n"
-    assert d.send(b"NOOP\r\n") == b"-ERR Too many commands.\r\n"
+    assert d.reports == []
+    d = make_driver(settings_with(commands_limit=1))
+    assert d.send(b"AUTH PLAIN\r\n" + plain() + b"\r\n") == b"+ \r\n" + LOGGED_IN
+    d = make_driver(settings_with(commands_limit=1))
+    assert d.send(b"CAPA\r\nAUTH PLAIN\r\n") == CAPA_AUTH + b"-ERR Too many commands.\r\n"
 
 
 @pytest.mark.parametrize("terminator", [b"\r\n", b"\n"])
@@ -1656,7 +1746,7 @@ SECRET_PATHS = {
     "pass-nops": b"USER bob\r\nPASS " + SECRET + NOPS + b"\r\n",
     "pass-no-user": b"PASS " + SECRET + b"\r\n",
     "pass-after-bad-commands": b"XYZZ\r\n" * 10 + b"USER bob\r\nPASS " + SECRET + b"\r\n" * 3,
-    "pass-over-command-limit": b"NOOP\r\n" * 10000 + b"PASS " + SECRET + b"\r\n",
+    "pass-over-command-limit": b"NOOP\r\n" * 50 + b"PASS " + SECRET + b"\r\n",
     "pass-tab": b"USER bob\r\nPASS\t" + SECRET + b"\r\n",
     "auth-plain-nul": b"AUTH PLAIN " + SECRET_BLOB + b"\x00\r\n",
     "auth-plain-bad-base64": b"AUTH PLAIN " + SECRET_BLOB + b"!\r\n",
