@@ -76,6 +76,9 @@ def session_settings(draw: Any) -> SessionSettings:
         strict_crlf=draw(st.booleans()),
         unknown_commands=draw(st.sampled_from(["bad_command", "violation"])),
         bad_commands_limit=draw(st.sampled_from([10, 3, 1000])),
+        commands_limit=draw(st.sampled_from([50, 2])),
+        commands_after_login=draw(st.sampled_from([1000, 3])),
+        commands_per_message=draw(st.sampled_from([5, 0, 1])),
     )
     return SessionSettings(protections=protections, apop=draw(st.booleans()),
                            input_buffer_limit=draw(st.sampled_from([65536, 1024, 20000])))
