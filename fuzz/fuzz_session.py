@@ -59,7 +59,8 @@ def settings_for(selector: int) -> SessionSettings:
         strict_crlf=bool(selector & 0x10),
         unknown_commands="violation" if selector & 0x20 else "bad_command",
         bad_commands_limit=3 if small else 10,
-        commands_limit=20 if small else 10000,
+        commands_limit=20 if small else 50,
+        commands_after_login=20 if small else 1000,
         sasl_line_limit=300 if small else 2048,
     )
     return SessionSettings(hostname="fuzz.invalid", apop=bool(selector & 0x40), protections=protections,

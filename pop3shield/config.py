@@ -559,7 +559,17 @@ def _bad_commands(t: _Table, _buffer_limit: int) -> dict[str, Any]:
 
 
 def _commands(t: _Table, _buffer_limit: int) -> dict[str, Any]:
-    return {"commands_limit": t.integer("limit", ProtectionsConfig.commands_limit, 1)}
+    """``limit`` counts the commands before login; after it, ``after_login + per_message * n``.
+
+    ``limit`` used to count the whole connection; an old file's value is still valid and now
+    bounds the commands before login only.
+    """
+    d = ProtectionsConfig()
+    return {
+        "commands_limit": t.integer("limit", d.commands_limit, 1),
+        "commands_after_login": t.integer("after_login", d.commands_after_login, 1),
+        "commands_per_message": t.integer("per_message", d.commands_per_message, 0),
+    }
 
 
 def _line_length(t: _Table, buffer_limit: int) -> dict[str, Any]:
@@ -601,7 +611,7 @@ _ThresholdParser = Callable[[_Table, int], dict[str, Any]]
 _THRESHOLDS: dict[str, tuple[tuple[str, ...], _ThresholdParser]] = {
     "max_bad_commands": (("limit",), _bad_commands),
     "max_line_length": (("limit", "sasl_limit"), _line_length),
-    "max_commands": (("limit",), _commands),
+    "max_commands": (("limit", "after_login", "per_message"), _commands),
     "non_compliant": (("strict_crlf", "unknown_commands", "username_chars"), _non_compliant),
 }
 

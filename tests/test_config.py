@@ -92,6 +92,21 @@ def test_default_values_match_the_brief() -> None:
     assert Config().source == "<default>"
 
 
+def test_max_commands_defaults_and_formula(base: dict[str, Any]) -> None:
+    """50 commands before login; after it 1000 plus 5 per message of the maildrop."""
+    p = parse(base).protections
+    assert (p.commands_limit, p.commands_after_login, p.commands_per_message) == (50, 1000, 5)
+    assert p.commands_after_login_limit(0) == 1000
+    assert p.commands_after_login_limit(12000) == 61000
+
+
+def test_max_commands_old_config_stays_valid(base: dict[str, Any]) -> None:
+    """A file written when ``limit`` counted the whole connection loads; it bounds the login phase."""
+    p = parse(with_value(base, "protections.max_commands", {"limit": 10000, "overrides": []})).protections
+    assert p.commands_limit == 10000
+    assert (p.commands_after_login, p.commands_per_message) == (1000, 5)
+
+
 def test_dataclasses_are_frozen(base: dict[str, Any]) -> None:
     config = parse(base)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -139,7 +154,7 @@ def test_full_config_values(base: dict[str, Any], tmp_path: Path) -> None:
     data["protections"] = {
         "non_compliant": {"strict_crlf": True, "unknown_commands": "violation", "username_chars": "._é"},
         "max_line_length": {"limit": 64, "sasl_limit": 1024},
-        "max_commands": {"limit": 1},
+        "max_commands": {"limit": 1, "after_login": 7, "per_message": 0},
     }
     config = parse(data)
     assert config.server.listen[1] == "SSL:995:privateKey=k.pem"
@@ -153,6 +168,8 @@ def test_full_config_values(base: dict[str, Any], tmp_path: Path) -> None:
     p = config.protections
     assert (p.strict_crlf, p.unknown_commands, p.username_extra_chars) == (True, "violation", "._é")
     assert (p.line_length_limit, p.sasl_line_limit, p.commands_limit) == (64, 1024, 1)
+    assert (p.commands_after_login, p.commands_per_message) == (7, 0)
+    assert p.commands_after_login_limit(12000) == 7
 
 
 def test_realm_without_passwd_file() -> None:
@@ -274,6 +291,11 @@ BAD_VALUES: list[tuple[str, Any, str, str]] = [
     ("protections.max_comands", {}, "protections.max_comands", "unknown section (did you mean 'max_commands'?)"),
     ("protections.max_commands.limit", 0, "protections.max_commands.limit", "at least 1"),
     ("protections.max_commands.limt", 5, "protections.max_commands.limt", "unknown key"),
+    ("protections.max_commands.after_login", 0, "protections.max_commands.after_login", "at least 1"),
+    ("protections.max_commands.after_login", 1.5, "protections.max_commands.after_login", "expected an integer, got float"),
+    ("protections.max_commands.per_message", -1, "protections.max_commands.per_message", "at least 0"),
+    ("protections.max_commands.per_message", "5", "protections.max_commands.per_message", "expected an integer, got string"),
+    ("protections.max_commands.per_messages", 5, "protections.max_commands.per_messages", "unknown key (did you mean 'per_message'?)"),
     ("protections.max_bad_commands.limit", 0, "protections.max_bad_commands.limit", "at least 1"),
     ("protections.max_bad_commands.limit", "5", "protections.max_bad_commands.limit", "expected an integer"),
     ("protections.max_line_length.limit", 63, "protections.max_line_length.limit", "at least 64"),
@@ -591,7 +613,7 @@ def test_example_documents_every_key() -> None:
     thresholds = {
         "max_bad_commands": ["limit"],
         "max_line_length": ["limit", "sasl_limit"],
-        "max_commands": ["limit"],
+        "max_commands": ["limit", "after_login", "per_message"],
         "non_compliant": ["strict_crlf", "unknown_commands", "username_chars"],
     }
     for key in PROTECTION_KEYS:

@@ -1,8 +1,9 @@
 """Every protection over a real socket, in prevent and in detect mode, with the exact bytes and events.
 
 Two servers run for the whole module: one with the defaults (every protection ``prevent``) and one
-with ``[protections] action = "detect"``. Both have ``max_commands`` lowered to 50 so the test does
-not need 10,000 commands, no brute-force delay (the test fails logins on purpose) and no event rate
+with ``[protections] action = "detect"``. Both have ``max_commands`` after login lowered to
+20 + 2 per message (38 for the 9 test messages) so the test does not need thousands of commands,
+no brute-force delay (the test fails logins on purpose) and no event rate
 limit (all clients come from 127.0.0.1).
 """
 
@@ -21,7 +22,8 @@ from tests.support.spec import ATTACKS
 
 COMMON_SERVER = "auth_failure_delay = 0.0\nauth_failure_delay_max = 0.0\nmax_connections_per_ip = 200"
 COMMON_EVENTS = "rate_limit = 100000"
-MAX_COMMANDS = "[protections.max_commands]\nlimit = 50\n"
+MAX_COMMANDS = "[protections.max_commands]\nlimit = 50\nafter_login = 20\nper_message = 2\n"
+AFTER_LOGIN_LIMIT = 20 + 2 * 9  # write_maildir's 9 messages
 
 
 def _start(tmp: Path, extra: str) -> Pop3ShieldServer:
@@ -54,6 +56,9 @@ CASES = [
      b"-ERR [AUTH] No username given.\r\n", b"-ERR No username given.\r\n"),
     ("plain-empty-authcid", "empty_username", False, b"AUTH PLAIN " + b64(b"\0\0" + PASSWORD.encode()) + b"\r\n",
      b"-ERR [AUTH] No username given.\r\n", b"-ERR [AUTH] No username given.\r\n"),
+    ("plain-authzid-empty-authcid", "empty_username", False,
+     b"AUTH PLAIN " + b64(b"admin\0\0" + PASSWORD.encode()) + b"\r\n",
+     b"-ERR [AUTH] No username given.\r\n", b"-ERR [AUTH] No username given.\r\n"),
     ("pass-without-password", "empty_password", False, b"USER alice\r\nPASS\r\n",
      b"+OK\r\n-ERR [AUTH] No password given.\r\n", b"+OK\r\n-ERR No password given.\r\n"),
     ("plain-empty-password", "empty_password", False, b"AUTH PLAIN " + b64(b"\0alice\0") + b"\r\n",
@@ -63,6 +68,8 @@ CASES = [
     ("invalid-utf8", "non_compliant", False, b"USER \xff\xfe\r\n",
      b"-ERR Protocol violation.\r\n", b"-ERR Invalid characters in command.\r\n"),
     ("format-string-user", "non_compliant", False, b"USER %s%s%s%n\r\n",
+     b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n"),
+    ("hangul-filler-in-user", "non_compliant", False, "USER alice\u3164\r\n".encode(),
      b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n"),
     ("bad-keyword", "non_compliant", False, b"US3R alice\r\n",
      b"-ERR Protocol violation.\r\n", b"-ERR Unknown command.\r\n"),
@@ -191,24 +198,66 @@ def test_failed_logins_count_as_bad_commands(servers, mode) -> None:
 
 
 @pytest.mark.parametrize("mode", ["prevent", "detect"])
-def test_too_many_commands(servers, mode) -> None:
+def test_too_many_commands_after_login(servers, mode) -> None:
+    """after_login + per_message * messages, counted from the login on."""
     server = servers[mode]
     before = len(server.events())
     client = Client(server)
     client.login()
-    client.send(b"STAT\r\n" * 49)  # USER and PASS were the first two
-    replies = [client.line() for _ in range(49)]
-    assert replies[:48] == [replies[0]] * 48 and replies[0].startswith(b"+OK 9 ")
+    client.send(b"STAT\r\n" * (AFTER_LOGIN_LIMIT + 1))
+    replies = [client.line() for _ in range(AFTER_LOGIN_LIMIT + 1)]
+    assert replies[:-1] == [replies[0]] * AFTER_LOGIN_LIMIT and replies[0].startswith(b"+OK 9 ")
     if mode == "prevent":
-        assert replies[48] == b"-ERR Too many commands.\r\n"
+        assert replies[-1] == b"-ERR Too many commands.\r\n"
         assert client.closed()
     else:
-        assert replies[48] == replies[0]
+        assert replies[-1] == replies[0]
+        assert client.still_open()
+    client.close()
+    events = new_events(server, before)
+    assert [(e["protection"], e["action"]) for e in events] == [("max_commands", mode)]
+    assert events[0]["detail"] == {"count": AFTER_LOGIN_LIMIT + 1, "limit": AFTER_LOGIN_LIMIT}
+    assert events[0]["user"] == "alice"
+
+
+@pytest.mark.parametrize("mode", ["prevent", "detect"])
+def test_too_many_commands_before_login(servers, mode) -> None:
+    server = servers[mode]
+    before = len(server.events())
+    client = Client(server)
+    client.send(b"USER alice\r\n" * 51)
+    replies = [client.line() for _ in range(51)]
+    assert replies[:50] == [b"+OK\r\n"] * 50
+    if mode == "prevent":
+        assert replies[50] == b"-ERR Too many commands.\r\n"
+        assert client.closed()
+    else:
+        assert replies[50] == b"+OK\r\n"
         assert client.still_open()
     client.close()
     events = new_events(server, before)
     assert [(e["protection"], e["action"]) for e in events] == [("max_commands", mode)]
     assert events[0]["detail"] == {"count": 51, "limit": 50}
+
+
+@pytest.mark.parametrize("mode", ["prevent", "detect"])
+def test_requests_for_deleted_messages_are_not_bad_commands(servers, mode) -> None:
+    """A client asking again for what it deleted is answered -ERR and is not closed (it used to
+    be after 11 of them); the deletion is undone by RSET, so the shared maildrop stays whole."""
+    server = servers[mode]
+    before = len(server.events())
+    client = Client(server)
+    client.login()
+    client.send(b"DELE 1\r\n")
+    assert client.line() == b"+OK Marked to be deleted.\r\n"
+    client.send(b"LIST 1\r\nRETR 1\r\nDELE 1\r\nTOP 1 0\r\nUIDL 1\r\n" * 3)
+    assert [client.line() for _ in range(15)] == [b"-ERR Message is deleted.\r\n"] * 15
+    client.send(b"RSET\r\nQUIT\r\n")
+    assert client.line().startswith(b"+OK 9 messages")
+    assert client.line() == b"+OK Logging out.\r\n"
+    assert client.closed()
+    client.close()
+    assert new_events(server, before) == []
 
 
 def test_tls_client_hello_is_stopped_at_once(servers) -> None:

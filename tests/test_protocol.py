@@ -261,7 +261,7 @@ def test_detect_mode_lets_an_early_talker_through(mailroot: Path) -> None:
     proto.dataReceived(b"CAPA\r\n")
     clock.advance(1.0)
     out = take(transport)
-    assert out.startswith(b"+OK test.invalid POP3 ready.\r\n+OK Capability list follows.\r\n")
+    assert out.startswith(b"+OK test.invalid POP3 ready.\r\n+OK Capability list follows\r\n")
 
 
 def test_apop_login_when_enabled(mailroot: Path) -> None:

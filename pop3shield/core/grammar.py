@@ -124,17 +124,80 @@ def parse_number(raw: bytes, *, allow_zero: bool = False) -> int | None:
     return value
 
 
-def valid_username(name: str, extra_chars: str) -> bool:
-    """Letters (with their combining marks) and digits of any script, plus the configured extra characters."""
-    if not name or name[0] == ".":
-        return False
+#: Code points that render as nothing or as blank space although they are letters or marks:
+#: Unicode's Default_Ignorable_Code_Point set (DerivedCoreProperties.txt, Unicode 14: soft hyphen,
+#: combining grapheme joiner, the Hangul fillers U+115F U+1160 U+3164 U+FFA0, Khmer inherent vowels,
+#: Mongolian and other variation selectors, zero-width and bidi controls, tags), plus the braille
+#: blank U+2800 and the Khitan filler U+16FE4. Fillers are category Lo and selectors Mn, so a
+#: category check alone lets them through, and ``alice`` + U+3164 is logged like ``alice``.
+_INVISIBLE_RANGES: tuple[tuple[int, int], ...] = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+    (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x2800, 0x2800),
+    (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8),
+    (0x16FE4, 0x16FE4), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF),
+)
+
+#: most combining marks on one letter after NFC (Tibetan stacks and pointed Hebrew need 3-4;
+#: "Zalgo" text piles up dozens)
+MAX_MARKS_PER_LETTER = 4
+
+
+def invisible(char: str) -> bool:
+    """True for a default-ignorable or blank code point (see ``_INVISIBLE_RANGES``)."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in _INVISIBLE_RANGES)
+
+
+def normalise_username(name: str) -> str:
+    """The NFC form: ``mu`` + U+0308 + ``ller`` (as macOS sends it) becomes ``müller``."""
+    return unicodedata.normalize("NFC", name)
+
+
+def username_problem(name: str, extra_chars: str) -> str | None:
+    """Why an NFC user name is refused, or None.
+
+    Allowed: letters and digits of any script, the configured extra characters, and combining
+    marks where a script needs them. After NFC an honest Latin, Greek or Cyrillic letter is one
+    code point; the marks left are those of scripts that are written with them (Devanagari and
+    Thai vowel signs, Hebrew points, Yoruba's second accent). So a combining mark must follow a
+    letter, directly or after other marks on that letter, at most ``MAX_MARKS_PER_LETTER`` of
+    them, and not the same mark twice in a row. Invisible code points are refused outright, even
+    when listed in ``extra_chars``.
+    """
+    if not name:
+        return "empty user name"
+    marks = -1  # marks on the current letter; -1: the previous character is no letter
+    previous = ""
     for char in name:
-        if char in extra_chars:
-            continue
+        if invisible(char):
+            return "user name has an invisible character"
         category = unicodedata.category(char)
-        if category[0] not in ("L", "N", "M"):  # M: combining marks of Indic, Thai, NFD Latin
-            return False
-    return True
+        if category in ("Mn", "Mc"):
+            if marks < 0:
+                return "user name has a combining mark that follows no letter"
+            if char == previous:
+                return "user name repeats a combining mark"
+            marks += 1
+            if marks > MAX_MARKS_PER_LETTER:
+                return "user name has too many combining marks on one letter"
+        elif char in extra_chars:
+            marks = -1
+        elif category[0] == "L":
+            marks = 0
+        elif category[0] == "N":
+            marks = -1
+        else:
+            return "user name has characters outside username_chars"
+        previous = char
+    if name[0] == ".":
+        return "user name starts with '.'"
+    return None
+
+
+def valid_username(name: str, extra_chars: str) -> bool:
+    """Letters (with the combining marks their script needs) and digits of any script, plus the
+    configured extra characters; judged in NFC (see :func:`username_problem`)."""
+    return username_problem(normalise_username(name), extra_chars) is None
 
 
 def escape_sample(data: bytes, limit: int = 64) -> str:

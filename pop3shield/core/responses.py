@@ -36,7 +36,11 @@ def err(text: str = "", code: str | None = None) -> bytes:
 
 
 def multiline(first: bytes, lines: Iterable[bytes]) -> bytes:
-    """A status line followed by dot-stuffed lines and the terminating ``.``."""
+    """A status line followed by dot-stuffed lines and the terminating ``.``.
+
+    The status line of a multi-line response carries no ``.`` at all: nmap's POP3 library reads
+    a CAPA answer up to the first ``.`` it sees, so a period in ``+OK ...`` hides the whole list.
+    """
     body = []
     for line in lines:
         body.append(b"." + line if line.startswith(b".") else line)

@@ -24,7 +24,7 @@ class SaslError(ValueError):
 
 @dataclass(frozen=True)
 class PlainCredentials:
-    """What PLAIN carries; ``authzid`` is empty or equal to ``authcid``."""
+    """What PLAIN carries; ``authzid`` is empty or equal to ``authcid`` (unless ``authcid`` is blank)."""
 
     authzid: bytes
     authcid: bytes
@@ -47,11 +47,15 @@ def decode_base64(data: bytes) -> bytes:
 
 
 def parse_plain(message: bytes) -> PlainCredentials:
-    """Split a PLAIN message ``authzid NUL authcid NUL passwd`` (RFC 4616)."""
+    """Split a PLAIN message ``authzid NUL authcid NUL passwd`` (RFC 4616).
+
+    An empty (or blank) ``authcid`` is returned as it is whatever the ``authzid`` says: it is an
+    empty user name, the session's ``empty_username`` business, not a malformed message.
+    """
     parts = message.split(b"\x00")
     if len(parts) != 3:
         raise SaslError("PLAIN needs exactly two NUL separators")
     authzid, authcid, password = parts
-    if authzid and authzid != authcid:
+    if authzid and authzid != authcid and authcid.strip(b" "):
         raise SaslError("proxy authorization is not supported")
     return PlainCredentials(authzid, authcid, password)

@@ -77,6 +77,7 @@ class Session:
         self._early_data = False
         self._seen_input = False
         self._commands = 0
+        self._command_limit = settings.protections.commands_limit
         self._errors = 0
         self._messages: list[MessageEntry] = []
         self._deleted: set[int] = set()
@@ -142,6 +143,9 @@ class Session:
         self._messages = list(messages)
         self._deleted.clear()
         self.state = State.TRANSACTION
+        # from here on the commands an honest session needs grow with the maildrop
+        self._commands = 0
+        self._command_limit = self.limits.commands_after_login_limit(len(self._messages))
         octets = sum(m.size for m in self._messages)
         self._out.append(A.LoggedIn(self.user or "", self._sasl_mechanism or "USER", len(self._messages), octets))
         self._sasl_mechanism = None
@@ -174,7 +178,9 @@ class Session:
         if self.state is State.CLOSED:
             return []
         self.busy = False
-        self._error("Message is no longer available.", "SYS/TEMP")
+        # the maildrop changed under the session (another program removed the file): the
+        # client did nothing wrong, so this is not a bad command
+        self._send(responses.err("Message is no longer available.", "SYS/TEMP"))
         self._process()
         return self._flush()
 
@@ -337,9 +343,9 @@ class Session:
         sample = self._sample(line.content)
         if self.state is not State.SASL:
             self._commands += 1
-            if self._commands > self.limits.commands_limit:
+            if self._commands > self._command_limit:
                 trigger = self.engine.trigger(
-                    "max_commands", sample, count=self._commands, limit=self.limits.commands_limit
+                    "max_commands", sample, count=self._commands, limit=self._command_limit
                 )
                 if self._apply([(trigger, "Too many commands.", None)]):
                     return
@@ -507,7 +513,7 @@ class Session:
                 caps.append(b"SASL " + " ".join(self.settings.sasl_mechanisms).encode("ascii"))
         if self.settings.implementation:
             caps.append(b"IMPLEMENTATION " + self.settings.implementation.encode("ascii", "replace"))
-        self._send(responses.multiline(responses.ok("Capability list follows."), caps))
+        self._send(responses.multiline(responses.ok("Capability list follows"), caps))
 
     def _cmd_quit_auth(self, args: tuple[bytes, ...]) -> None:
         self._send(responses.ok("Logging out."))
@@ -521,15 +527,17 @@ class Session:
         self._error("STLS is not available.")
 
     def _check_username(self, raw: bytes) -> str | None:
-        """A user name that is valid UTF-8 and made of allowed characters, else a violation."""
+        """The NFC form of a user name that is valid UTF-8 and made of allowed characters, else
+        a violation. The NFC form is what authentication, the maildrop and the logs see."""
         try:
-            name = raw.decode("utf-8")
+            name: str | None = grammar.normalise_username(raw.decode("utf-8"))
         except UnicodeDecodeError:
             name = None
-        if name is not None and grammar.valid_username(name, self.limits.username_extra_chars):
+        problem = "user name is not UTF-8" if name is None else grammar.username_problem(
+            name, self.limits.username_extra_chars)
+        if problem is None:
             return name
-        if not self._violation("non_compliant", "Invalid user name.", "AUTH",
-                               reason="user name has characters outside username_chars"):
+        if not self._violation("non_compliant", "Invalid user name.", "AUTH", reason=problem):
             self._error("Invalid user name.", "AUTH")
         return None
 
@@ -564,7 +572,7 @@ class Session:
     def _cmd_auth(self, args: tuple[bytes, ...]) -> None:
         if not args:
             mechs = [m.encode("ascii") for m in self.settings.sasl_mechanisms]
-            self._send(responses.multiline(responses.ok("Supported mechanisms follow."), mechs))
+            self._send(responses.multiline(responses.ok("Supported mechanisms follow"), mechs))
             return
         mechanism = args[0].upper().decode("ascii", "replace")
         if mechanism not in self.settings.sasl_mechanisms:
@@ -663,7 +671,8 @@ class Session:
             self._error("There is no such message.")
             return None
         if number - 1 in self._deleted:
-            self._error("Message is deleted.")
+            # a client that lost track of its own DELEs is no attacker: not a bad command
+            self._send(responses.err("Message is deleted."))
             return None
         return number, self._messages[number - 1]
 
@@ -688,7 +697,7 @@ class Session:
             return
         live = self._live()
         lines = [f"{n} {value(m)}".encode("ascii") for n, m in live]
-        self._send(responses.multiline(responses.ok(f"{len(live)} messages."), lines))
+        self._send(responses.multiline(responses.ok(f"{len(live)} messages"), lines))
 
     def _cmd_retr(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])

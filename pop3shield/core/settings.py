@@ -96,14 +96,22 @@ class ProtectionsConfig:
     line_length_limit: int = 255
     #: octets including CRLF of a SASL continuation line (AUTH PLAIN blobs can be long)
     sasl_line_limit: int = 2048
-    #: commands in one connection
-    commands_limit: int = 10000
+    #: commands before login (CAPA, USER, PASS, AUTH and their retries need a handful)
+    commands_limit: int = 50
+    #: commands after login: ``commands_after_login + commands_per_message * messages``, counted
+    #: from the login on; the per-message part covers LIST n, UIDL n, TOP n, RETR n and DELE n
+    commands_after_login: int = 1000
+    commands_per_message: int = 5
     #: a bare-LF line ending becomes a non_compliant violation
     strict_crlf: bool = False
     #: "bad_command" (an -ERR that counts) or "violation" (non_compliant)
     unknown_commands: str = "bad_command"
     #: characters allowed in user names besides letters and digits of any script
     username_extra_chars: str = DEFAULT_USERNAME_EXTRA
+
+    def commands_after_login_limit(self, messages: int) -> int:
+        """The ``max_commands`` limit of a session logged in to a maildrop of ``messages``."""
+        return self.commands_after_login + self.commands_per_message * messages
 
     def get(self, key: str) -> ProtectionSettings:
         if key not in PROTECTION_KEYS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import given, settings
@@ -19,7 +20,9 @@ from pop3shield.core.grammar import (
     looks_like_http,
     looks_like_tls,
     parse_command,
+    normalise_username,
     parse_number,
+    username_problem,
     valid_username,
 )
 from pop3shield.core.settings import DEFAULT_USERNAME_EXTRA
@@ -253,6 +256,122 @@ def test_username_extra_chars_are_configurable() -> None:
 
 def test_dot_inside_is_fine() -> None:
     assert valid_username("b.o.b.", DEFAULT_USERNAME_EXTRA)
+
+
+# -- user names: NFC, invisible code points, combining marks ------------------------------
+
+HONEST_NAMES = {
+    # name as typed -> its NFC form, the name authentication sees
+    "mu\u0308ller": "m\u00fcller",  # decomposed, as macOS sends it
+    "m\u00fcller": "m\u00fcller",
+    "Jos\u00e9": "Jos\u00e9",
+    "Jose\u0301": "Jos\u00e9",
+    "\u0395\u03bb\u03ad\u03bd\u03b7": "\u0395\u03bb\u03ad\u03bd\u03b7",  # Greek Eleni
+    "\u0395\u03bb\u03b5\u0301\u03bd\u03b7": "\u0395\u03bb\u03ad\u03bd\u03b7",  # decomposed: tonos = acute
+    "\u0414\u043c\u0438\u0442\u0440\u0438\u0439": "\u0414\u043c\u0438\u0442\u0440\u0438\u0439",  # Dmitriy
+    "\u0414\u043c\u0438\u0442\u0440\u0438\u0438\u0306": "\u0414\u043c\u0438\u0442\u0440\u0438\u0439",  # short i decomposed
+    "\u5c71\u7530": "\u5c71\u7530",  # Yamada
+    "\u3084\u307e\u3060": "\u3084\u307e\u3060",  # yamada in hiragana
+    "\u3084\u307e\u305f\u3099": "\u3084\u307e\u3060",  # da as ta + voiced sound mark
+    "\u0645\u062d\u0645\u062f": "\u0645\u062d\u0645\u062f",  # Muhammad
+    "\u0645\u064f\u062d\u064e\u0645\u064e\u0651\u062f": "\u0645\u064f\u062d\u064e\u0645\u064e\u0651\u062f",  # with harakat
+    "\u0926\u0947\u0935\u0928\u093e\u0917\u0930\u0940": "\u0926\u0947\u0935\u0928\u093e\u0917\u0930\u0940",  # Devanagari
+    "\u0936\u094d\u0930\u0940": "\u0936\u094d\u0930\u0940",  # Shri: virama between consonants
+    "\u0938\u0941\u0930\u0947\u0936": "\u0938\u0941\u0930\u0947\u0936",  # Suresh
+    "\u0e2a\u0e21\u0e0a\u0e32\u0e22": "\u0e2a\u0e21\u0e0a\u0e32\u0e22",  # Thai Somchai
+    "\u0e27\u0e34\u0e0a\u0e31\u0e22": "\u0e27\u0e34\u0e0a\u0e31\u0e22",  # Thai Wichai: vowel marks
+    "\u0e19\u0e49\u0e33": "\u0e19\u0e49\u0e33",  # Thai nam: tone mark on a consonant
+    "\u05e9\u05c1\u05b8\u05dc\u05d5\u05b9\u05dd": "\u05e9\u05b8\u05c1\u05dc\u05d5\u05b9\u05dd",  # pointed Hebrew (NFC orders the points)
+    "\u0f56\u0f66\u0f92\u0fb2\u0f74\u0f56\u0f66": "\u0f56\u0f66\u0f92\u0fb2\u0f74\u0f56\u0f66",  # Tibetan stack
+    "Ad\u00e9\u1e63o\u0323\u0300la": "Ad\u00e9\u1e63\u1ecd\u0300la",  # Yoruba: o dot below + grave
+    "Nguye\u0302\u0303n": "Nguy\u1ec5n",  # Vietnamese, two marks composed into one letter
+    "\u1112\u1161\u11ab\u1100\u1173\u11af": "\ud55c\uae00",  # Korean jamo compose to syllables
+    "bob.smith@example.org": "bob.smith@example.org",
+}
+
+
+@pytest.mark.parametrize("typed, nfc", HONEST_NAMES.items(), ids=[f"honest-{i}" for i in range(len(HONEST_NAMES))])
+def test_honest_names_in_every_script_are_accepted_in_nfc(typed: str, nfc: str) -> None:
+    assert normalise_username(typed) == nfc
+    assert username_problem(nfc, DEFAULT_USERNAME_EXTRA) is None
+    assert valid_username(typed, DEFAULT_USERNAME_EXTRA)
+
+
+INVISIBLE = {
+    "hangul-filler": "\u3164",  # Lo: a letter by category
+    "hangul-choseong-filler": "\u115f",
+    "hangul-jungseong-filler": "\u1160",
+    "halfwidth-hangul-filler": "\uffa0",
+    "braille-blank": "\u2800",
+    "khitan-filler": "\U00016fe4",
+    "combining-grapheme-joiner": "\u034f",  # Mn: passes as a mark on the e
+    "variation-selector-16": "\ufe0f",
+    "variation-selector-17": "\U000e0100",
+    "mongolian-fvs": "\u180b",
+    "khmer-inherent-vowel": "\u17b4",
+    "zero-width-space": "\u200b",
+    "zero-width-joiner": "\u200d",
+    "word-joiner": "\u2060",
+    "bom": "\ufeff",
+    "soft-hyphen": "\u00ad",
+    "rtl-override": "\u202e",
+    "arabic-letter-mark": "\u061c",
+    "tag-a": "\U000e0041",
+}
+
+
+@pytest.mark.parametrize("char", INVISIBLE.values(), ids=INVISIBLE.keys())
+@pytest.mark.parametrize("where", ["end", "middle", "start"])
+def test_invisible_code_points_are_refused(char: str, where: str) -> None:
+    name = {"end": "alice" + char, "middle": "ali" + char + "ce", "start": char + "alice"}[where]
+    assert not valid_username(name, DEFAULT_USERNAME_EXTRA)
+    problem = username_problem(normalise_username(name), DEFAULT_USERNAME_EXTRA)
+    if where == "start" and unicodedata.category(char) in ("Mn", "Mc"):
+        assert problem is not None
+    else:
+        assert problem == "user name has an invisible character"
+
+
+def test_invisible_code_points_are_refused_even_as_extra_chars() -> None:
+    assert not valid_username("alice\u3164", DEFAULT_USERNAME_EXTRA + "\u3164")
+
+
+@pytest.mark.parametrize("name, problem", [
+    ("\u0301alice", "user name has a combining mark that follows no letter"),
+    ("\u093ealice", "user name has a combining mark that follows no letter"),  # a vowel sign first
+    ("alice1\u0301", "user name has a combining mark that follows no letter"),
+    ("alice.\u0301", "user name has a combining mark that follows no letter"),
+    ("alice@\u0323x", "user name has a combining mark that follows no letter"),
+    ("1\u20e3", "user name has characters outside username_chars"),  # keycap: an enclosing mark (Me)
+    ("x\u0301\u0301", "user name repeats a combining mark"),  # no precomposed x-acute
+    ("\u0915\u093f\u093f", "user name repeats a combining mark"),
+    ("alice" + "\u0300\u0301\u0302\u0303\u0304\u0305", "user name has too many combining marks on one letter"),
+    ("x\u0300\u0301\u0302\u0303\u0304", "user name has too many combining marks on one letter"),
+    ("alice\u20dd", "user name has characters outside username_chars"),  # enclosing circle: Me
+    ("a/b", "user name has characters outside username_chars"),
+    (".bob", "user name starts with '.'"),
+    ("", "empty user name"),
+])
+def test_combining_marks_must_belong_to_a_letter(name: str, problem: str) -> None:
+    assert username_problem(normalise_username(name), DEFAULT_USERNAME_EXTRA) == problem
+    assert not valid_username(name, DEFAULT_USERNAME_EXTRA)
+
+
+def test_four_marks_on_a_letter_are_enough_and_allowed() -> None:
+    assert valid_username("x\u0300\u0301\u0302\u0303", DEFAULT_USERNAME_EXTRA)
+
+
+def test_every_default_ignorable_code_point_is_refused() -> None:
+    """Unicode 14's Default_Ignorable_Code_Point ranges, as assigned code points."""
+    ranges = [(0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160), (0x17B4, 0x17B5),
+              (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E), (0x2060, 0x206F), (0x3164, 0x3164),
+              (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF), (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3),
+              (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF)]
+    for low, high in ranges:
+        for code in range(low, high + 1):
+            assert grammar.invisible(chr(code)), hex(code)
+            assert not valid_username("alice" + chr(code), DEFAULT_USERNAME_EXTRA), hex(code)
+    assert not grammar.invisible("a") and not grammar.invisible("\u0301") and not grammar.invisible("\u093e")
 
 
 # -- log samples --------------------------------------------------------------------------

@@ -91,6 +91,10 @@ def test_login_prompts() -> None:
     (b"\x00\x00", PlainCredentials(b"", b"", b"")),  # empty parts are the session's business
     (b"\x00bob\x00", PlainCredentials(b"", b"bob", b"")),
     (b"\x00\x00secret", PlainCredentials(b"", b"", b"secret")),
+    # an authzid with an empty or blank authcid is an empty user name, not proxy authorization
+    (b"admin\x00\x00secret", PlainCredentials(b"admin", b"", b"secret")),
+    (b"admin\x00  \x00secret", PlainCredentials(b"admin", b"  ", b"secret")),
+    (b"admin\x00\x00", PlainCredentials(b"admin", b"", b"")),
 ])
 def test_parse_plain(message: bytes, creds: PlainCredentials) -> None:
     assert parse_plain(message) == creds

@@ -33,11 +33,11 @@ DIGEST = b"c4c9334bac560ecc979e58001b3e22fb"
 CHALLENGE = b"<1896.697170952@dbc.mtview.ca.us>"
 
 GREETING = b"+OK localhost POP3 ready.\r\n"
-CAPA_AUTH = (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
+CAPA_AUTH = (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
              b"AUTH-RESP-CODE\r\nUSER\r\nSASL PLAIN LOGIN\r\n.\r\n")
-CAPA_TRANS = (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
+CAPA_TRANS = (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\n"
               b"AUTH-RESP-CODE\r\n.\r\n")
-MECHANISMS = b"+OK Supported mechanisms follow.\r\nPLAIN\r\nLOGIN\r\n.\r\n"
+MECHANISMS = b"+OK Supported mechanisms follow\r\nPLAIN\r\nLOGIN\r\n.\r\n"
 LOGGED_IN = b"+OK Logged in, 2 messages (30 octets).\r\n"
 AUTH_FAILED = b"-ERR [AUTH] Authentication failed.\r\n"
 UNKNOWN = b"-ERR Unknown command.\r\n"
@@ -116,7 +116,8 @@ def test_attack_table_matches_the_shared_readme_file() -> None:
 def test_defaults() -> None:
     p = ProtectionsConfig()
     assert all(p.get(key).action is Action.PREVENT for key in PROTECTION_KEYS)
-    assert (p.bad_commands_limit, p.line_length_limit, p.sasl_line_limit, p.commands_limit) == (10, 255, 2048, 10000)
+    assert (p.bad_commands_limit, p.line_length_limit, p.sasl_line_limit, p.commands_limit) == (10, 255, 2048, 50)
+    assert (p.commands_after_login, p.commands_per_message) == (1000, 5)
     assert p.strict_crlf is False and p.unknown_commands == "bad_command"
     s = SessionSettings()
     assert s.apop is False and s.implementation is None and s.sasl_mechanisms == ("PLAIN", "LOGIN")
@@ -256,15 +257,15 @@ def test_authorization_commands_never_authenticate(make_driver: Any) -> None:
 TRANSACTION_TABLE = [
     (b"CAPA", CAPA_TRANS),
     (b"STAT", b"+OK 2 30\r\n"),
-    (b"LIST", b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"),
-    (b"list", b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"),
+    (b"LIST", b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"),
+    (b"list", b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"),
     (b"LIST 1", b"+OK 1 10\r\n"),
     (b"LIST 2", b"+OK 2 20\r\n"),
     (b"LIST 002", b"+OK 2 20\r\n"),
     (b"LIST 3", b"-ERR There is no such message.\r\n"),
     (b"LIST 99", b"-ERR There is no such message.\r\n"),
     (b"LIST 4294967295", b"-ERR There is no such message.\r\n"),
-    (b"UIDL", b"+OK 2 messages.\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"),
+    (b"UIDL", b"+OK 2 messages\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"),
     (b"UIDL 1", b"+OK 1 uid-1\r\n"),
     (b"UIDL 2", b"+OK 2 uid-2\r\n"),
     (b"UIDL 99", b"-ERR There is no such message.\r\n"),
@@ -336,11 +337,35 @@ def test_stream_failed(make_driver: Any) -> None:
     assert not d.closed
 
 
+@pytest.mark.parametrize("command", [b"CAPA", b"AUTH", b"LIST", b"UIDL", b"TOP 1 0", b"RETR 1", b"TOP 2 5"])
+def test_no_multiline_status_line_carries_a_period(make_driver: Any, command: bytes) -> None:
+    """nmap's POP3 library reads a CAPA answer up to the first ``.``: a period in the status
+    line hid the whole list. No multi-line response's status line has one."""
+    d = make_driver(SessionSettings(hostname="mail.example.org"))
+    if command not in (b"CAPA", b"AUTH"):
+        d.login()
+    status = d.send(command + b"\r\n").split(b"\r\n", 1)[0]
+    assert status.startswith(b"+OK") and b"." not in status, status
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_capa_read_the_way_nmap_reads_it(make_driver: Any, logged: bool) -> None:
+    """nselib/pop3.lua capabilities(): everything up to the first ``.``, split on CRLF."""
+    d = make_driver(SessionSettings(hostname="mail.example.org"))
+    if logged:
+        d.login()
+    seen = d.send(b"CAPA\r\n").split(b".", 1)[0].split(b"\r\n")
+    assert seen[0].startswith(b"+OK")
+    names = {line.split(b" ")[0] for line in seen[1:] if line}
+    assert {b"CAPA", b"TOP", b"UIDL", b"RESP-CODES", b"PIPELINING"} <= names
+    assert ({b"USER", b"SASL"} <= names) is not logged
+
+
 def test_capa_with_implementation_and_no_sasl(make_driver: Any) -> None:
     d = make_driver(SessionSettings(implementation="pop3shield", sasl_mechanisms=()))
-    assert d.send(b"CAPA\r\n") == (b"+OK Capability list follows.\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
+    assert d.send(b"CAPA\r\n") == (b"+OK Capability list follows\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\n"
                                    b"PIPELINING\r\nAUTH-RESP-CODE\r\nUSER\r\nIMPLEMENTATION pop3shield\r\n.\r\n")
-    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow.\r\n.\r\n"
+    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow\r\n.\r\n"
     assert d.send(b"AUTH PLAIN\r\n") == b"-ERR Unsupported authentication mechanism.\r\n"
 
 
@@ -387,16 +412,16 @@ def test_deleted_messages_are_excluded(make_driver: Any) -> None:
     d = logged_in(make_driver)
     assert d.send(b"DELE 1\r\n") == b"+OK Marked to be deleted.\r\n"
     assert d.send(b"STAT\r\n") == b"+OK 1 20\r\n"
-    assert d.send(b"LIST\r\n") == b"+OK 1 messages.\r\n2 20\r\n.\r\n"
-    assert d.send(b"UIDL\r\n") == b"+OK 1 messages.\r\n2 uid-2\r\n.\r\n"
+    assert d.send(b"LIST\r\n") == b"+OK 1 messages\r\n2 20\r\n.\r\n"
+    assert d.send(b"UIDL\r\n") == b"+OK 1 messages\r\n2 uid-2\r\n.\r\n"
     assert d.send(b"LIST 2\r\n") == b"+OK 2 20\r\n"
     for line in (b"LIST 1", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1"):
         assert d.send(line + b"\r\n") == b"-ERR Message is deleted.\r\n", line
     assert d.streams == []
     assert d.send(b"DELE 2\r\n") == b"+OK Marked to be deleted.\r\n"
     assert d.send(b"STAT\r\n") == b"+OK 0 0\r\n"
-    assert d.send(b"LIST\r\n") == b"+OK 0 messages.\r\n.\r\n"
-    assert d.send(b"UIDL\r\n") == b"+OK 0 messages.\r\n.\r\n"
+    assert d.send(b"LIST\r\n") == b"+OK 0 messages\r\n.\r\n"
+    assert d.send(b"UIDL\r\n") == b"+OK 0 messages\r\n.\r\n"
 
 
 def test_rset_restores(make_driver: Any) -> None:
@@ -644,7 +669,7 @@ def test_login_failed_defaults(make_driver: Any) -> None:
 def test_login_succeeded_with_an_empty_maildrop(make_driver: Any) -> None:
     d = make_driver(entries=[])
     assert d.send(b"USER bob\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n+OK Logged in, 0 messages (0 octets).\r\n"
-    assert d.send(b"STAT\r\nLIST\r\nLIST 1\r\n") == (b"+OK 0 0\r\n+OK 0 messages.\r\n.\r\n"
+    assert d.send(b"STAT\r\nLIST\r\nLIST 1\r\n") == (b"+OK 0 0\r\n+OK 0 messages\r\n.\r\n"
                                                      b"-ERR There is no such message.\r\n")
 
 
@@ -789,7 +814,7 @@ def test_sasl_exchange_ends_after_an_http_line(make_driver: Any) -> None:
 
 def test_auth_mechanism_not_offered(make_driver: Any) -> None:
     d = make_driver(SessionSettings(sasl_mechanisms=("PLAIN",)))
-    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow.\r\nPLAIN\r\n.\r\n"
+    assert d.send(b"AUTH\r\n") == b"+OK Supported mechanisms follow\r\nPLAIN\r\n.\r\n"
     assert d.send(b"AUTH LOGIN\r\n") == b"-ERR Unsupported authentication mechanism.\r\n"
     assert d.session.state is State.AUTHORIZATION
 
@@ -816,6 +841,33 @@ def test_sasl_continuation_pipelined_with_auth(make_driver: Any) -> None:
 
 
 # ================================================================== APOP
+
+
+@pytest.mark.parametrize("typed", ["mu\u0308ller", "m\u00fcller"])
+def test_user_name_is_passed_on_in_nfc(make_driver: Any, typed: str) -> None:
+    """A decomposed name (macOS) logs in as the composed one: one user, one maildrop, one log name."""
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"USER " + typed.encode() + b"\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n" + LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "USER", None)]
+    assert d.session.user == "m\u00fcller"
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"AUTH PLAIN " + plain(typed.encode()) + b"\r\n") == LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "PLAIN", None)]
+    d = make_driver(users={"m\u00fcller": PASSWORD})
+    assert d.send(b"AUTH LOGIN\r\n" + b64(typed.encode()) + b"\r\n" + b64(PASSWORD) + b"\r\n") == (
+        LOGIN_USER_PROMPT + LOGIN_PASS_PROMPT + LOGGED_IN)
+    assert d.logins == [A.Authenticate("m\u00fcller", PASSWORD, "LOGIN", None)]
+    d = make_driver(SessionSettings(apop=True), challenge=CHALLENGE, users={"m\u00fcller": DIGEST})
+    assert d.send(b"APOP " + typed.encode() + b" " + DIGEST + b"\r\n") == LOGGED_IN
+    assert d.logins == [A.Authenticate("m\u00fcller", DIGEST, "APOP", CHALLENGE)]
+
+
+@pytest.mark.parametrize("name", ["\u0926\u0947\u0935\u0928\u093e\u0917\u0930\u0940", "\u0e27\u0e34\u0e0a\u0e31\u0e22",
+                                  "\u5c71\u7530", "\u0414\u043c\u0438\u0442\u0440\u0438\u0439", "Jos\u00e9"])
+def test_user_names_of_other_scripts_log_in(make_driver: Any, name: str) -> None:
+    d = make_driver(users={name: PASSWORD})
+    assert d.send(b"USER " + name.encode() + b"\r\nPASS " + PASSWORD + b"\r\n") == b"+OK\r\n" + LOGGED_IN
+    assert d.reports == []
 
 
 def test_apop_disabled_by_default(make_driver: Any) -> None:
@@ -860,7 +912,7 @@ def test_pipelining_stops_at_authenticate(make_driver: Any) -> None:
     assert out == CAPA_AUTH + b"+OK\r\n"
     assert d.kinds() == ["Send", "Send", "Authenticate"]
     assert d.call("login_succeeded", d.entries) == (LOGGED_IN + b"+OK 2 30\r\n"
-                                                    b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n"
+                                                    b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n"
                                                     b"+OK Marked to be deleted.\r\n")
     assert d.kinds() == ["LoggedIn", "Send", "Send", "Send", "Send", "Commit"]
     assert d.new_actions[-1] == A.Commit(("k1",))
@@ -890,8 +942,8 @@ def test_pipelining_full_transcript(make_driver: Any) -> None:
                  b"TOP 2 0\r\nQUIT\r\n")
     body1 = stuff(b"Subject: message k1\r\n\r\nline one of k1\r\n.dotted line\r\nline three\r\n")
     body2 = stuff(b"Subject: message k2\r\n\r\nline one of k2\r\n.dotted line\r\nline three\r\n", 0)
-    assert out == (CAPA_AUTH + b"+OK\r\n" + LOGGED_IN + b"+OK 2 messages.\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"
-                   b"+OK 2 messages.\r\n1 10\r\n2 20\r\n.\r\n" + b"+OK 10 octets\r\n" + body1 +
+    assert out == (CAPA_AUTH + b"+OK\r\n" + LOGGED_IN + b"+OK 2 messages\r\n1 uid-1\r\n2 uid-2\r\n.\r\n"
+                   b"+OK 2 messages\r\n1 10\r\n2 20\r\n.\r\n" + b"+OK 10 octets\r\n" + body1 +
                    b"+OK Marked to be deleted.\r\n" + b"+OK\r\n" + body2 + BYE)
     assert d.commits == [A.Commit(("k1",))]
     assert d.closes == [A.Close("quit")]
@@ -928,7 +980,7 @@ def test_busy_session_holds_input(make_driver: Any) -> None:
 
 
 def test_overflow_while_busy(make_driver: Any) -> None:
-    d = logged_in(make_driver, settings_with(commands_limit=100000), auto=(A.Authenticate,))
+    d = logged_in(make_driver, settings_with(commands_after_login=100000), auto=(A.Authenticate,))
     d.send(b"RETR 1\r\n")
     d.send(b"NOOP\r\n" * 11000)  # 66000 octets of pipelined input
     assert d.new_actions == []
@@ -1035,6 +1087,15 @@ CASES = [
     Case("plain-empty-authcid", "empty_username", b"AUTH PLAIN " + b64(b"\x00\x00" + PASSWORD) + b"\r\n",
          b"-ERR [AUTH] No username given.\r\n", b"-ERR [AUTH] No username given.\r\n",
          command="AUTH PLAIN <hidden>"),
+    Case("plain-authzid-empty-authcid", "empty_username", b"AUTH PLAIN " + b64(b"admin\x00\x00" + PASSWORD) + b"\r\n",
+         b"-ERR [AUTH] No username given.\r\n", b"-ERR [AUTH] No username given.\r\n",
+         command="AUTH PLAIN <hidden>", detail={}),
+    Case("plain-authzid-empty-authcid-continuation", "empty_username",
+         b"AUTH PLAIN\r\n" + b64(b"admin\x00\x00" + PASSWORD) + b"\r\n",
+         b"+ \r\n-ERR [AUTH] No username given.\r\n", b"+ \r\n-ERR [AUTH] No username given.\r\n",
+         command="<SASL response, 32 octets>", detail={}),
+    Case("plain-authzid-blank-authcid", "empty_username", b"AUTH PLAIN " + b64(b"bob\x00  \x00" + PASSWORD) + b"\r\n",
+         b"-ERR [AUTH] No username given.\r\n", b"-ERR [AUTH] No username given.\r\n"),
     Case("plain-blank-authcid-continuation", "empty_username",
          b"AUTH PLAIN\r\n" + b64(b"\x00  \x00" + PASSWORD) + b"\r\n",
          b"+ \r\n-ERR [AUTH] No username given.\r\n", b"+ \r\n-ERR [AUTH] No username given.\r\n"),
@@ -1086,6 +1147,21 @@ CASES = [
          b"-ERR [AUTH] Invalid user name.\r\n"),
     Case("username-leading-dot", "non_compliant", b"USER .bob\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
          b"-ERR [AUTH] Invalid user name.\r\n"),
+    Case("username-hangul-filler", "non_compliant", "USER bob\u3164\r\n".encode(), b"-ERR [AUTH] Invalid user name.\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", command="USER bob\\xe3\\x85\\xa4",
+         detail={"reason": "user name has an invisible character"}),
+    Case("username-variation-selector", "non_compliant", "USER bob\ufe0f\r\n".encode(),
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         detail={"reason": "user name has an invisible character"}),
+    Case("username-mark-after-digit", "non_compliant", "USER bob1\u0301\r\n".encode(),
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         detail={"reason": "user name has a combining mark that follows no letter"}),
+    Case("username-plain-invisible", "non_compliant", b"AUTH PLAIN " + plain("bob\u3164".encode()) + b"\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         command="AUTH PLAIN <hidden>", detail={"reason": "user name has an invisible character"}),
+    Case("username-apop-invisible", "non_compliant", "APOP bob\u115f ".encode() + DIGEST + b"\r\n",
+         b"-ERR [AUTH] Invalid user name.\r\n", b"-ERR [AUTH] Invalid user name.\r\n",
+         session={"apop": True}, detail={"reason": "user name has an invisible character"}),
     Case("message-number", "non_compliant", b"DELE -1\r\n", b"-ERR Invalid message number.\r\n",
          b"-ERR Invalid message number.\r\n", state="transaction", command="DELE -1",
          detail={"reason": "malformed message number"}),
@@ -1122,7 +1198,9 @@ CASES = [
     Case("commands", "max_commands", b"CAPA\r\n", b"-ERR Too many commands.\r\n", CAPA_AUTH,
          setup=b"CAPA\r\n" * 3, settings={"commands_limit": 3}, command="CAPA", detail={"count": 4, "limit": 3}),
     Case("commands-login", "max_commands", b"STAT\r\n", b"-ERR Too many commands.\r\n", b"+OK 2 30\r\n",
-         state="transaction", settings={"commands_limit": 2}),
+         state="transaction", setup=b"NOOP\r\n" * 4,
+         settings={"commands_limit": 2, "commands_after_login": 2, "commands_per_message": 1},
+         command="STAT", detail={"count": 5, "limit": 4}),
     # max_bad_commands
     Case("bad-commands", "max_bad_commands", b"XYZZ\r\n", b"-ERR Too many bad commands.\r\n", UNKNOWN,
          setup=b"XYZZ\r\n" * 10, command="<error reply>", detail={"count": 11, "limit": 10}),
@@ -1222,22 +1300,109 @@ def test_successful_commands_do_not_count_as_bad(make_driver: Any) -> None:
     assert d.send(b"LIST 99\r\n") == b"-ERR Too many bad commands.\r\n"
 
 
-def test_max_commands_default_limit(make_driver: Any) -> None:
-    d = logged_in(make_driver)  # USER and PASS count
-    d.send(b"NOOP\r\n" * 9998)
+def test_max_commands_before_login_default(make_driver: Any) -> None:
+    """50 commands before login: CAPA, USER, PASS and retries fit many times over."""
+    d = make_driver()
+    d.send(b"CAPA\r\n" * 48 + b"USER bob\r\n")
     assert not d.closed
+    assert d.send(b"USER bob\r\n") == b"+OK\r\n"  # the 50th
+    assert d.send(b"PASS " + PASSWORD + b"\r\n") == b"-ERR Too many commands.\r\n"
+    assert d.closes == [A.Close("prevented:max_commands")]
+    [event] = d.reports
+    assert event.command == "PASS <hidden, 15 octets>"
+    assert event.detail == {"count": 51, "limit": 50}
+    assert d.logins == []
+
+
+def test_max_commands_after_login_default(make_driver: Any) -> None:
+    """After login 1000 + 5 per message, counted from the login on."""
+    d = make_driver()
+    d.send(b"CAPA\r\n" * 48)
+    assert d.login() == b"+OK\r\n" + LOGGED_IN  # commands 49 and 50 of the login phase
+    d.send(b"NOOP\r\n" * 1009)
+    assert not d.closed
+    assert d.send(b"NOOP\r\n") == b"+OK\r\n"  # 1000 + 5 * 2 messages
     assert d.send(b"NOOP\r\n") == b"-ERR Too many commands.\r\n"
     assert d.closes == [A.Close("prevented:max_commands")]
     [event] = d.reports
-    assert event.detail == {"count": 10001, "limit": 10000}
+    assert event.detail == {"count": 1011, "limit": 1010}
+
+
+@pytest.mark.parametrize("messages, limit", [(0, 7), (1, 10), (4, 19)])
+def test_max_commands_after_login_grows_with_the_maildrop(make_driver: Any, kit: Any, messages: int,
+                                                          limit: int) -> None:
+    entries = [kit.Entry(f"k{i}", f"uid-{i}", 10) for i in range(messages)]
+    settings = settings_with(commands_after_login=7, commands_per_message=3)
+    d = make_driver(settings, entries=entries)
+    d.login()
+    d.send(b"NOOP\r\n" * limit)
+    assert not d.closed and d.reports == []
+    assert d.send(b"STAT\r\n") == b"-ERR Too many commands.\r\n"
+    [event] = d.reports
+    assert event.detail == {"count": limit + 1, "limit": limit}
+
+
+@pytest.mark.parametrize("action", [Action.DETECT, Action.INACTIVE])
+def test_max_commands_after_login_detect_goes_on(make_driver: Any, action: Action) -> None:
+    d = logged_in(make_driver, settings_with(max_commands=action, commands_after_login=3, commands_per_message=0))
+    assert d.send(b"NOOP\r\n" * 5 + b"STAT\r\n") == b"+OK\r\n" * 5 + b"+OK 2 30\r\n"
+    assert not d.closed
+    assert [e.detail for e in d.reports] == ([{"count": 4, "limit": 3}] if action is Action.DETECT else [])
+
+
+def test_a_big_mailbox_is_emptied_in_one_session(make_driver: Any, kit: Any) -> None:
+    """12,000 messages, each with LIST n, UIDL n, TOP n 0, RETR n and DELE n, as fetchmail and
+    getmail do (60,000 commands and more): no protection fires and QUIT commits every DELE."""
+    count = 12000
+    entries = [kit.Entry(f"k{i}", f"uid-{i}", 10) for i in range(1, count + 1)]
+    d = make_driver(entries=entries)
+    d.send(b"CAPA\r\n")
+    d.login()
+    d.send(b"STAT\r\nUIDL\r\nLIST\r\n")
+    for n in range(1, count + 1):
+        number = str(n).encode()
+        d.send(b"LIST " + number + b"\r\nUIDL " + number + b"\r\nTOP " + number + b" 0\r\nRETR "
+               + number + b"\r\nDELE " + number + b"\r\n")
+    d.send(b"STAT\r\nNOOP\r\n" * 400)
+    assert d.reports == [] and not d.closed
+    assert d.send(b"QUIT\r\n") == BYE
+    assert d.commits == [A.Commit(tuple(e.key for e in entries))]
+    assert d.reports == []
+
+
+def test_requests_for_deleted_messages_are_not_bad_commands(make_driver: Any) -> None:
+    """A client that asks again for what it deleted gets -ERR, but it is not attacking."""
+    d = logged_in(make_driver)
+    d.send(b"DELE 1\r\n")
+    for _ in range(5):
+        for line in (b"LIST 1", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1"):
+            assert d.send(line + b"\r\n") == b"-ERR Message is deleted.\r\n", line
+    assert not d.closed and d.reports == []
+    # the bad-command count is untouched: ten real errors are still allowed, the eleventh is not
+    assert d.send(b"LIST 99\r\n" * 10) == b"-ERR There is no such message.\r\n" * 10
+    assert d.send(b"LIST 99\r\n") == b"-ERR Too many bad commands.\r\n"
+    assert d.closes == [A.Close("prevented:max_bad_commands")]
+    assert d.reports[0].detail == {"count": 11, "limit": 10}
+
+
+def test_a_vanished_message_is_not_a_bad_command(make_driver: Any) -> None:
+    """RETR of a file another program removed: -ERR [SYS/TEMP], and the client did nothing wrong."""
+    d = logged_in(make_driver, auto=(A.Authenticate,))
+    for _ in range(12):
+        d.send(b"RETR 1\r\n")
+        assert d.call("stream_failed") == b"-ERR [SYS/TEMP] Message is no longer available.\r\n"
+    assert not d.closed and d.reports == []
 
 
 def test_sasl_lines_are_not_commands(make_driver: Any) -> None:
-    d = make_driver(settings_with(commands_limit=2))
+    d = make_driver(settings_with(commands_limit=1))
     assert d.send(b"AUTH LOGIN\r\n" + b64(b"bob") + b"\r\n" + b64(PASSWORD) + b"\r\n") == (
         LOGIN_USER_PROMPT + LOGIN_PASS_PROMPT + LOGGED_IN)
-    assert d.send(b"NOOP\r\n") == b"+OK\r\n"
-    assert d.send(b"NOOP\r\n") == b"-ERR Too many commands.\r\n"
+    assert d.reports == []
+    d = make_driver(settings_with(commands_limit=1))
+    assert d.send(b"AUTH PLAIN\r\n" + plain() + b"\r\n") == b"+ \r\n" + LOGGED_IN
+    d = make_driver(settings_with(commands_limit=1))
+    assert d.send(b"CAPA\r\nAUTH PLAIN\r\n") == CAPA_AUTH + b"-ERR Too many commands.\r\n"
 
 
 @pytest.mark.parametrize("terminator", [b"\r\n", b"\n"])
@@ -1577,7 +1742,7 @@ SECRET_PATHS = {
     "pass-nops": b"USER bob\r\nPASS " + SECRET + NOPS + b"\r\n",
     "pass-no-user": b"PASS " + SECRET + b"\r\n",
     "pass-after-bad-commands": b"XYZZ\r\n" * 10 + b"USER bob\r\nPASS " + SECRET + b"\r\n" * 3,
-    "pass-over-command-limit": b"NOOP\r\n" * 10000 + b"PASS " + SECRET + b"\r\n",
+    "pass-over-command-limit": b"NOOP\r\n" * 50 + b"PASS " + SECRET + b"\r\n",
     "pass-tab": b"USER bob\r\nPASS\t" + SECRET + b"\r\n",
     "auth-plain-nul": b"AUTH PLAIN " + SECRET_BLOB + b"\x00\r\n",
     "auth-plain-bad-base64": b"AUTH PLAIN " + SECRET_BLOB + b"!\r\n",

@@ -76,6 +76,9 @@ def session_settings(draw: Any) -> SessionSettings:
         strict_crlf=draw(st.booleans()),
         unknown_commands=draw(st.sampled_from(["bad_command", "violation"])),
         bad_commands_limit=draw(st.sampled_from([10, 3, 1000])),
+        commands_limit=draw(st.sampled_from([50, 2])),
+        commands_after_login=draw(st.sampled_from([1000, 3])),
+        commands_per_message=draw(st.sampled_from([5, 0, 1])),
     )
     return SessionSettings(protections=protections, apop=draw(st.booleans()),
                            input_buffer_limit=draw(st.sampled_from([65536, 1024, 20000])))
@@ -216,7 +219,7 @@ def test_the_response_checker_rejects_malformed_responses() -> None:
 
     check_send(b"+OK\r\n")
     check_send(b"+ \r\n")
-    check_send(b"+OK 2 messages.\r\n1 10\r\n..x\r\n.\r\n")
+    check_send(b"+OK 2 messages\r\n1 10\r\n..x\r\n.\r\n")
     for bad in [b"+OK", b"OK\r\n", b"+OK\r\n+OK\r\n", b"+OK x\rforged\r\n", b"-ERR\n", b"+OK\r\n.x\r\n.\r\n",
                 b"-ERR x\r\nbody\r\n.\r\n", b"+OK " + b"x" * 509 + b"\r\n", b"+OK\r\n.\r\n.\r\n", b"+\r\n"]:
         with pytest.raises(AssertionError):
