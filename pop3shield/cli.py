@@ -105,8 +105,10 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     (fields after the password, extra fields included) before the password is asked for; only
     that line is checked, the others are kept byte for byte.
     """
+    from pop3shield.core.grammar import normalise_username
     from pop3shield.passwd import PasswdError, format_entry, hash_password
 
+    args.user = normalise_username(args.user)  # stored as the server compares it: NFC
     problem = _username_problem(args.user, args.username_chars)
     if problem:
         return _fail(f"user name '{_shown(args.user)}': {problem}")
@@ -159,6 +161,16 @@ def _username_problem(user: str, extra_chars: str) -> str | None:
     return None
 
 
+def _stored_name(line: bytes) -> str | None:
+    """A line's user name as the server compares it (NFC), None if it is not UTF-8."""
+    import unicodedata
+
+    try:
+        return unicodedata.normalize("NFC", line.split(b":", 1)[0].decode("utf-8"))
+    except UnicodeDecodeError:
+        return None
+
+
 class _Plan:
     """What ``passwd --file`` will write: the file read once, where the user's line is."""
 
@@ -191,9 +203,8 @@ def _plan_store(name: str, user: str) -> _Plan:
         raise PasswdError(name, None, f"cannot read: {exc.strerror or exc}") from None
     lines = data.split(b"\n")
     lines = [line + b"\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    key = user.encode("utf-8")
     found = [i for i, line in enumerate(lines)
-             if not line.lstrip().startswith(b"#") and line.split(b":", 1)[0] == key]
+             if not line.lstrip().startswith(b"#") and _stored_name(line) == user]
     if len(found) > 1:
         raise PasswdError(name, found[1] + 1, f"user {user!r} appears again (first on line {found[0] + 1})")
     if not found:

@@ -354,7 +354,9 @@ def _parse_text(path: str, number: int, line: str, allow_plaintext: bool) -> Pas
     fields = line.split(":")
     if len(fields) < 2:
         raise PasswdError(path, number, "expected user:{SCHEME}hash")
-    user = fields[0]
+    # the session passes user names on in NFC (core.grammar.normalise_username), so a name
+    # stored decomposed (as macOS types it) must be compared in that form too
+    user = unicodedata.normalize("NFC", fields[0])
     problem = user_problem(user)
     if problem:
         raise PasswdError(path, number, problem)

@@ -204,7 +204,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                  "logins_failed={logins_failed} deleted={deleted}",
                  session=self.session_id, ended=ended, address=self.ctx.client_address, port=self.ctx.client_port,
                  user=self._user or "-", duration=max(0.0, now - self._started),
-                 commands=getattr(self.session, "_commands", None), octets_in=self._octets_in,
+                 commands=self.session.commands if self.session is not None else 0, octets_in=self._octets_in,
                  logins_failed=self._logins_failed, deleted="-" if self._deleted is None else self._deleted)
 
     # ------------------------------------------------------------------ actions

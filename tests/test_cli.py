@@ -547,3 +547,15 @@ def test_passwd_reports_unwritable_places_and_long_bcrypt_passwords_in_one_line(
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert _only_line(_store(tmp_path, fifo)) == f"pop3shield: {fifo}: not a regular file"
+
+
+def test_passwd_stores_the_nfc_name_and_replaces_a_decomposed_line(tmp_path: Path) -> None:
+    """The server compares user names in NFC: the command writes that form, and a line stored
+    decomposed is that user's line, replaced rather than duplicated."""
+    passwd = tmp_path / "users.passwd"
+    passwd.write_bytes("mu\u0308ller:{PLAIN}old\nbob:{PLAIN}x\n".encode("utf-8"))
+    result = _store(tmp_path, passwd, "mu\u0308ller")
+    assert result.returncode == 0, result.stderr
+    lines = passwd.read_bytes().split(b"\n")
+    assert lines[0].split(b":")[0] == "m\u00fcller".encode("utf-8")
+    assert lines[1:] == [b"bob:{PLAIN}x", b""]

@@ -503,3 +503,17 @@ def test_line_problem_checks_one_line() -> None:
     assert passwd_module.line_problem("a:{PLAIN}x::::::nopassword", allow_plaintext=True) == (
         "extra field 'nopassword' is not supported: it would accept any password")
     assert passwd_module.line_problem("a:{PLAIN}x") == "{PLAIN} entries need auth.allow_plaintext = true"
+
+
+def test_user_names_are_loaded_in_nfc_as_the_session_sends_them(tmp_path) -> None:
+    """The session passes user names on in NFC; a name stored decomposed must still match, and
+    the two spellings of one name are one user."""
+    from pop3shield.passwd import load_passwd as load
+
+    decomposed = "mu\u0308ller"
+    path = tmp_path / "users.passwd"
+    path.write_text(f"{decomposed}:{{PLAIN}}pw\n", encoding="utf-8")
+    assert list(load(path, allow_plaintext=True)) == ["m\u00fcller"]
+    path.write_text(f"{decomposed}:{{PLAIN}}pw\nm\u00fcller:{{PLAIN}}pw2\n", encoding="utf-8")
+    with pytest.raises(PasswdError, match=":2: duplicate user"):
+        load(path, allow_plaintext=True)

@@ -76,7 +76,8 @@ class Session:
         self._started = False
         self._early_data = False
         self._seen_input = False
-        self._commands = 0
+        self._commands = 0  # toward max_commands: restarts at login
+        self.commands = 0  # every command of the connection, for the shell's session log line
         self._command_limit = settings.protections.commands_limit
         self._errors = 0
         self._messages: list[MessageEntry] = []
@@ -322,6 +323,7 @@ class Session:
         """A line over the limit: the line-length protection, plus an exploit check of its ends."""
         if self.state is not State.SASL:
             self._commands += 1
+            self.commands += 1
         sample = self._sample(line.head)
         trigger = self.engine.trigger(
             "max_line_length", sample, length=line.length, limit=self._soft_limit(), complete=line.terminated
@@ -343,6 +345,7 @@ class Session:
         sample = self._sample(line.content)
         if self.state is not State.SASL:
             self._commands += 1
+            self.commands += 1
             if self._commands > self._command_limit:
                 trigger = self.engine.trigger(
                     "max_commands", sample, count=self._commands, limit=self._command_limit

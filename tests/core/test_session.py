@@ -1328,6 +1328,15 @@ def test_max_commands_after_login_default(make_driver: Any) -> None:
     assert event.detail == {"count": 1011, "limit": 1010}
 
 
+def test_commands_counts_the_whole_connection_across_login(make_driver: Any) -> None:
+    """``max_commands`` restarts at login; the count the server log reports does not."""
+    d = make_driver()
+    d.send(b"CAPA\r\n" * 3)
+    d.login()  # USER, PASS
+    d.send(b"NOOP\r\nSTAT\r\n")
+    assert d.session.commands == 7
+
+
 @pytest.mark.parametrize("messages, limit", [(0, 7), (1, 10), (4, 19)])
 def test_max_commands_after_login_grows_with_the_maildrop(make_driver: Any, kit: Any, messages: int,
                                                           limit: int) -> None:
