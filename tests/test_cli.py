@@ -167,6 +167,17 @@ def _plugin_installed() -> bool:
     return probe.returncode == 0
 
 
+def start_twistd(conf: Path, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """``twistd -n pop3shield --config CONF`` logging to ``log``; the process and its port."""
+    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
+                             str(conf)], env=env, cwd=conf.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc, int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
+    except BaseException:
+        stop(proc)
+        raise
+
+
 @pytest.mark.skipif(not _plugin_installed() and not IN_CI, reason="needs `pip install .` (the plugin file lives in "
                     "site-packages/twisted/plugins)")
 def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
@@ -176,10 +187,8 @@ def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
     assert re.search(r"^\s+pop3shield\s+pop3shield: a hardened POP3", helptext.stdout, re.M), helptext.stdout
     conf = good_config(tmp_path)
     log = tmp_path / "twistd.log"
-    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
-                             str(conf)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = start_twistd(conf, log, env)
     try:
-        port = int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
         client = poplib.POP3("127.0.0.1", port, timeout=10)
         assert client.getwelcome() == b"+OK cli.test POP3 ready."
         client.user("alice")
@@ -208,10 +217,8 @@ def test_twistd_log_lines_are_escaped_too(tmp_path: Path) -> None:
     message = new / "1700000001.M2P2.\x1b[31mred\nFORGED line"
     message.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
     log = tmp_path / "twistd.log"
-    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
-                             str(conf)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = start_twistd(conf, log, env)
     try:
-        port = int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
         client = poplib.POP3("127.0.0.1", port, timeout=10)
         client.user("alice")
         client.pass_("alice-pw")
