@@ -318,7 +318,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._run(self.session.stream_failed())
             return
         # part of the response is out: it cannot be completed, so the connection is cut
-        log.warn("session {session} message cut off, connection aborted: {error}", session=self.session_id,
+        log.warn("session {session} message cut off mid-response, connection cut: {error}", session=self.session_id,
                  error=failure.getErrorMessage())
         self.session.connection_lost()
         self.transport.abortConnection()
