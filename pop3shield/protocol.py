@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
+from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -258,7 +259,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
         ctx = self.ctx
         client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
-        d = self.factory.backend.login(credentials, client)
+        d = defer.maybeDeferred(self.factory.backend.login, credentials, client)
         d.addCallbacks(self._login_ok, self._login_error)
         d.addErrback(self._log_failure, "login")
 
@@ -299,8 +300,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
         self._streaming = True
         consumer = _ClientStream(self.transport, self.resetTimeout)
-        d = self.mailbox.send_message(action.key, action.body_lines, action.status, consumer,
-                                      prefetch=action.prefetch)
+        d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
+                                consumer, prefetch=action.prefetch)
         d.addCallbacks(self._stream_done, self._stream_error)
 
     def _stream_done(self, sent: int) -> None:
@@ -328,7 +329,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_Commit(self, action: A.Commit) -> None:
         self._committing = True
         mailbox, self.mailbox = self.mailbox, None
-        d = mailbox.commit(action.delete)
+        d = defer.maybeDeferred(mailbox.commit, action.delete)
         d.addErrback(self._commit_error, action.delete)
         d.addCallback(self._committed, action.delete)
 
@@ -345,6 +346,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _log_failure(self, failure: Failure, what: str) -> None:
         log.failure("session {session}: {what} failed", failure, session=self.session_id, what=what)
+
+
+def _detector_quick_check() -> Any:
+    """The malicious-code detector's fast tier (pure Python, runs on the reactor)."""
+    from pop3shield.mcp import quick_check
+
+    return quick_check
 
 
 class POP3ServerFactory(ServerFactory):
@@ -382,7 +390,8 @@ class POP3ServerFactory(ServerFactory):
         self.greeting_delay = greeting_delay
         self.limits = ConnectionLimits(max_connections, max_connections_per_ip)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
-        self.quick_check = quick_check
+        #: the detector's fast tier handed to each session; by default the malicious-code detector's
+        self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
 

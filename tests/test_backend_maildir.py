@@ -252,14 +252,20 @@ class MemoryBackend:
         return defer.maybeDeferred(self.outcome, credentials, client)
 
 
+class Clean:
+    malicious = False
+    reasons = ()
+
+
 class NoAnalysis:
     def analyze(self, arguments):  # noqa: ANN001
-        return defer.succeed([])
+        return defer.succeed([Clean() for _ in arguments])
 
 
 def serve(backend: MemoryBackend, clock: Clock, **kw: Any) -> tuple[Any, StringTransport]:
     factory = POP3ServerFactory(SessionSettings(hostname="test.invalid"), backend, EventLog(None, clock=clock.seconds),
-                                reactor=clock, analyzer=NoAnalysis(), quick_check=None, **kw)
+                                reactor=clock, analyzer=NoAnalysis(), quick_check=lambda arg, field: Clean(),
+                                **kw)
     proto = factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 40000),
                                 hostAddress=IPv4Address("TCP", "127.0.0.1", 110))
@@ -359,6 +365,18 @@ def test_protocol_knows_no_maildir() -> None:
         assert module not in imported
 
 
+def test_the_factory_screens_with_the_detector_unless_told_otherwise() -> None:
+    from pop3shield.mcp import quick_check
+
+    clock = Clock()
+    events = EventLog(None, clock=clock.seconds)
+    default = POP3ServerFactory(SessionSettings(), MemoryBackend(raises(LoginRefused())), events, reactor=clock,
+                                analyzer=NoAnalysis())
+    assert default.quick_check is quick_check
+    proto, transport = serve(MemoryBackend(raises(LoginRefused())), clock)
+    assert proto.session._quick_check is proto.factory.quick_check
+
+
 def test_build_backend_picks_the_configured_type(tmp_path: Path) -> None:
     (tmp_path / "mail").mkdir()
     (tmp_path / "users").write_text("alice:{PLAIN}pw::::::\n", encoding="utf-8")
@@ -377,3 +395,23 @@ def test_build_backend_picks_the_configured_type(tmp_path: Path) -> None:
     odd = dataclasses.replace(config, backend=dataclasses.replace(config.backend, type="carrier-pigeon"))
     with pytest.raises(ConfigError, match=r"backend.type: unknown backend type 'carrier-pigeon' \(known: maildir\)"):
         build_backend(odd, reactor)
+
+
+def test_a_backend_that_raises_instead_of_failing_its_deferred_still_gets_answers() -> None:
+    clock = Clock()
+
+    class Broken(MemoryMailbox):
+        def commit(self, keys):  # noqa: ANN001
+            raise OSError("disk gone")
+
+        def send_message(self, key, lines, status, consumer, prefetch=None):  # noqa: ANN001
+            raise RuntimeError("a bug")
+
+    proto, transport = serve(MemoryBackend(lambda credentials, client: Broken({"a": b"x\r\n"})), clock)
+    proto.dataReceived(b"USER carol\r\nPASS pw\r\nDELE 1\r\nQUIT\r\n")
+    assert transport.value().endswith(b"+OK Marked to be deleted.\r\n"
+                                      b"-ERR [SYS/TEMP] 1 messages could not be deleted.\r\n")
+    proto, transport = serve(MemoryBackend(lambda credentials, client: Broken({"a": b"x\r\n"})), clock)
+    proto.dataReceived(b"USER carol\r\nPASS pw\r\nRETR 1\r\n")
+    assert transport.value().endswith(b"+OK Logged in, 1 messages (3 octets).\r\n")
+    assert transport.disconnecting or getattr(transport, "disconnected", False)  # cut, never half an answer
