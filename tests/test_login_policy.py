@@ -29,11 +29,11 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog
 from pop3shield.maildir import Maildir
-from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
 from tests.support.dovecot import DovecotServer

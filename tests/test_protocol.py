@@ -17,10 +17,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.core.settings import Action, ProtectionSettings, ProtectionsConfig, SessionSettings
 from pop3shield.events import EventLog
 from pop3shield.maildir import Maildir
-from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
 from pop3shield.streaming import CHUNK

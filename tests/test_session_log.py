@@ -20,10 +20,10 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog
 from pop3shield.maildir import Maildir
-from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
 
