@@ -1,4 +1,4 @@
-"""The ``pop3shield`` command: ``run``, ``check-config`` and ``passwd``."""
+"""The ``pop3shield`` command: ``run``, ``check-config``, ``passwd`` and ``events``."""
 
 from __future__ import annotations
 
@@ -294,6 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="characters allowed in user names besides letters and digits, as the server's "
                          f"username_chars (default {DEFAULT_USERNAME_EXTRA!r})")
     pw.set_defaults(func=cmd_passwd)
+    from pop3shield import eventview
+
+    ev = sub.add_parser("events", help="summarise, filter, follow or report the security event file")
+    eventview.add_arguments(ev)
+    ev.set_defaults(func=eventview.main)
     return parser
 
 
