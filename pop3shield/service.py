@@ -296,7 +296,11 @@ def make_service(config: Config, reactor: Any = None,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events).setServiceParent(top)
-    for description in server.listen:
-        ListenService(description, factory, reactor, announce).setServiceParent(top)
+    listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    for listener in listeners:
+        listener.setServiceParent(top)
+    from pop3shield.sdnotify import ReadyNotifier
+
+    ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
     top.factory = factory  # type: ignore[attr-defined]
     return top
