@@ -214,8 +214,13 @@ class ListenService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        self.listening = endpoint.listen(self.factory)
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+            self.listening = endpoint.listen(self.factory)
+        except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
+            if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
+                exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
+            self.listening = defer.fail(exc)
         self.listening.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: Any) -> Any:
