@@ -212,7 +212,7 @@ def test_bounded_counter_keeps_the_frequent_keys() -> None:
 
 
 def test_histogram_coarsens_instead_of_growing() -> None:
-    histogram = Histogram(width=60, max_buckets=16)
+    histogram = Histogram(width=60, max_buckets=16)  # minutes
     for minute in range(1000):
         histogram.add(minute * 60.0, "non_compliant")
     histogram.add(-1e12, "x")  # a forged time far away

@@ -50,7 +50,7 @@ class BoundedCounter:
 class Histogram:
     """Events per time bucket and protection; buckets double in width past ``max_buckets``."""
 
-    def __init__(self, width: float = 60.0, max_buckets: int = 2048, max_series: int = 32) -> None:
+    def __init__(self, width: float = 1.0, max_buckets: int = 2048, max_series: int = 32) -> None:
         self.width = width
         self.max_buckets = max_buckets
         self.max_series = max_series

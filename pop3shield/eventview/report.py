@@ -30,7 +30,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:16px;margin:24px 0 8px}
 .row{display:flex;flex-wrap:wrap;gap:32px}
 svg text{font:11px sans-serif;fill:#333}
 table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ddd;padding:3px 6px;text-align:left;
-vertical-align:top}th{background:#f3f3f3}td.cmd{font-family:monospace;max-width:420px;overflow-wrap:anywhere}
+vertical-align:top}th{background:#f3f3f3}td.time{white-space:nowrap}td.cmd{font-family:monospace;max-width:420px;overflow-wrap:anywhere}
 .legend span{display:inline-block;margin-right:14px}.legend i{display:inline-block;width:10px;height:10px;
 margin-right:4px}.muted{color:#777}
 """
@@ -79,7 +79,7 @@ def time_chart(agg: Aggregate, colours: dict[str, str], width: int = 760, height
     for index in (0, len(buckets) - 1) if len(buckets) > 1 else (0,):
         x = left + index * bar_w + (bar_w if index else 0)
         anchor = "end" if index else "start"
-        label = rfc3339(buckets[index][0] + (step if index else 0))[:16].replace("T", " ")
+        label = rfc3339(buckets[index][0] + (step if index else 0))[:19 if step < 60 else 16].replace("T", " ")
         parts.append(f'<text x="{x:.1f}" y="{height - 10}" text-anchor="{anchor}">{label}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -120,7 +120,7 @@ def render(agg: Aggregate, sources: Sequence[str], top: int = 10) -> str:
     for data in reversed(agg.latest):
         client = data.get("client") if isinstance(data.get("client"), dict) else {}
         rows.append("<tr>" + "".join(f"<td{cls}>{h(value)}</td>" for cls, value in (
-            ("", data.get("time")), ("", data.get("action")), ("", data.get("protection")),
+            (' class="time"', data.get("time")), ("", data.get("action")), ("", data.get("protection")),
             ("", client.get("address")), ("", data.get("user") if data.get("user") is not None else "-"),
             (' class="cmd"', data.get("command") if data.get("command") is not None else "-"),
             ("", data.get("attack_info")), ("", data.get("session")))) + "</tr>")
