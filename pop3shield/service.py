@@ -308,4 +308,5 @@ def make_service(config: Config, reactor: Any = None,
 
     ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
     top.factory = factory  # type: ignore[attr-defined]
+    top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     return top
