@@ -103,3 +103,56 @@ def test_line_observer_reopen_keeps_the_old_file_when_the_new_cannot_be_opened(t
     assert (tmp_path / "server.log.1").read_text().count("] one") == 1
     assert "] two" in (tmp_path / "server.log.1").read_text()
     LineObserver(io.StringIO(), format_text).reopen()  # a stream without a path: nothing to do
+
+
+def test_logrotate_with_the_example_file(tmp_path: Path) -> None:
+    """The example logrotate file, run for real (twice, forced) against a running server: the
+    renamed files stop growing, new lines go to new files, and ``pop3shield events`` reads the
+    whole set, the compressed rotation included."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support import require_binary
+    from tests.support.pop3shield_server import REPO_ROOT
+
+    logrotate = require_binary("logrotate")
+    root = tmp_path / "mail"
+    write_maildir(root / "alice" / "Maildir")
+    server = Pop3ShieldServer()
+    server.start(tmp_path / "run", {"alice": PASSWORD}, root)
+    run = tmp_path / "run"
+    text = (REPO_ROOT / "etc" / "logrotate.d" / "pop3shield").read_text()
+    text = text.replace("/var/log/pop3shield/pop3shield.log", str(server.log_path))
+    text = text.replace("/var/log/pop3shield/events.jsonl", str(server.events_path))
+    text = text.replace("create 0640 vmail vmail", "create 0640")  # no vmail account here
+    start = text.index("        systemctl kill")
+    text = text[:start] + f"        kill -HUP {server.proc.pid}\n" + text[text.index("    endscript"):]
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(text)
+    conf.chmod(0o644)
+
+    def rotate() -> None:
+        done = subprocess.run([logrotate, "-f", "-s", str(tmp_path / "state"), str(conf)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    try:
+        for round_ in range(3):
+            _attack(server, f"USER <round-{round_}>\r\n".encode())
+            assert _wait_for(lambda: f"round-{round_}" in server.events_path.read_text())
+            if round_ < 2:
+                rotate()
+                assert _wait_for(lambda: "SIGHUP: log and event files reopened" in server.log_path.read_text())
+    finally:
+        server.stop()
+    names = sorted(p.name for p in run.iterdir() if p.name.startswith("events.jsonl"))
+    assert names == ["events.jsonl", "events.jsonl.1", "events.jsonl.2.gz"]
+    assert "round-2" in server.events_path.read_text() and "round-1" in (run / "events.jsonl.1").read_text()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    files = [str(run / "events.jsonl.2.gz"), str(run / "events.jsonl.1"), str(server.events_path)]
+    done = subprocess.run([sys.executable, "-m", "pop3shield", "events", "--json", *files],
+                          capture_output=True, text=True, timeout=60, env=env)
+    summary = json.loads(done.stdout)
+    assert summary["security_events"] == 3 and summary["malformed"] == 0
+    assert [e["command"] for e in summary["latest"]] == [f"USER <round-{n}>" for n in range(3)]
