@@ -346,3 +346,27 @@ def test_following_a_compressed_file_is_refused(tmp_path: Path, capsys) -> None:
     (tmp_path / "e.gz").write_bytes(gzip.compress(b"{}\n"))
     assert main(["events", "--follow", str(tmp_path / "e.gz")]) == 2
     assert "cannot follow a compressed file" in capsys.readouterr().err
+
+
+def test_latest_keeps_a_bounded_copy_of_each_record(tmp_path: Path) -> None:
+    huge = security("2026-12-04T10:00:00Z", command="USER " + "x" * 500_000, user="u" * 300_000)
+    huge["detail"] = {"blob": "y" * 100_000}
+    huge["client"]["extra"] = "z" * 100_000
+    agg = Aggregate()
+    agg.extend(_records(tmp_path, [huge]))
+    kept = agg.latest[0]
+    assert len(json.dumps(kept)) < 3000
+    assert kept["client"] == {"address": "203.0.113.9", "port": 40112} and "detail" not in kept
+    assert kept["command"].startswith("USER xxx") and kept["command"].endswith("...")
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path: Path) -> None:
+    """``--follow | head -1``: the second write fails, the command ends quietly, exit status 0."""
+    path = write(tmp_path / "e.jsonl", SAMPLE * 2000)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(f"'{sys.executable}' -m pop3shield events --follow --json --latest 10000 '{path}' | head -1;"
+                          " echo \"status=${PIPESTATUS[0]}\"", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, env=env, timeout=60)
+    first, status = done.stdout.splitlines()
+    assert json.loads(first)["type"] == "security"
+    assert status == "status=0" and done.stderr == ""

@@ -8,6 +8,7 @@ protection, source, user), :mod:`.aggregate` (bounded counters), :mod:`.terminal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -89,10 +90,14 @@ def main(args: argparse.Namespace, out: IO[str] | None = None) -> int:
         if args.follow:
             return _follow(args, _filter(args), out)
         return _summarise(args, _filter(args), out)
+    except BrokenPipeError:  # `| head`: the reader has seen enough; nothing more to flush at exit
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
+        return 0
     except OSError as exc:
         return _fail(f"{exc.filename or 'events'}: cannot read: {exc.strerror or exc}")
-    except BrokenPipeError:  # pragma: no cover - `| head`
-        return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 def _summarise(args: argparse.Namespace, selection: Filter, out: IO[str]) -> int:

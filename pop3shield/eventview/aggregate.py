@@ -137,7 +137,7 @@ class Aggregate:
                 self.users.add(_text(user))
             if record.when is not None:
                 self.histogram.add(record.when, protection)
-            self.latest.append(data)
+            self.latest.append(_trimmed(data))
         elif kind == "summary":
             repeats = data.get("repeats")
             if isinstance(repeats, dict):
@@ -196,3 +196,26 @@ def _text(value: Any, limit: int = 200) -> str:
         return "-"
     text = value if isinstance(value, str) else str(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+#: what the latest-events table and --json keep of a record, each string cut to LATEST_TEXT
+LATEST_FIELDS = ("time", "type", "session", "client", "user", "protection", "attack_name", "attack_info",
+                 "action", "command")
+LATEST_TEXT = 1000
+
+
+def _trimmed(data: dict[str, Any]) -> dict[str, Any]:
+    """A bounded copy of a record for the latest N (a forged line may be a megabyte)."""
+    out: dict[str, Any] = {}
+    for key in LATEST_FIELDS:
+        value = data.get(key)
+        if isinstance(value, str):
+            value = _text(value, LATEST_TEXT)
+        elif isinstance(value, dict):
+            value = {k: (_text(v, 100) if isinstance(v, str) else v if isinstance(v, (int, float)) else None)
+                     for k, v in list(value.items())[:4] if isinstance(k, str) and k in ("address", "port")}
+        elif not (value is None or isinstance(value, (int, float, bool))):
+            value = _text(str(value), LATEST_TEXT)
+        if key in data:
+            out[key] = value
+    return out
