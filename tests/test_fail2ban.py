@@ -152,3 +152,32 @@ def test_the_jail_uses_the_filter_and_both_files() -> None:
     text = JAIL.read_text()
     assert "filter   = pop3shield\n" in text
     assert "/var/log/pop3shield/events.jsonl" in text and "/var/log/pop3shield/pop3shield.log" in text
+
+
+def test_a_json_server_log_matches_the_failed_logins_only(tmp_path: Path) -> None:
+    """logging.format = "json": the same closing lines, as JSON records."""
+    root = tmp_path / "mail"
+    write_maildir(root / "alice" / "Maildir")
+    server = Pop3ShieldServer(server_toml=SERVER, extra_toml='format = "json"')  # lands in [logging]
+    server.start(tmp_path / "run", {"alice": PASSWORD}, root)
+    try:
+        for session in FAILED_LOGIN_SESSIONS:
+            client = Client(server)
+            for line in session:
+                client.send(line)
+                client.line()
+            client.send(b"QUIT\r\n")
+            client.line()
+            client.close()
+        client = Client(server)
+        client.send(b"US3R alice\r\n")  # refused: an event, but no failed login
+        client.line()
+        client.close()
+        assert len(fetch_with_poplib(server.host, server.port, "alice", PASSWORD)) == 9
+    finally:
+        server.stop()
+    log = server.log_path.read_text()
+    closed = [json.loads(line) for line in log.splitlines() if '"message":"session ' in line and " closed (" in line]
+    assert len(closed) == len(FAILED_LOGIN_SESSIONS) + 3  # the refused one, poplib, the start-up probe
+    ips, report = fail2ban_regex(server.log_path)
+    assert ips == ["127.0.0.1"] * len(FAILED_LOGIN_SESSIONS), report
