@@ -56,6 +56,8 @@ class Histogram:
         self.max_series = max_series
         self.buckets: dict[int, Counter[str]] = {}
         self.series: Counter[str] = Counter()
+        self._lo: int | None = None  # the first and last bucket keys, kept as they change
+        self._hi: int | None = None
 
     def add(self, when: float, series: str) -> None:
         if not math.isfinite(when):
@@ -63,12 +65,15 @@ class Histogram:
         if series not in self.series and len(self.series) >= self.max_series:
             series = OTHER
         self.series[series] += 1
-        self.buckets.setdefault(int(when // self.width), Counter())[series] += 1
+        key = int(when // self.width)
+        self.buckets.setdefault(key, Counter())[series] += 1
+        self._lo = key if self._lo is None else min(self._lo, key)
+        self._hi = key if self._hi is None else max(self._hi, key)
         while len(self.buckets) > self.max_buckets or self._span() > 64 * self.max_buckets:
             self._coarsen()
 
     def _span(self) -> int:
-        return max(self.buckets) - min(self.buckets) + 1 if self.buckets else 0
+        return self._hi - self._lo + 1 if self._lo is not None and self._hi is not None else 0
 
     def _coarsen(self) -> None:
         merged: dict[int, Counter[str]] = {}
@@ -76,6 +81,7 @@ class Histogram:
             merged.setdefault(key // 2, Counter()).update(counts)
         self.buckets = merged
         self.width *= 2
+        self._lo, self._hi = min(merged), max(merged)
 
     def rebin(self, rows: int) -> tuple[float, float, list[tuple[float, Counter[str]]]]:
         """At most ``rows`` equal buckets from the first to the last event: (start, width, rows)."""
@@ -137,7 +143,7 @@ class Aggregate:
                 self.users.add(_text(user))
             if record.when is not None:
                 self.histogram.add(record.when, protection)
-            self.latest.append(_trimmed(data))
+            self.latest.append(data if record.size <= SMALL_RECORD else _trimmed(data))
         elif kind == "summary":
             repeats = data.get("repeats")
             if isinstance(repeats, dict):
@@ -198,6 +204,8 @@ def _text(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+#: a record of the server's own is well under this: kept as it is in the latest N
+SMALL_RECORD = 4096
 #: what the latest-events table and --json keep of a record, each string cut to LATEST_TEXT
 LATEST_FIELDS = ("time", "type", "session", "client", "user", "protection", "attack_name", "attack_info",
                  "action", "command")

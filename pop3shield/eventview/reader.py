@@ -31,6 +31,7 @@ class Record:
 
     data: dict[str, Any]
     when: float | None
+    size: int = 0  # the line's length in bytes
 
     @property
     def type(self) -> str:
@@ -61,7 +62,7 @@ def parse_line(line: bytes) -> Record | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("type"), str):
         return None
-    return Record(data, parse_time(data.get("time")))
+    return Record(data, parse_time(data.get("time")), len(line))
 
 
 def open_events(path: str) -> IO[bytes]:
