@@ -128,6 +128,25 @@ def test_progress_only_on_a_terminal_and_only_after_a_moment() -> None:
     assert pipe.getvalue() == "" and not quiet.enabled
 
 
+def test_the_reader_reports_progress_through_the_file(tmp_path: Path) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    ticks = iter(range(10_000))
+    tty = Tty()
+    path = write(tmp_path / "e.jsonl", SAMPLE[:1] * 5000)
+    gz = tmp_path / "e.jsonl.1.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    reader = Reader(Progress(tty, clock=lambda: float(next(ticks))))
+    assert sum(1 for _ in reader.records([str(gz), str(path)])) == 10000
+    shown = tty.getvalue()
+    assert f"\rreading {gz}: " in shown and f"\rreading {path}: " in shown
+    assert shown.endswith("\r\x1b[K")  # the line is cleared at the end
+    percentages = [int(part.split("%")[0]) for part in shown.split(f"reading {path}: ")[1:]]
+    assert percentages == sorted(percentages) and 0 < percentages[-1] <= 100
+
+
 # ----------------------------------------------------------------------------- filters
 
 
