@@ -172,6 +172,17 @@ class EventLog:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
 
+    def reopen(self) -> None:
+        """Open ``path`` again (SIGHUP after logrotate renamed it): new records go to the new file.
+
+        If it cannot be opened, the records keep going to the old file, and the error is raised.
+        """
+        if not self.path or self._file is None:
+            return
+        new = self._open(self.path)
+        old, self._file = self._file, new
+        old.close()
+
     def close(self) -> None:
         """Write the summaries of limits still dropping records, then close the file."""
         self._notify(self.limiter.flush())

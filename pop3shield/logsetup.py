@@ -152,10 +152,24 @@ def format_json(event: Mapping[str, Any]) -> str:
 class LineObserver:
     """Writes each event as one formatted line; events come from the reactor and from threads."""
 
-    def __init__(self, stream: IO[str], formatter: Callable[[Mapping[str, Any]], str | None]) -> None:
+    def __init__(self, stream: IO[str], formatter: Callable[[Mapping[str, Any]], str | None],
+                 path: str | None = None) -> None:
         self.stream = stream
         self.formatter = formatter
+        self.path = path  # the file it writes, to reopen; None for stderr or a given stream
         self._lock = threading.Lock()
+
+    def reopen(self) -> None:
+        """Open ``path`` again (SIGHUP after logrotate renamed it); the old file is closed.
+
+        If it cannot be opened the lines keep going to the old file, and the error is raised.
+        """
+        if self.path is None:
+            return
+        new = open_log(self.path)
+        with self._lock:
+            old, self.stream = self.stream, new
+        old.close()
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         line = self.formatter(event)
@@ -166,10 +180,24 @@ class LineObserver:
             self.stream.flush()
 
 
+#: the observer writing ``logging.path`` (made by :func:`make_observer`), for :func:`reopen_log`
+_file_observer: LineObserver | None = None
+
+
+def reopen_log() -> None:
+    """Reopen the log file of the last :func:`make_observer` (nothing for stderr)."""
+    if _file_observer is not None:
+        _file_observer.reopen()
+
+
 def make_observer(path: str, fmt: str, level: str, stream: IO[str] | None = None) -> ILogObserver:
     """The observer for ``logging.path/format/level``: the level filter runs before formatting."""
+    global _file_observer
     line = LineObserver(stream if stream is not None else open_log(path),
-                        format_json if fmt == "json" else format_text)
+                        format_json if fmt == "json" else format_text,
+                        path=path if stream is None and path != "-" else None)
+    if line.path is not None:
+        _file_observer = line
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     return FilteringLogObserver(line, [predicate])
 

@@ -245,8 +245,13 @@ class ListenService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        self.listening = endpoint.listen(self.factory)
+        try:
+            endpoint = serverFromString(self.reactor, self.description)
+            self.listening = endpoint.listen(self.factory)
+        except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
+            if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
+                exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
+            self.listening = defer.fail(exc)
         self.listening.addCallbacks(self._listening, self._failed)
 
     def _listening(self, port: Any) -> Any:
@@ -327,7 +332,12 @@ def make_service(config: Config, reactor: Any = None,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events).setServiceParent(top)
-    for description in server.listen:
-        ListenService(description, factory, reactor, announce).setServiceParent(top)
+    listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    for listener in listeners:
+        listener.setServiceParent(top)
+    from pop3shield.sdnotify import ReadyNotifier
+
+    ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
     top.factory = factory  # type: ignore[attr-defined]
+    top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     return top
