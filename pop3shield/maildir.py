@@ -91,6 +91,8 @@ _UID_MAX = 70
 _HASH_PREFIX = "~"
 _HASH_HEX_LEN = 40
 _DELIVER_ATTEMPTS = 10
+#: how often a waiting lock() tries again
+_LOCK_POLL = 0.05
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_NOFOLLOW | _O_CLOEXEC
 # Maildir++ size fields in the unique name: ",S=<file size>" and ",W=<size with CRLF>".
@@ -461,8 +463,13 @@ class Maildir:
             raise MailboxError(f"maildir is closed: {self.path}")
         return fd
 
-    def lock(self) -> None:
-        """Take the exclusive, non-blocking session lock; MailboxInUse if held elsewhere.
+    def lock(self, wait: float = 0.0) -> None:
+        """Take the exclusive session lock; MailboxInUse if it is still held elsewhere after
+        ``wait`` seconds (polled: BLOCKING for up to that long, so only call it in a thread).
+
+        A short wait serves the client that reconnects the moment its last connection ended:
+        the server releases that session's lock in the thread pool when the connection is
+        lost, which can come a moment after the client already sees the close.
 
         flock() locks belong to the open file description, so a second
         Maildir object (even in this process) opens its own and conflicts.
@@ -474,14 +481,19 @@ class Maildir:
             if self._lockfile is not None:
                 return
             lockfile = self._open_lock_file()
-            try:
-                fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lockfile.close()
-                raise MailboxInUse(f"mailbox is locked: {self.path}") from None
-            except OSError as exc:
-                lockfile.close()
-                raise MailboxError(f"cannot lock {self.path}: {exc}") from exc
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(lockfile.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        lockfile.close()
+                        raise MailboxInUse(f"mailbox is locked: {self.path}") from None
+                    time.sleep(_LOCK_POLL)
+                except OSError as exc:
+                    lockfile.close()
+                    raise MailboxError(f"cannot lock {self.path}: {exc}") from exc
             self._lockfile = lockfile
 
     def _open_lock_file(self) -> BinaryIO:

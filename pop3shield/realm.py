@@ -16,6 +16,10 @@ from zope.interface import Attribute, Interface, implementer
 
 from pop3shield.maildir import Maildir, MessageInfo
 
+#: seconds a login waits for the mailbox lock before ``[IN-USE]`` (Dovecot waits up to 10): the
+#: client that reconnects at once after its connection ended must not find its own old lock
+LOCK_WAIT = 1.0
+
 #: characters that may never appear in a login name used to build a path
 _FORBIDDEN = ("/", "\\", "\x00")
 
@@ -76,7 +80,7 @@ class MaildirMaildrop:
             store = Maildir(self.path, create=create)
         self._store = store
         try:
-            store.lock()
+            store.lock(wait=LOCK_WAIT)
             return store.scan()
         except BaseException:
             store.close()

@@ -232,6 +232,39 @@ def test_size_cache_notices_changed_file(md: Maildir) -> None:
 # -- locking -----------------------------------------------------------------
 
 
+def test_lock_waits_for_a_lock_released_meanwhile(md: Maildir) -> None:
+    """A client that reconnects at once must not find the lock its old connection still held."""
+    import time
+
+    other = Maildir(md.path)
+    other.lock()
+    timer = threading.Timer(0.2, other.unlock)
+    timer.start()
+    try:
+        started = time.monotonic()
+        md.lock(wait=2.0)
+        assert 0.15 < time.monotonic() - started < 1.5
+    finally:
+        timer.cancel()
+        md.unlock()
+
+
+def test_lock_wait_gives_up_when_the_lock_stays_held(md: Maildir) -> None:
+    import time
+
+    other = Maildir(md.path)
+    other.lock()
+    try:
+        started = time.monotonic()
+        with pytest.raises(MailboxInUse):
+            md.lock(wait=0.3)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        other.unlock()
+    md.lock(wait=0.3)  # the lock file it opened while waiting was closed: a fresh try works
+    md.unlock()
+
+
 def test_lock_conflicts_between_instances_in_one_process(md: Maildir) -> None:
     other = Maildir(md.path)
     md.lock()
