@@ -1,11 +1,13 @@
 """Tier 1: static checks, then emulation from many start offsets, under hard budgets.
 
 Every run ends: unicorn caps the instructions of one start offset, hook callbacks are capped
-per run and per argument, the number of runs is capped per argument, and a time budget is
-checked between runs and, every 8 callbacks, inside them.  The budget is the analysing
-thread's CPU time, so that verdicts do not depend on how busy the machine is (the server runs
-several analyses at once); a wall-clock cap still ends every analysis under extreme load.  A clean verdict that
-ran out of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
+per run and per argument, the number of runs is capped per argument, and every run and every
+argument has a budget of work units (:data:`emulate.RUN_UNITS_FIXED`: counted from the runs,
+blocks, translated bytes, stores and loads the emulation made, checked on every hook
+callback).  No clock is read: the same argument gets the same verdict however busy the
+machine is, and :data:`ARGUMENT_UNITS` is chosen so that the slowest argument stays under
+50 ms even with both cores busy (see ``bench/mcp-results.md``).  A clean verdict that ran out
+of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
 
 Start offsets are tried in phases.  First the entry points of every window (offset 0, the
 start and end of filler or a sled, after sprayed return addresses, printable/binary
@@ -21,18 +23,16 @@ windows do not (see :func:`_sweep`).
 from __future__ import annotations
 
 import logging
-import time
 
 from . import emulate
 from .static import static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
-#: CPU-time budget for the emulation of one argument (the whole check stays under 50 ms)
-DEADLINE = 0.025
-#: wall-clock cap: on a loaded machine CPU time lags behind wall time, and then keeping every
-#: argument under 50 ms wins over finishing the emulation
-WALL_CAP = 0.045
+#: work units (about microseconds on a quiet machine) for the emulation of one argument
+ARGUMENT_UNITS = 30_000
+#: what planning the windows and loading them costs, charged up front
+ARGUMENT_UNITS_FIXED = 300
 #: most runs (start offsets times modes) per argument
 MAX_RUNS = 4000
 #: most hook callbacks per argument, summed over its runs
@@ -42,8 +42,8 @@ MAX_CALLBACKS = 60_000
 #: a self-modifying decoder makes unicorn retranslate its code on every iteration and needs
 #: ~50 us per iteration
 ENTRY_CALLBACKS = 12_000
-ENTRY_SECONDS = 0.010
-FIRST_SECONDS = 0.020
+ENTRY_UNITS = 16_000
+FIRST_UNITS = 30_000
 
 #: base-register shifts tried at the entry points of printable windows: an exploit may point
 #: the register a printable decoder addresses its patches through at its buffer, a few bytes
@@ -59,8 +59,8 @@ _log = logging.getLogger(__name__)
 class Budget:
     """What one argument may still spend."""
 
-    def __init__(self, seconds: float = DEADLINE) -> None:
-        self.deadline = (time.thread_time() + seconds, time.perf_counter() + WALL_CAP)
+    def __init__(self, units: int | None = None) -> None:
+        self.units = (ARGUMENT_UNITS if units is None else units) - ARGUMENT_UNITS_FIXED
         self.runs = MAX_RUNS
         self.callbacks = MAX_CALLBACKS
         self.exhausted = False
@@ -71,8 +71,8 @@ class Budget:
         self.first = False
         self.runs -= 1
         self.callbacks -= state.callbacks
-        cpu, wall = self.deadline
-        if self.runs <= 0 or self.callbacks <= 0 or time.thread_time() > cpu or time.perf_counter() > wall:
+        self.units -= state.units
+        if self.runs <= 0 or self.callbacks <= 0 or self.units <= 0:
             self.exhausted = True
 
 
@@ -134,6 +134,8 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     Last the sweep over every other offset.
     """
     engines = emulate.engines()
+    for engine in engines:  # coverage left by an earlier argument must not prune this one's runs
+        engine.covered = bytearray(engine.length)
     printable = [window.sweep and _mostly_printable(window.data) for window in windows]
     patching: list[list[int]] = [[] for _ in windows]
     done: set[tuple[int, int, int, str]] = set()
@@ -156,7 +158,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     # code in the UTF-16 view), then the other seedings
     for seedings in ((emulate.POINTER,), _SEEDINGS):
         for index, window in enumerate(windows):
-            budget.first = True
+            budget.first = bool(window.label)  # the UTF-16 view's slow "venetian" decoders
             modes = engines[:1] if window.label and len(seedings) == 1 else engines
             finding = entries(index, window.entries[:1], modes, seedings)
             if finding or budget.exhausted:
@@ -165,6 +167,13 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     for index, window in enumerate(windows):
         if printable[index]:
             finding = entries(index, window.entries[1:], engines[:1], _SEEDINGS[:2])
+            if finding or budget.exhausted:
+                return finding
+    for index, window in enumerate(windows):
+        # the ends of landing pads in printable code: the exploit's register may point past the
+        # pad, at a decoder that only decodes with the register pointing at its own first byte
+        if printable[index] and window.landings:
+            finding = entries(index, window.landings, engines[:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
     for index, window in enumerate(windows):
@@ -279,10 +288,10 @@ def _mostly_printable(data: bytes) -> bool:
 
 def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False, shift: int = 0) -> str | None:
     if entry:
-        seconds = FIRST_SECONDS if budget.first else ENTRY_SECONDS
-        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=seconds, shift=shift)
+        units = FIRST_UNITS if budget.first else ENTRY_UNITS
+        state = engine.run(offset, seeding, budget.units, callbacks=ENTRY_CALLBACKS, units=units, shift=shift)
     else:
-        state = engine.run(offset, seeding, budget.deadline)
+        state = engine.run(offset, seeding, budget.units)
     budget.spend(state)
     if state.finding:
         return f"{state.finding}@{window.position(offset)}{window.label}"

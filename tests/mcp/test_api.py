@@ -116,17 +116,22 @@ def test_oversized_lines_are_analysed_within_budget(emulation: None) -> None:
     assert worst < 0.25  # generous: the budget is 30 ms, the benchmark shows the real figures
 
 
-def test_wall_clock_cap_ends_every_analysis(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """However much CPU the budget would still allow, the wall-clock cap ends the analysis."""
+def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The argument's budget is counted in work units, and running out of it ends the analysis
+    with a clean verdict that says so; a larger budget lets the same argument run longer."""
     from pop3shield.mcp import deep
 
-    monkeypatch.setattr(deep, "WALL_CAP", 0.005)
-    monkeypatch.setattr(deep, "DEADLINE", 10.0)
     rng = random.Random(35)
     noise = bytes(rng.choice(range(0x21, 0x7F)) for _ in range(2000))
-    elapsed = _timed(deep_check, noise)
+    monkeypatch.setattr(deep, "ARGUMENT_UNITS", 2_000)
+    small = deep.Budget()
+    assert deep._emulate(deep.plan(noise), small) is None and small.exhausted
+    assert small.units <= 0 and small.runs > deep.MAX_RUNS - 60
     assert deep_check(noise).reasons == ("no-code-behaviour", "budget-exhausted")
-    assert elapsed < 0.2
+    monkeypatch.setattr(deep, "ARGUMENT_UNITS", 20_000)
+    large = deep.Budget()
+    deep._emulate(deep.plan(noise), large)
+    assert deep.MAX_RUNS - large.runs > 3 * (deep.MAX_RUNS - small.runs)
 
 
 def _timed(check: object, data: bytes) -> float:
