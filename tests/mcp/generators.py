@@ -1000,6 +1000,92 @@ def _passphrase(rng: random.Random) -> bytes:
     return phrase.encode()
 
 
+#: more word lists for passphrases: other languages (ASCII spellings), short diceware-like
+#: words, and syllables that make pronounceable made-up words
+_WORD_LISTS = [
+    _WORDS,
+    ("haus baum wasser feuer stein wolke sonne mond stern apfel birne kirsche brot kaese milch "
+     "zucker fenster tuer garten strasse bruecke schiff zug vogel katze hund pferd fisch wald").split(),
+    ("maison arbre soleil lune etoile pomme fromage pain beurre jardin fenetre porte chemin "
+     "riviere montagne nuage pluie neige vent fleur oiseau chat chien cheval poisson foret").split(),
+    ("casa arbol agua fuego piedra nube sol luna estrella manzana queso pan jardin ventana "
+     "puerta camino rio montana lluvia nieve viento flor pajaro gato perro caballo bosque").split(),
+    "ab ace act add age aid aim air all and ant ape arc arm art ash ask axe bad bag ban bar bat bay bed bee".split(),
+]
+_SYLLABLES = "ka ri mo te lu sa ne vo pi da go fu zen tor mil bar quo xy wen dra".split()
+_SEPARATORS = [" ", "-", ".", "_", "", ",", "+", "/", "~", ":", ";", "*"]
+
+
+def _phrase_word(rng: random.Random, words: list[str]) -> str:
+    if rng.random() < 0.15:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+    word = rng.choice(words)
+    style = rng.random()
+    if style < 0.15:
+        word = word.capitalize()
+    elif style < 0.2:
+        word = word.upper()
+    if rng.random() < 0.2:
+        word += str(rng.randint(0, 999))
+    if rng.random() < 0.05:
+        word += rng.choice("!?#$%&@^")
+    return word
+
+
+def passphrase(rng: random.Random, low: int = 8, high: int = 2000) -> bytes:
+    """A passphrase of ``low`` to ``high`` octets: words of one list (or made up), digits and
+    punctuation, joined by one separator (or alternating two), cut to the length."""
+    bands = [(max(low, a), min(high, b), weight) for a, b, weight in ((8, 40, 3), (40, 200, 4), (200, 2000, 3))]
+    bands = [band for band in bands if band[0] <= band[1]]
+    lo, hi, _ = rng.choices(bands, weights=[band[2] for band in bands])[0]
+    length = rng.randint(lo, hi)
+    words = rng.choice(_WORD_LISTS)
+    separators = rng.sample(_SEPARATORS, rng.choice([1, 1, 1, 2]))
+    out = _phrase_word(rng, words)
+    while len(out) < length:
+        out += rng.choice(separators) + _phrase_word(rng, words)
+    return out[:length].encode()
+
+
+def dotted_plain_response(rng: random.Random, size: int = 400) -> bytes:
+    """The decoded AUTH PLAIN response the evaluation flagged: NUL, a user name, NUL, and
+    lower-case words and digits joined by dots (``maple.river42.stone.quiet...``)."""
+    user = rng.choice(_FIRST).encode()
+    words = []
+    while sum(len(w) + 1 for w in words) < size:
+        word = rng.choice(_WORDS)
+        words.append(word + (str(rng.randint(0, 99)) if rng.random() < 0.3 else ""))
+    secret = ".".join(words).encode()[:size - len(user) - 2]
+    return b"\0" + user + b"\0" + secret
+
+
+#: what the protocol layer keeps of an over-long line for analysis (pop3shield.core.framing.WINDOW)
+LINE_WINDOW = 2048
+
+
+def overlong_arguments(line: bytes) -> list[tuple[bytes, str]]:
+    """The arguments the protocol layer hands the detector for an over-long line, mirroring
+    ``Session._overlong_arguments``: the head after the keyword and the tail, typed by the
+    keyword's first field (AUTH: ``mechanism``)."""
+    head, tail = line[:LINE_WINDOW], line[-LINE_WINDOW:]
+    keyword, _, rest = head.partition(b" ")
+    field = {b"USER": "username", b"PASS": "password", b"APOP": "username", b"AUTH": "mechanism"}.get(keyword.upper(), "text")
+    return [(rest or head, field), (tail, field)]
+
+
+def _passphrase_lines(rng: random.Random) -> Iterator[tuple[bytes, str]]:
+    """Over-long PASS and AUTH PLAIN lines with a passphrase, as the detector receives them."""
+    if rng.random() < 0.5:
+        line = b"PASS " + passphrase(rng, 260, 2000)
+    else:
+        if rng.random() < 0.5:
+            decoded = dotted_plain_response(rng, rng.randint(200, 1400))
+        else:
+            decoded = b"\0" + _email(rng) + b"\0" + passphrase(rng, 200, 1400)
+        line = b"AUTH PLAIN " + base64.b64encode(decoded)
+    yield from overlong_arguments(line)
+
+
 def _latin1_password(rng: random.Random) -> bytes:
     word = rng.choice(["passwort", "geheim", "schlüssel", "mot de passe", "contraseña", "größe",
                        "señor", "élève", "fröhlich", "smörgåsbord", "café crème", "übermäßig"])
@@ -1100,6 +1186,15 @@ def _benign_makers() -> dict[str, tuple[int, Callable[[random.Random], Iterator[
         for part in sasl_fields(_sasl_message(rng)):
             yield part, "sasl"
 
+    def passphrase_sasl(rng: random.Random) -> Iterator[tuple[bytes, str]]:
+        """AUTH PLAIN (split on NUL) and AUTH LOGIN responses with a passphrase, decoded."""
+        if rng.random() < 0.3:
+            decoded = dotted_plain_response(rng, rng.randint(100, 1400))
+        else:
+            decoded = b"\0" + _email(rng) + b"\0" + passphrase(rng)
+        for part in sasl_fields(decoded):
+            yield part, "sasl"
+
     return {
         "email": (1500, one(_email, "username")),
         "utf8-name": (1500, one(_utf8_name, "username")),
@@ -1112,6 +1207,10 @@ def _benign_makers() -> dict[str, tuple[int, Callable[[random.Random], Iterator[
         "number": (800, one(lambda r: str(r.randint(1, 10 ** r.randint(1, 6))).encode(), "number")),
         "digest": (800, one(lambda r: (hashlib.md5(r.randbytes(8)).hexdigest().upper() if r.random() < 0.2 else hashlib.md5(r.randbytes(8)).hexdigest()).encode(), "digest")),
         "mechanism": (200, one(lambda r: r.choice([b"PLAIN", b"LOGIN", b"CRAM-MD5", b"DIGEST-MD5", b"SCRAM-SHA-1", b"SCRAM-SHA-256", b"XOAUTH2", b"OAUTHBEARER", b"GSSAPI", b"NTLM"]), "mechanism")),
+        # appended last so that the seeds (and corpora) of the categories above stay as they were
+        "passphrase-pass": (2000, one(passphrase, "password")),
+        "passphrase-sasl": (1000, passphrase_sasl),
+        "passphrase-overlong": (1000, _passphrase_lines),
     }
 
 

@@ -188,3 +188,40 @@ def test_shifted_seeding_points_registers_and_stack_before_the_start(emulation: 
     assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD - 17
     engine.run(0, emulate.POINTER)
     assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD
+
+
+def _budget_bound_arguments() -> list[bytes]:
+    """Arguments whose verdict is decided at the edge of the budget: slow decoders (printable
+    families, alphanumeric loops), honest long text that spends the whole budget, and binary."""
+    rng = random.Random(36)
+    arguments = [generators.gen_printable_family(rng) for _ in range(8)]
+    arguments += [generators.gen_alnum(rng) for _ in range(3)]
+    arguments += [generators.passphrase(rng, 200, 1500) for _ in range(4)]
+    arguments += [bytes(rng.choice(range(0x21, 0x7F)) for _ in range(600)) for _ in range(3)]
+    arguments += [rng.randbytes(400) for _ in range(2)] + [rng.randbytes(2000)]
+    # a decoder two bytes into the argument with its register pointing at it: no entry point
+    # leads there, and the runs that slide into it with the wrong register spend the budget
+    arguments.append(b"AB" + generators.printable_inplace_bytes(rng, generators.linux_bind_shell(rng), generators.EDX))
+    return arguments
+
+
+def test_verdicts_do_not_depend_on_machine_load(emulation: None) -> None:
+    """The same arguments get the same verdicts, reasons included (offsets, budget-exhausted),
+    on a quiet machine and with the other core busy: the budget counts work, not time."""
+    arguments = _budget_bound_arguments()
+    quiet = [deep_check(argument) for argument in arguments]
+    assert any("budget-exhausted" in verdict.reasons for verdict in quiet)  # the edge is exercised
+    assert sum(verdict.malicious for verdict in quiet) >= 8
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        busy = [deep_check(argument) for argument in arguments]
+        # and with a second analysis thread competing for the same cores and caches
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            threaded = list(pool.map(deep_check, arguments + arguments))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait(timeout=10)
+    assert busy == quiet
+    assert threaded == quiet + quiet
