@@ -14,10 +14,12 @@ start and end of filler or a sled, after sprayed return addresses, printable/bin
 boundaries) with every register seeding, both modes alternating so that neither can spend
 the budget alone; these runs may run long decoders to the end.  In a printable argument
 offset 0 of every window (including the UTF-16 view) comes first, then the other entry
-points as 32-bit code with the pointer seedings, then the same with the base register
-pointing a few bytes before the entry (:func:`_shifted`), then the rest.  Last a sweep over
+points as 32-bit code with the pointer seedings, then the ends of landing pads
+(:func:`windows.landing_points`) and then the base register pointing a few bytes before the
+entry (:func:`_shifted`), each of these two phases with a slice of the budget
+(:data:`LANDING_PHASE_UNITS`, :data:`SHIFT_PHASE_UNITS`), then the rest.  Last a sweep over
 every other offset: binary windows skip offsets an earlier run already executed, printable
-windows do not (see :func:`_sweep`).
+windows do not but stop after :data:`PRINTABLE_SWEEP_UNITS` (see :func:`_sweep`).
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ PRINTABLE_SWEEP_UNITS = 4_000
 #: the register a printable decoder addresses its patches through at its buffer, a few bytes
 #: before the decoder (see ``shift`` in :meth:`emulate.Engine.run`)
 SHIFTS = range(1, 25)
+#: units of one shifted run: a decoder with the right base register is recognised early (its
+#: loop decodes ahead of itself), and there are up to 24 of them per entry point
+SHIFTED_UNITS = 6_000
+#: slices of the argument's budget for the landing-pad runs and the shifted runs: both try
+#: many start states of which at most one is right, and must not starve the phases after them
+LANDING_PHASE_UNITS = 12_000
+SHIFT_PHASE_UNITS = 15_000
 #: entry points per printable window whose pointer run patched code get the shifted runs
 SHIFT_ENTRIES = 4
 
@@ -73,6 +82,20 @@ class Budget:
         self.exhausted = False
         #: whether the next run is the first of the UTF-16 view (see FIRST_UNITS)
         self.first = False
+        #: units left at which the current phase ends (phases with a slice of the budget)
+        self.floor = 0
+
+    @property
+    def done(self) -> bool:
+        """Out of budget, or the current phase out of its slice."""
+        return self.exhausted or self.units <= self.floor
+
+    def slice(self, units: int) -> None:
+        """Let the next phase spend at most ``units`` of what is left (:meth:`whole` ends it)."""
+        self.floor = max(0, self.units - units)
+
+    def whole(self) -> None:
+        self.floor = 0
 
     def spend(self, state: emulate.RunState) -> None:
         """Charge one run; sets :attr:`exhausted` once anything is used up."""
@@ -152,7 +175,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
         window = windows[index]
         for offset in offsets:
             finding = _entry(modes, offset, window, budget, patching[index], seedings, done, index)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
         return None
 
@@ -177,6 +200,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
             finding = entries(index, window.entries[1:], engines[:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
+    budget.slice(LANDING_PHASE_UNITS)
     for index, window in enumerate(windows):
         # the ends of landing pads in printable code: the exploit's register may point past the
         # pad, at a decoder that only decodes with the register pointing at its own first byte
@@ -184,12 +208,14 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
             finding = entries(index, window.landings, engines[:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
+    budget.slice(SHIFT_PHASE_UNITS)
     for index, window in enumerate(windows):
         if printable[index] and patching[index]:
             _load(engines, window)
             finding = _shifted(engines[0], sorted(patching[index])[:SHIFT_ENTRIES], window, budget)
             if finding or budget.exhausted:
                 return finding
+    budget.whole()
     for index, window in enumerate(windows):
         finding = entries(index, window.entries[1:], engines, _SEEDINGS)
         if finding or budget.exhausted:
@@ -239,7 +265,7 @@ def _entry(
             finding = _run(engine, offset, seeding, window, budget, entry=True)
             if done is not None:
                 done.add(key)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
             if seeding == emulate.POINTER:
                 used_stack[engine.bits] = engine.state.stack_used
@@ -260,7 +286,7 @@ def _shifted(engine: emulate.Engine, offsets: list[int], window: Window, budget:
     for offset in offsets:
         for shift in SHIFTS:
             finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
     return None
 
@@ -301,10 +327,10 @@ def _mostly_printable(data: bytes) -> bool:
 
 def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False, shift: int = 0) -> str | None:
     if entry:
-        units = FIRST_UNITS if budget.first else ENTRY_UNITS
-        state = engine.run(offset, seeding, budget.units, callbacks=ENTRY_CALLBACKS, units=units, shift=shift)
+        units = FIRST_UNITS if budget.first else SHIFTED_UNITS if shift else ENTRY_UNITS
+        state = engine.run(offset, seeding, budget.units - budget.floor, callbacks=ENTRY_CALLBACKS, units=units, shift=shift)
     else:
-        state = engine.run(offset, seeding, budget.units)
+        state = engine.run(offset, seeding, budget.units - budget.floor)
     budget.spend(state)
     if state.finding:
         return f"{state.finding}@{window.position(offset)}{window.label}"

@@ -34,7 +34,8 @@ SCAN_LIMIT = 1 << 16
 #: at most this many preferred entry points per window
 MAX_ENTRIES = 48
 #: one-byte harmless instructions in a row (inc/dec, BCD adjustments, flag operations: what a
-#: landing pad is made of) after which the code is an entry point
+#: landing pad is made of) after which the code is an entry point; at the start of a window
+#: (where the exploit's jump lands) a single one counts
 LANDING_PAD = 4
 #: printable bytes looked at in the UTF-16 view
 UTF16_SOURCE = 1024
@@ -45,7 +46,9 @@ _RUN_SHORT = re.compile(rb"(.)\1{7,}", re.DOTALL)
 _REPEATED4 = re.compile(rb"(.{4})\1+", re.DOTALL)
 _STRETCH = re.compile(rb"[\x20-\x7e]{16,}|[^\x20-\x7e]{16,}")
 _BINARY = re.compile(rb"[^\x20-\x7e]")
-_PAD = re.compile(b"[" + b"".join(b"\\x%02x" % b for b in sorted(ONE_BYTE)) + b"]{%d,}" % LANDING_PAD)
+_PAD_CLASS = b"[" + b"".join(b"\\x%02x" % b for b in sorted(ONE_BYTE)) + b"]"
+_PAD = re.compile(_PAD_CLASS + b"{%d,}" % LANDING_PAD)
+_PAD_LEAD = re.compile(_PAD_CLASS + b"+")
 
 #: (offset in the window, offset in the argument) where a contiguous piece starts
 Segments = tuple[tuple[int, int], ...]
@@ -187,7 +190,11 @@ def landing_points(data: bytes, entries: tuple[int, ...] = ()) -> tuple[int, ...
     register pointing at the code after it (printable decoders address their patches through
     that register, so only a run started there, with the register pointing there, decodes).
 
-    Only pads of :data:`LANDING_PAD` instructions' worth of bytes or more count; in lower-case
-    text such runs are rare (letters decode as jumps, ``popa``, ``bound``, ``arpl``)."""
-    points = [match.end() for match in _PAD.finditer(data) if match.end() < len(data) and match.end() not in entries]
+    A pad at the start of the window of any length, and further pads of :data:`LANDING_PAD`
+    bytes or more count, the first :data:`MAX_LANDINGS` of them; in lower-case text they are
+    rare (letters decode as jumps, ``popa``, ``bound``, ``arpl``)."""
+    lead = _PAD_LEAD.match(data)
+    points = [lead.end()] if lead and lead.end() < len(data) and lead.end() not in entries else []
+    points += [match.end() for match in _PAD.finditer(data)
+               if match.end() < len(data) and match.end() not in entries and match.end() not in points]
     return tuple(points[:MAX_LANDINGS])
