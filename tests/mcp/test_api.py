@@ -199,8 +199,8 @@ def _budget_bound_arguments() -> list[bytes]:
     arguments += [generators.passphrase(rng, 200, 1500) for _ in range(4)]
     arguments += [bytes(rng.choice(range(0x21, 0x7F)) for _ in range(600)) for _ in range(3)]
     arguments += [rng.randbytes(400) for _ in range(2)] + [rng.randbytes(2000)]
-    # a decoder two bytes into the argument with its register pointing at it: no entry point
-    # leads there, and the runs that slide into it with the wrong register spend the budget
+    # a 1,000-byte in-place decoder two bytes into the argument, its register pointing at it:
+    # it rewrites the code it is about to run ~100 times, and runs out of budget
     arguments.append(b"AB" + generators.printable_inplace_bytes(rng, generators.linux_bind_shell(rng), generators.EDX))
     return arguments
 
