@@ -2,6 +2,8 @@
 
     python bench/mcp.py            # full run: 20,000+ benign arguments, a few minutes
     python bench/mcp.py --quick    # a tenth of everything, for a smoke test
+    python bench/mcp.py --decoders # the static checks with the hand-written table vs iced-x86
+    python bench/mcp.py --calibrate  # fit the work-unit weights to this machine's CPU time
 
 Everything is deterministic (seeded generators) except the timings.  Per category it prints
 the detection (or false-positive) rate of ``analyze`` (tier 0 + tier 1, the argument in the
@@ -16,6 +18,8 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import os
+import subprocess
 import platform
 import statistics
 import sys
@@ -31,7 +35,18 @@ import generators  # noqa: E402
 import realcorpus  # noqa: E402
 
 from pop3shield import mcp  # noqa: E402
-from pop3shield.mcp import analyze, deep_check, emulate, quick_check  # noqa: E402
+from pop3shield.mcp import analyze, deep_check, emulate, quick_check, static  # noqa: E402
+from pop3shield.mcp import deep as tier1  # noqa: E402
+
+#: the slowest arguments of the run, (seconds, argument), re-run with the cores busy at the end
+SLOWEST: list[tuple[float, bytes]] = []
+
+
+def _note(elapsed: float, argument: bytes) -> None:
+    SLOWEST.append((elapsed, argument))
+    if len(SLOWEST) > 400:
+        SLOWEST.sort(key=lambda item: -item[0])
+        del SLOWEST[200:]
 
 
 def timed(check: Callable[..., mcp.Verdict], *args: object) -> tuple[mcp.Verdict, float]:
@@ -58,6 +73,7 @@ def attack_row(name: str, items: list[bytes], field: str) -> tuple[str, list[flo
         verdict, elapsed = timed(analyze, argument, field)
         field_hits += verdict.malicious
         seconds.append(elapsed)
+        _note(elapsed, argument)
     deep_hits = sum(deep_check(a).malicious for a in items)
     n = len(items)
     return f"| {name} | {field} | {n} | {100 * field_hits / n:.1f} % | {100 * deep_hits / n:.1f} % | {summary(seconds)} |", seconds
@@ -117,6 +133,8 @@ def benign_section(scale: float) -> tuple[list[float], list[float]]:
             verdict, elapsed = timed(analyze, argument, field)
             seconds.append(elapsed)
             (ordinary if decided else deep).append(elapsed)
+            if not decided:
+                _note(elapsed, argument)
             tier0 += decided
             if verdict.malicious:
                 fps += 1
@@ -154,17 +172,134 @@ def fallback_section(per_category: int) -> None:
         mcp.cache.clear()
 
 
+def load_section(count: int = 60) -> None:
+    """The slowest arguments again, on a quiet machine and with two processes spinning (both
+    cores busy): wall-clock time per argument, and whether any verdict changed."""
+    slowest = [argument for _, argument in sorted(SLOWEST, key=lambda item: -item[0])]
+    chosen = list(dict.fromkeys(slowest))[:count]
+    print(f"\n## Time bound under load ({len(chosen)} slowest tier 1 arguments of this run, deep_check)\n")
+    print("| machine | max | median | verdicts identical to quiet |")
+    print("|---|---|---|---|")
+    quiet_verdicts = None
+    for spinners in (0, 1, 2):
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(spinners)]
+        try:
+            time.sleep(0.3 if spinners else 0)
+            runs = [timed(deep_check, argument) for argument in chosen for _ in range(2)]
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+        verdicts = [verdict for verdict, _ in runs]
+        quiet_verdicts = quiet_verdicts or verdicts
+        seconds = sorted(elapsed for _, elapsed in runs)
+        label = "as found" if not spinners else f"+{spinners} spinning process{'es' if spinners > 1 else ''}"
+        print(f"| {label} | {_fmt(seconds[-1])} | {_fmt(statistics.median(seconds))} | {verdicts == quiet_verdicts} |")
+
+
+def decoders_section() -> None:
+    """The static checks (sleds) with the hand-written length table and with iced-x86."""
+    from iced_x86 import Code, Decoder, FlowControl, InstructionInfoFactory
+
+    factory = InstructionInfoFactory()
+
+    def iced_sled_runs(data: bytes) -> list[int]:
+        runs = [0] * (len(data) + 1)
+        decoder = Decoder(32, data)
+        for at in range(len(data) - 1, -1, -1):
+            decoder.position = at
+            instruction = decoder.decode()
+            size = 0
+            if (instruction.code != Code.INVALID and instruction.flow_control == FlowControl.NEXT
+                    and at + instruction.len <= len(data) and not factory.info(instruction).used_memory()):
+                size = instruction.len
+            runs[at] = size + runs[at + size] if size else 0
+        return runs
+
+    table = static.sled_runs
+    rows = list(generators.attack_corpus(100, seed=1).items())
+    if realcorpus.present():
+        rows += [(name, [e.data for e in items]) for name, items in realcorpus.categories(realcorpus.load())]
+    benign = [a for items in generators.benign_corpus(0.05, seed=7).values() for a, _ in items]
+    rows.append(("benign (false positives)", benign))
+    print("\n## Static checks: hand-written length table vs iced-x86\n")
+    print("| category | n | table: flagged | table: time | iced-x86: flagged | iced-x86: time |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for name, items in rows:
+            cells = []
+            for runs in (table, iced_sled_runs):
+                static.sled_runs = runs
+                started = time.perf_counter()
+                flagged = sum(bool(static.static_reasons(a)) for a in items)
+                cells.append(f"{100 * flagged / len(items):.1f} % | {_fmt((time.perf_counter() - started) / len(items))}")
+            print(f"| {name} | {len(items)} | {cells[0]} | {cells[1]} |")
+    finally:
+        static.sled_runs = table
+
+
+def calibrate() -> None:
+    """Least-squares fit of thread CPU time per argument to what the runs did."""
+    import numpy
+
+    rows: list[list[float]] = []
+    current: list[float] = []
+    run = emulate.Engine.run
+
+    def counted(self: emulate.Engine, *args: object, **kwargs: object) -> emulate.RunState:
+        state = run(self, *args, **kwargs)
+        fresh = (state.units - emulate.RUN_UNITS_FIXED - emulate.CALLBACK_UNITS * state.callbacks
+                 - emulate.SMC_UNITS * state.smc) / emulate.FRESH_BYTE_UNITS
+        current[:] = [current[0] + 1, current[1] + state.callbacks, current[2] + fresh, current[3] + state.smc]
+        return state
+
+    emulate.Engine.run = counted  # type: ignore[method-assign]
+    benign = generators.benign_corpus(0.1, seed=13)
+    items = [a for name in ("long-password", "passphrase-pass", "sasl-base64", "passphrase-overlong") for a, f in benign[name] if len(a) >= 40]
+    attacks = generators.attack_corpus(40, seed=3)
+    items += attacks["alnum"] + attacks["printable"] + attacks["printable-family"] + attacks["slmail"]
+    if realcorpus.present():
+        items += [e.data for name, es in realcorpus.categories(realcorpus.load()) if name == "real:exploit-alnum" for e in es]
+    gc.collect()
+    gc.freeze()
+    for argument in items:
+        current[:] = [0.0, 0.0, 0.0, 0.0]
+        started = time.thread_time()
+        deep_check(argument)
+        rows.append([time.thread_time() - started, 1.0] + current)
+    emulate.Engine.run = run  # type: ignore[method-assign]
+    data = numpy.array(rows)
+    coef, *_ = numpy.linalg.lstsq(data[:, 1:], data[:, 0] * 1e6, rcond=None)
+    print(f"{len(items)} arguments; microseconds of thread CPU time per argument / run / callback / "
+          f"fresh byte / store into executed code: {numpy.round(coef, 2).tolist()}")
+    units = data[:, 1:] @ numpy.array([tier1.ARGUMENT_UNITS_FIXED, emulate.RUN_UNITS_FIXED, emulate.CALLBACK_UNITS,
+                                       emulate.FRESH_BYTE_UNITS, emulate.SMC_UNITS])
+    big = units > 3000
+    ratio = data[big, 0] * 1e6 / units[big]
+    print(f"CPU microseconds per unit charged (arguments over 3,000 units): median {numpy.median(ratio):.2f}, "
+          f"p99 {numpy.percentile(ratio, 99):.2f}, max {ratio.max():.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the corpora")
+    parser.add_argument("--decoders", action="store_true", help="only compare the static checks' decoders")
+    parser.add_argument("--calibrate", action="store_true", help="only fit the work-unit weights")
     options = parser.parse_args()
+    if options.decoders:
+        decoders_section()
+        return
+    if options.calibrate:
+        calibrate()
+        return
     scale = 0.1 if options.quick else 1.0
     per_category = 30 if options.quick else 300
     started = time.perf_counter()
     print("# MCP benchmark\n")
     print(f"Python {platform.python_version()} on {platform.machine()}, "
           f"emulation (unicorn) available: {mcp.emulation_available}, "
-          f"corpus: {realcorpus.corpus_dir() if realcorpus.present() else 'absent'}")
+          f"corpus: {realcorpus.corpus_dir() if realcorpus.present() else 'absent'}, "
+          f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     emulate.engines()  # creating the per-thread emulators is a one-off cost, not per argument
     attacks = generated_section(per_category)
     real = real_section()
@@ -175,8 +310,10 @@ def main() -> None:
     print(f"| ordinary benign arguments decided in tier 0 | {len(ordinary)} | {summary(ordinary)} |")
     print(f"| benign arguments analysed in tier 1 | {len(deep)} | {summary(deep)} |")
     print(f"| attack arguments (generated and real) | {len(attacks) + len(real)} | {summary(attacks + real)} |")
+    load_section(20 if options.quick else 60)
     fallback_section(per_category)
-    print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s")
+    print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s, "
+          f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

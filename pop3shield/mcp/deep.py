@@ -1,38 +1,40 @@
 """Tier 1: static checks, then emulation from many start offsets, under hard budgets.
 
 Every run ends: unicorn caps the instructions of one start offset, hook callbacks are capped
-per run and per argument, the number of runs is capped per argument, and a time budget is
-checked between runs and, every 8 callbacks, inside them.  The budget is the analysing
-thread's CPU time, so that verdicts do not depend on how busy the machine is (the server runs
-several analyses at once); a wall-clock cap still ends every analysis under extreme load.  A clean verdict that
-ran out of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
+per run and per argument, the number of runs is capped per argument, and every run and every
+argument has a budget of work units (:data:`emulate.RUN_UNITS_FIXED`: counted from the runs,
+blocks, translated bytes, stores and loads the emulation made, checked on every hook
+callback).  No clock is read: the same argument gets the same verdict however busy the
+machine is, and :data:`ARGUMENT_UNITS` is chosen so that the slowest argument stays under
+50 ms even with both cores busy (see ``bench/mcp-results.md``).  A clean verdict that ran out
+of budget says so in its reasons (``budget-exhausted``) so that operators can see it.
 
 Start offsets are tried in phases.  First the entry points of every window (offset 0, the
 start and end of filler or a sled, after sprayed return addresses, printable/binary
 boundaries) with every register seeding, both modes alternating so that neither can spend
 the budget alone; these runs may run long decoders to the end.  In a printable argument
 offset 0 of every window (including the UTF-16 view) comes first, then the other entry
-points as 32-bit code with the pointer seedings, then the same with the base register
-pointing a few bytes before the entry (:func:`_shifted`), then the rest.  Last a sweep over
+points as 32-bit code with the pointer seedings, then the ends of landing pads
+(:func:`windows.landing_points`) and then the base register pointing a few bytes before the
+entry (:func:`_shifted`), each of these two phases with a slice of the budget
+(:data:`LANDING_PHASE_UNITS`, :data:`SHIFT_PHASE_UNITS`), then the rest.  Last a sweep over
 every other offset: binary windows skip offsets an earlier run already executed, printable
-windows do not (see :func:`_sweep`).
+windows do not but stop after :data:`PRINTABLE_SWEEP_UNITS` (see :func:`_sweep`).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 from . import emulate
 from .static import static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
-#: CPU-time budget for the emulation of one argument (the whole check stays under 50 ms)
-DEADLINE = 0.025
-#: wall-clock cap: on a loaded machine CPU time lags behind wall time, and then keeping every
-#: argument under 50 ms wins over finishing the emulation
-WALL_CAP = 0.045
+#: work units (about microseconds on a quiet machine) for the emulation of one argument
+ARGUMENT_UNITS = 30_000
+#: what planning the windows and loading them costs, charged up front
+ARGUMENT_UNITS_FIXED = 300
 #: most runs (start offsets times modes) per argument
 MAX_RUNS = 4000
 #: most hook callbacks per argument, summed over its runs
@@ -42,13 +44,27 @@ MAX_CALLBACKS = 60_000
 #: a self-modifying decoder makes unicorn retranslate its code on every iteration and needs
 #: ~50 us per iteration
 ENTRY_CALLBACKS = 12_000
-ENTRY_SECONDS = 0.010
-FIRST_SECONDS = 0.020
+ENTRY_UNITS = 16_000
+FIRST_UNITS = 30_000
 
+#: most units the sweep over every offset of a printable window may spend.  Printable
+#: decoders start where the exploit's register points: offset 0, the end of filler or of a
+#: landing pad, a few bytes after the register (all tried before the sweep); in the generated
+#: and the real corpus the printable sweep found nothing those runs had not, while it was three
+#: quarters of the cost of honest long text (it runs every offset, and text rewrites itself
+#: all the time, so little translated code survives from one offset to the next)
+PRINTABLE_SWEEP_UNITS = 4_000
 #: base-register shifts tried at the entry points of printable windows: an exploit may point
 #: the register a printable decoder addresses its patches through at its buffer, a few bytes
 #: before the decoder (see ``shift`` in :meth:`emulate.Engine.run`)
 SHIFTS = range(1, 25)
+#: units of one shifted run: a decoder with the right base register is recognised early (its
+#: loop decodes ahead of itself), and there are up to 24 of them per entry point
+SHIFTED_UNITS = 6_000
+#: slices of the argument's budget for the landing-pad runs and the shifted runs: both try
+#: many start states of which at most one is right, and must not starve the phases after them
+LANDING_PHASE_UNITS = 12_000
+SHIFT_PHASE_UNITS = 15_000
 #: entry points per printable window whose pointer run patched code get the shifted runs
 SHIFT_ENTRIES = 4
 
@@ -59,20 +75,35 @@ _log = logging.getLogger(__name__)
 class Budget:
     """What one argument may still spend."""
 
-    def __init__(self, seconds: float = DEADLINE) -> None:
-        self.deadline = (time.thread_time() + seconds, time.perf_counter() + WALL_CAP)
+    def __init__(self, units: int | None = None) -> None:
+        self.units = (ARGUMENT_UNITS if units is None else units) - ARGUMENT_UNITS_FIXED
         self.runs = MAX_RUNS
         self.callbacks = MAX_CALLBACKS
         self.exhausted = False
-        self.first = True
+        #: whether the next run is the first of the UTF-16 view (see FIRST_UNITS)
+        self.first = False
+        #: units left at which the current phase ends (phases with a slice of the budget)
+        self.floor = 0
+
+    @property
+    def done(self) -> bool:
+        """Out of budget, or the current phase out of its slice."""
+        return self.exhausted or self.units <= self.floor
+
+    def slice(self, units: int) -> None:
+        """Let the next phase spend at most ``units`` of what is left (:meth:`whole` ends it)."""
+        self.floor = max(0, self.units - units)
+
+    def whole(self) -> None:
+        self.floor = 0
 
     def spend(self, state: emulate.RunState) -> None:
         """Charge one run; sets :attr:`exhausted` once anything is used up."""
         self.first = False
         self.runs -= 1
         self.callbacks -= state.callbacks
-        cpu, wall = self.deadline
-        if self.runs <= 0 or self.callbacks <= 0 or time.thread_time() > cpu or time.perf_counter() > wall:
+        self.units -= state.units
+        if self.runs <= 0 or self.callbacks <= 0 or self.units <= 0:
             self.exhausted = True
 
 
@@ -134,6 +165,8 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     Last the sweep over every other offset.
     """
     engines = emulate.engines()
+    for engine in engines:  # coverage left by an earlier argument must not prune this one's runs
+        engine.covered = bytearray(engine.length)
     printable = [window.sweep and _mostly_printable(window.data) for window in windows]
     patching: list[list[int]] = [[] for _ in windows]
     done: set[tuple[int, int, int, str]] = set()
@@ -142,7 +175,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
         window = windows[index]
         for offset in offsets:
             finding = _entry(modes, offset, window, budget, patching[index], seedings, done, index)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
         return None
 
@@ -156,7 +189,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     # code in the UTF-16 view), then the other seedings
     for seedings in ((emulate.POINTER,), _SEEDINGS):
         for index, window in enumerate(windows):
-            budget.first = True
+            budget.first = bool(window.label)  # the UTF-16 view's slow "venetian" decoders
             modes = engines[:1] if window.label and len(seedings) == 1 else engines
             finding = entries(index, window.entries[:1], modes, seedings)
             if finding or budget.exhausted:
@@ -167,12 +200,22 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
             finding = entries(index, window.entries[1:], engines[:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
+    budget.slice(LANDING_PHASE_UNITS)
+    for index, window in enumerate(windows):
+        # the ends of landing pads in printable code: the exploit's register may point past the
+        # pad, at a decoder that only decodes with the register pointing at its own first byte
+        if printable[index] and window.landings:
+            finding = entries(index, window.landings, engines[:1], _SEEDINGS[:2])
+            if finding or budget.exhausted:
+                return finding
+    budget.slice(SHIFT_PHASE_UNITS)
     for index, window in enumerate(windows):
         if printable[index] and patching[index]:
             _load(engines, window)
             finding = _shifted(engines[0], sorted(patching[index])[:SHIFT_ENTRIES], window, budget)
             if finding or budget.exhausted:
                 return finding
+    budget.whole()
     for index, window in enumerate(windows):
         finding = entries(index, window.entries[1:], engines, _SEEDINGS)
         if finding or budget.exhausted:
@@ -206,7 +249,7 @@ def _entry(
     """The seedings at one entry point, each in the given modes before the next: pointer,
     stack at the code (only if the pointer run used the stack: only then can it behave
     differently), scratch, cleared.  ``patching`` collects the entry points whose 32-bit
-    pointer run wrote into the code region; ``done`` the runs already made (window index,
+    pointer run executed bytes it had patched; ``done`` the runs already made (window index,
     offset, mode, seeding)."""
     used_stack = {}
     for seeding in seedings:
@@ -222,13 +265,13 @@ def _entry(
             finding = _run(engine, offset, seeding, window, budget, entry=True)
             if done is not None:
                 done.add(key)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
             if seeding == emulate.POINTER:
                 used_stack[engine.bits] = engine.state.stack_used
                 if done is not None and engine.state.stack_used:
                     done.add((index, offset, engine.bits, "stack"))
-                if engine.bits == 32 and engine.state.code_dirty:
+                if engine.bits == 32 and engine.state.ran_patched:
                     patching.append(offset)
     return None
 
@@ -243,18 +286,23 @@ def _shifted(engine: emulate.Engine, offsets: list[int], window: Window, budget:
     for offset in offsets:
         for shift in SHIFTS:
             finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
-            if finding or budget.exhausted:
+            if finding or budget.done:
                 return finding
     return None
 
 
 def _sweep_window(engines: tuple[emulate.Engine, ...], window: Window, budget: Budget) -> str | None:
+    """Every other offset; in a printable window only as far as :data:`PRINTABLE_SWEEP_UNITS`
+    take it (see :func:`_sweep`)."""
     printable = _mostly_printable(window.data)
+    stop = budget.units - PRINTABLE_SWEEP_UNITS if printable else None
     for offset in range(len(window.data)):
         for engine in engines:
             finding = _sweep(engine, offset, printable, window, budget)
             if finding or budget.exhausted:
                 return finding
+        if stop is not None and budget.units <= stop:
+            return None
     return None
 
 
@@ -279,10 +327,10 @@ def _mostly_printable(data: bytes) -> bool:
 
 def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False, shift: int = 0) -> str | None:
     if entry:
-        seconds = FIRST_SECONDS if budget.first else ENTRY_SECONDS
-        state = engine.run(offset, seeding, budget.deadline, callbacks=ENTRY_CALLBACKS, seconds=seconds, shift=shift)
+        units = FIRST_UNITS if budget.first else SHIFTED_UNITS if shift else ENTRY_UNITS
+        state = engine.run(offset, seeding, budget.units - budget.floor, callbacks=ENTRY_CALLBACKS, units=units, shift=shift)
     else:
-        state = engine.run(offset, seeding, budget.deadline)
+        state = engine.run(offset, seeding, budget.units - budget.floor)
     budget.spend(state)
     if state.finding:
         return f"{state.finding}@{window.position(offset)}{window.label}"

@@ -21,6 +21,8 @@ SLED_BINARY_SHARE = 0.25
 
 _ONE = set(b"\x27\x2f\x37\x3f\x90\x91\x92\x93\x95\x96\x97\x98\x99\x9b\x9e\x9f\xd6\xf5\xf8\xf9\xfc\xfd")
 _ONE.update(range(0x40, 0x50))
+#: the one-byte instructions that touch neither memory nor control flow (landing pads)
+ONE_BYTE = frozenset(_ONE)
 _IMM8 = set(b"\x04\x0c\x14\x1c\x24\x2c\x34\x3c\xa8") | set(range(0xB0, 0xB8))
 _IMM32 = set(b"\x05\x0d\x15\x1d\x25\x2d\x35\x3d\xa9") | set(range(0xB8, 0xC0))
 #: register-to-register forms (ModRM with mod == 3): ALU ops, test, xchg, mov, shifts

@@ -21,6 +21,9 @@ _PRINTABLE = re.compile(rb"[\x20-\x7e\t]*")
 _NUMBER = re.compile(rb"[0-9]{1,20}")
 _DIGEST = re.compile(rb"[0-9a-fA-F]{32}")
 _MECHANISM = re.compile(rb"[A-Za-z0-9_-]{1,20}")
+#: what the protocol layer hands over as the "mechanism" of an over-long AUTH line: the line's
+#: head after the keyword (``PLAIN <initial response>``) or its tail (``[AUTH PLAIN ]<base64>``)
+_MECHANISM_AND_RESPONSE = re.compile(rb"(?:(?:AUTH )?[A-Za-z0-9_-]{1,20} )?[A-Za-z0-9+/]+=*|=", re.IGNORECASE)
 #: C0 controls (tab allowed), DEL and the C1 range once decoded: never part of typed text
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -93,6 +96,10 @@ def _check_strict(argument: bytes, field: str, strict: tuple[re.Pattern[bytes], 
         return ok
     if not _PRINTABLE.fullmatch(argument):
         return malicious(f"binary-in-{field}-field")
+    if field == "mechanism" and _MECHANISM_AND_RESPONSE.fullmatch(argument):
+        # the head of an over-long AUTH line (the mechanism, then the initial response) or
+        # its tail, base64 text: harmless by grammar, so only behaviour (tier 1) can decide
+        return _CLEAN_SHORT if len(argument) < SHORT_TEXT else None
     if len(argument) > longest:
         return malicious(f"{field}-grammar")
     return _CLEAN_MISMATCH

@@ -17,6 +17,8 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from .static import ONE_BYTE
+
 #: arguments up to this length (after collapsing filler) are analysed as one window
 WHOLE = 2048
 #: head and tail window sizes for longer arguments; the tail is larger because a stack
@@ -31,6 +33,10 @@ RUN_KEEP = 64
 SCAN_LIMIT = 1 << 16
 #: at most this many preferred entry points per window
 MAX_ENTRIES = 48
+#: one-byte harmless instructions in a row (inc/dec, BCD adjustments, flag operations: what a
+#: landing pad is made of) after which the code is an entry point; at the start of a window
+#: (where the exploit's jump lands) a single one counts
+LANDING_PAD = 4
 #: printable bytes looked at in the UTF-16 view
 UTF16_SOURCE = 1024
 
@@ -40,6 +46,9 @@ _RUN_SHORT = re.compile(rb"(.)\1{7,}", re.DOTALL)
 _REPEATED4 = re.compile(rb"(.{4})\1+", re.DOTALL)
 _STRETCH = re.compile(rb"[\x20-\x7e]{16,}|[^\x20-\x7e]{16,}")
 _BINARY = re.compile(rb"[^\x20-\x7e]")
+_PAD_CLASS = b"[" + b"".join(b"\\x%02x" % b for b in sorted(ONE_BYTE)) + b"]"
+_PAD = re.compile(_PAD_CLASS + b"{%d,}" % LANDING_PAD)
+_PAD_LEAD = re.compile(_PAD_CLASS + b"+")
 
 #: (offset in the window, offset in the argument) where a contiguous piece starts
 Segments = tuple[tuple[int, int], ...]
@@ -59,6 +68,8 @@ class Window:
     sweep: bool = True
     label: str = ""
     stride: int = 1
+    #: ends of landing pads (:func:`landing_points`), tried after the entry points
+    landings: tuple[int, ...] = ()
 
     def position(self, offset: int) -> int:
         """The argument offset of window offset ``offset``."""
@@ -144,7 +155,8 @@ def _slice(segments: Segments, begin: int, end: int) -> Segments:
 
 
 def _window(data: bytes, segments: Segments) -> Window:
-    return Window(data, segments, tuple(entry_points(data)))
+    entries = tuple(entry_points(data))
+    return Window(data, segments, entries, landings=landing_points(data, entries))
 
 
 def entry_points(data: bytes) -> list[int]:
@@ -166,3 +178,23 @@ def entry_points(data: bytes) -> list[int]:
         entries.extend((match.start(), match.end()))
     unique = sorted({e for e in entries if 0 <= e < len(data)})
     return unique[:MAX_ENTRIES]
+
+
+#: at most this many such entry points per window, the first ones (further on, in an
+#: alphanumeric payload, upper-case pairs make such runs all the time)
+MAX_LANDINGS = 3
+
+
+def landing_points(data: bytes, entries: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Where a pad of harmless instructions ends: the exploit may jump into the pad with its
+    register pointing at the code after it (printable decoders address their patches through
+    that register, so only a run started there, with the register pointing there, decodes).
+
+    A pad at the start of the window of any length, and further pads of :data:`LANDING_PAD`
+    bytes or more count, the first :data:`MAX_LANDINGS` of them; in lower-case text they are
+    rare (letters decode as jumps, ``popa``, ``bound``, ``arpl``)."""
+    lead = _PAD_LEAD.match(data)
+    points = [lead.end()] if lead and lead.end() < len(data) and lead.end() not in entries else []
+    points += [match.end() for match in _PAD.finditer(data)
+               if match.end() < len(data) and match.end() not in entries and match.end() not in points]
+    return tuple(points[:MAX_LANDINGS])

@@ -19,7 +19,6 @@ import generators  # noqa: E402
 import realcorpus  # noqa: E402
 
 from pop3shield import mcp  # noqa: E402
-from pop3shield.mcp import deep  # noqa: E402
 from tests.support import skip_or_fail  # noqa: E402
 
 #: attack arguments per generated category in the tests (the benchmark uses more)
@@ -64,12 +63,3 @@ def emulation() -> None:
 def fresh_cache() -> None:
     """Each test starts with an empty verdict cache, so no test sees another's results."""
     mcp.cache.clear()
-
-
-@pytest.fixture(autouse=True)
-def cpu_budget_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Verdicts are budgeted in thread CPU time, which a busy machine does not change; the
-    wall-clock cap on top (which keeps every argument under 50 ms in production) is what a
-    loaded CI machine would hit.  Tests of detection quality and determinism lift it; the
-    test of the cap itself sets it back."""
-    monkeypatch.setattr(deep, "WALL_CAP", 5.0)

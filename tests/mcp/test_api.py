@@ -116,17 +116,22 @@ def test_oversized_lines_are_analysed_within_budget(emulation: None) -> None:
     assert worst < 0.25  # generous: the budget is 30 ms, the benchmark shows the real figures
 
 
-def test_wall_clock_cap_ends_every_analysis(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    """However much CPU the budget would still allow, the wall-clock cap ends the analysis."""
+def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The argument's budget is counted in work units, and running out of it ends the analysis
+    with a clean verdict that says so; a larger budget lets the same argument run longer."""
     from pop3shield.mcp import deep
 
-    monkeypatch.setattr(deep, "WALL_CAP", 0.005)
-    monkeypatch.setattr(deep, "DEADLINE", 10.0)
     rng = random.Random(35)
     noise = bytes(rng.choice(range(0x21, 0x7F)) for _ in range(2000))
-    elapsed = _timed(deep_check, noise)
+    monkeypatch.setattr(deep, "ARGUMENT_UNITS", 2_000)
+    small = deep.Budget()
+    assert deep._emulate(deep.plan(noise), small) is None and small.exhausted
+    assert small.units <= 0 and small.runs > deep.MAX_RUNS - 60
     assert deep_check(noise).reasons == ("no-code-behaviour", "budget-exhausted")
-    assert elapsed < 0.2
+    monkeypatch.setattr(deep, "ARGUMENT_UNITS", 20_000)
+    large = deep.Budget()
+    deep._emulate(deep.plan(noise), large)
+    assert deep.MAX_RUNS - large.runs > 3 * (deep.MAX_RUNS - small.runs)
 
 
 def _timed(check: object, data: bytes) -> float:
@@ -183,3 +188,40 @@ def test_shifted_seeding_points_registers_and_stack_before_the_start(emulation: 
     assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD - 17
     engine.run(0, emulate.POINTER)
     assert engine.uc.reg_read(UC_X86_REG_EAX) == emulate.LOAD
+
+
+def _budget_bound_arguments() -> list[bytes]:
+    """Arguments whose verdict is decided at the edge of the budget: slow decoders (printable
+    families, alphanumeric loops), honest long text that spends the whole budget, and binary."""
+    rng = random.Random(36)
+    arguments = [generators.gen_printable_family(rng) for _ in range(8)]
+    arguments += [generators.gen_alnum(rng) for _ in range(3)]
+    arguments += [generators.passphrase(rng, 200, 1500) for _ in range(4)]
+    arguments += [bytes(rng.choice(range(0x21, 0x7F)) for _ in range(600)) for _ in range(3)]
+    arguments += [rng.randbytes(400) for _ in range(2)] + [rng.randbytes(2000)]
+    # a 1,000-byte in-place decoder two bytes into the argument, its register pointing at it:
+    # it rewrites the code it is about to run ~100 times, and runs out of budget
+    arguments.append(b"AB" + generators.printable_inplace_bytes(rng, generators.linux_bind_shell(rng), generators.EDX))
+    return arguments
+
+
+def test_verdicts_do_not_depend_on_machine_load(emulation: None) -> None:
+    """The same arguments get the same verdicts, reasons included (offsets, budget-exhausted),
+    on a quiet machine and with the other core busy: the budget counts work, not time."""
+    arguments = _budget_bound_arguments()
+    quiet = [deep_check(argument) for argument in arguments]
+    assert any("budget-exhausted" in verdict.reasons for verdict in quiet)  # the edge is exercised
+    assert sum(verdict.malicious for verdict in quiet) >= 8
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        busy = [deep_check(argument) for argument in arguments]
+        # and with a second analysis thread competing for the same cores and caches
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            threaded = list(pool.map(deep_check, arguments + arguments))
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait(timeout=10)
+    assert busy == quiet
+    assert threaded == quiet + quiet

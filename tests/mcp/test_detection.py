@@ -35,10 +35,10 @@ REAL_DEEP = {
     "real:exploit-binary": 0.83,
     # decoder stubs cut off from their payload (0-9 decoded bytes: no loop to see), and
     # blobs tier 0 refuses anyway (a GetPC'd ALPHA2 stub whose "payload" is the encoder's
-    # banner text, an HTTP request); measured ~0.925 (111/120)
+    # banner text, an HTTP request); measured ~0.917-0.925 (110-111/120) under the work-unit budget
     "real:exploit-alnum": 0.89,
 }
-#: real:exploit-alnum in USER/PASS: measured 0.95 (114/120); the 6 misses are the decoder
+#: real:exploit-alnum in USER/PASS: measured 0.942 (113/120); the misses are the decoder
 #: stubs cut off from their payload (see bench/mcp-results.md)
 REAL_ANALYZE = {name: GOAL for name in REAL_DEEP} | {"real:exploit-alnum": 0.93}
 
