@@ -127,6 +127,11 @@ class Screening:
         if self.state is State.SASL:
             return [(line.head, "text"), (line.tail, "text")]
         keyword, _, rest = line.head.partition(b" ")
+        if keyword.upper() == b"AUTH":
+            # AUTH mechanism initial-response: past the mechanism the ends are cut-off SASL data
+            mechanism, sep, response = rest.partition(b" ")
+            fields = [(mechanism or line.head, "mechanism")]
+            return fields + ([(response, "text")] if sep and response else []) + [(line.tail, "text")]
         field = _FIELD_OF.get(keyword.upper(), ("text",))[0]
         return [(rest or line.head, field), (line.tail, field)]
 

@@ -25,6 +25,7 @@ from pop3shield.core.settings import (
     ProtectionSettings,
     SessionSettings,
 )
+from tests.core.conftest import clean_check
 from tests.support.spec import ATTACKS as SPEC_ATTACKS
 
 USER = "bob"
@@ -1812,3 +1813,23 @@ def test_secret_paths_do_raise_events(make_driver: Any, kit: Any) -> None:
         if not d.reports:
             silent.append(name)
     assert silent == ["pass-no-user"]
+
+
+def test_overlong_auth_line_ends_are_judged_as_sasl_data_not_as_the_mechanism(make_driver: Any) -> None:
+    """The ends of an over-long ``AUTH PLAIN <initial response>`` are cut-off SASL data: typed as the
+    mechanism, a harmless long base64 response failed the mechanism grammar (a false positive)."""
+    seen: list[tuple[bytes, str]] = []
+
+    def check(argument: bytes, field: str) -> Any:
+        seen.append((argument, field))
+        return None if field != "mechanism" else clean_check(argument, field)
+
+    blob = base64.b64encode(b"\x00alice\x00" + b".".join(b"maple%d" % i for i in range(60)))
+    d = make_driver(quick_check=check, start=True)
+    d.send(b"AUTH PLAIN " + blob + b"\r\n")
+    fields = [field for _, field in seen]
+    assert fields[0] == "mechanism" and seen[0][0] == b"PLAIN"
+    assert fields[1:] == ["text", "text"]
+    line = b"AUTH PLAIN " + blob
+    assert blob.startswith(seen[1][0]) and line.endswith(seen[2][0])
+
