@@ -167,6 +167,14 @@ def test_bounds_from_the_listing() -> None:
     _, events = read(wire, Expect(Kind.MULTI, exact_octets=7))
     assert events[-1].problem is Problem.SIZE_MISMATCH  # short: ended without End
     assert not any(isinstance(e, End) for e in events)
+    # final_crlf: two more octets (an added last line end) are accepted, one or three are not
+    message = b"a\r\nb"
+    wire = b"+OK\r\n" + stuff(message)  # the stuffer adds the CRLF, as Dovecot does
+    assert isinstance(read(wire, Expect(Kind.MULTI, exact_octets=4, final_crlf=True))[1][-1], End)
+    assert read(wire, Expect(Kind.MULTI, exact_octets=4))[1][-1].problem is Problem.SIZE_MISMATCH
+    for listed in (3, 5):
+        last = read(wire, Expect(Kind.MULTI, exact_octets=listed, final_crlf=True))[1][-1]
+        assert last.problem is Problem.SIZE_MISMATCH
     # stuffing does not count: ".." lines are one octet shorter after un-stuffing
     message = b".\r\n..\r\n"
     _, events = read(b"+OK\r\n" + stuff(message), Expect(Kind.MULTI, exact_octets=len(message)))

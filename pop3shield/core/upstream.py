@@ -93,7 +93,9 @@ class Expect:
     ``max_octets``/``max_lines`` bound a multi-line body (octets after un-stuffing, CRLF
     included; complete lines); ``exact_octets`` (RETR: the listed size) must be met exactly.
     ``discard_after`` drops whatever follows this response in the same bytes (STLS: plaintext
-    buffered after ``+OK`` must not be read as if it came over TLS).
+    buffered after ``+OK`` must not be read as if it came over TLS). ``final_crlf`` also accepts
+    ``exact_octets + 2``: a server that must end a message lacking a final line end with CRLF
+    before the ``.`` line sends two octets more than its LIST counted (Dovecot does).
     """
 
     kind: Kind = Kind.SINGLE
@@ -101,6 +103,7 @@ class Expect:
     max_lines: int | None = None
     exact_octets: int | None = None
     discard_after: bool = False
+    final_crlf: bool = False
 
 
 @dataclass(frozen=True)
@@ -297,7 +300,9 @@ class UpstreamReader:
             return b""
         self._in_body = False
         self._due.popleft()
-        if expectation.exact_octets is not None and self._octets != expectation.exact_octets:
+        exact = expectation.exact_octets
+        if exact is not None and self._octets != exact and not (
+                expectation.final_crlf and self._octets == exact + 2):
             events.append(self._fail(
                 Problem.SIZE_MISMATCH, f"{self._octets} octets, listed {expectation.exact_octets}"))
             return b""
@@ -328,10 +333,12 @@ class UpstreamReader:
         octets = self._octets + len(body) - dots
         lines = self._lines + crlf
         bound = expectation.max_octets
-        if expectation.exact_octets is not None:
-            bound = expectation.exact_octets if bound is None else min(bound, expectation.exact_octets)
+        exact = expectation.exact_octets
+        if exact is not None:
+            exact += 2 if expectation.final_crlf else 0
+            bound = exact if bound is None else min(bound, exact)
         if bound is not None and octets > bound:
-            problem = (Problem.SIZE_MISMATCH if bound == expectation.exact_octets else Problem.TOO_LONG)
+            problem = Problem.SIZE_MISMATCH if bound == exact else Problem.TOO_LONG
             return self._fail(problem, f"over {bound} octets")
         if expectation.max_lines is not None and lines > expectation.max_lines:
             return self._fail(Problem.TOO_LONG, f"over {expectation.max_lines} lines")
