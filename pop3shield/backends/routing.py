@@ -89,7 +89,10 @@ def parse_endpoint(text: str) -> Endpoint:
     if kind not in (*PLAIN_KINDS, TLS_KIND):
         raise EndpointError(f"unknown endpoint type {parts[0]!r} (expected tcp, tcp6, unix or tls)")
     args = [p for p in parts[1:] if "=" not in p]
-    kwargs = dict(p.split("=", 1) for p in parts[1:] if "=" in p)
+    pairs = [p.split("=", 1) for p in parts[1:] if "=" in p]
+    kwargs = dict(pairs)
+    if len(kwargs) != len(pairs):
+        raise EndpointError("an argument is given twice")
     if kind == "unix":
         if "path" not in kwargs and not args:
             raise EndpointError("a unix endpoint needs path=...")
