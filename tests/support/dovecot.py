@@ -262,12 +262,14 @@ class DovecotServer(ServerProcess):
                  startup_timeout: float = 20.0, stop_timeout: float = 10.0,
                  extra_fields: dict[str, str] | None = None,
                  trusted_networks: str = "", haproxy: bool = False,
-                 tls: tuple[str, str] | None = None):
+                 tls: tuple[str, str] | None = None, port: int | None = None):
         """``trusted_networks``: Dovecot's ``login_trusted_networks`` (they are offered XCLIENT);
         ``haproxy``: a second listener (:attr:`proxy_port`) that takes a PROXY header from
         ``trusted_networks`` (``haproxy_trusted_networks``); ``tls``: (cert PEM, key PEM) files
         turn on STLS on :attr:`port` and an implicit-TLS listener on :attr:`tls_port`."""
         self.trusted_networks = trusted_networks
+        #: listen on this port (a restart on the same address) instead of a free one
+        self.fixed_port = port
         self.haproxy = haproxy
         self.tls = tls
         self.proxy_port: int | None = None
@@ -355,7 +357,7 @@ class DovecotServer(ServerProcess):
         self.stdout_path = w / "dovecot.stdout"
         self.conf_path = w / "dovecot.conf"
         passwd_file = self.passwd_path = w / "dovecot.passwd"
-        self.port = free_port(self.host)
+        self.port = self.fixed_port or free_port(self.host)
 
         me = pwd.getpwuid(os.getuid()).pw_name
         my_group = grp.getgrgid(os.getgid()).gr_name
