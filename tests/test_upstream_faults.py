@@ -6,6 +6,7 @@ login and then misbehaves as each test asks; it records every line it received.
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -170,6 +171,45 @@ class FaultCase(unittest.TestCase):
             with self.assertRaises(LoginRefused):  # the fake answers AUTH with -ERR
                 await self.login()
             self.assertEqual(self.fake.received[-1], b"AUTH PLAIN AGFsaWNlAHB3")
+        return defer.ensureDeferred(run())
+
+    def test_oauth_tokens_pass_through_unchanged(self) -> defer.Deferred[None]:
+        self.fake.capa_extra = b"SASL PLAIN XOAUTH2 OAUTHBEARER\r\n"
+        token = b"user=alice\x01auth=Bearer " + b"ya29." + b"x" * 2000 + b"\x01\x01"
+        bearer = b"n,a=alice,\x01auth=Bearer " + b"y" * 2500 + b"\x01\x01"
+
+        async def run() -> None:
+            for mechanism, message in (("XOAUTH2", token), ("OAUTHBEARER", bearer)):
+                with self.assertRaises(LoginRefused):  # the fake refuses every AUTH
+                    await self.backend().login(Credentials("alice", message, mechanism), CLIENT)
+                sent = self.fake.received[-1]
+                self.assertEqual(sent, b"AUTH " + mechanism.encode() + b" " + base64.b64encode(message))
+            self.fake.capa_extra = b"SASL PLAIN\r\n"  # not offered: refused without trying
+            count = len(self.fake.received)
+            with self.assertRaises(LoginRefused):
+                await self.backend().login(Credentials("alice", token, "XOAUTH2"), CLIENT)
+            self.assertFalse(any(line.startswith(b"AUTH") for line in self.fake.received[count:]))
+        return defer.ensureDeferred(run())
+
+    def test_sasl_challenge_from_the_upstream_is_answered_with_a_cancel(self) -> defer.Deferred[None]:
+        self.fake.capa_extra = b"SASL XOAUTH2\r\n"
+        original = FakeUpstream.answer
+
+        def answer(proto: FakeUpstream, line: bytes) -> None:
+            if line.startswith(b"AUTH"):
+                proto.transport.write(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+            elif line == b"*":
+                proto.transport.write(b"-ERR [AUTH] Authentication failed.\r\n")
+            else:
+                original(proto, line)
+
+        FakeUpstream.answer = answer  # type: ignore[method-assign]
+        self.addCleanup(setattr, FakeUpstream, "answer", original)
+
+        async def run() -> None:
+            with self.assertRaises(LoginRefused):
+                await self.backend().login(Credentials("alice", b"tok", "XOAUTH2"), CLIENT)
+            self.assertEqual(self.fake.received[-1], b"*")
         return defer.ensureDeferred(run())
 
     def test_local_passwd_checked_before_the_upstream(self) -> defer.Deferred[None]:

@@ -282,7 +282,9 @@ class _Session:
         if c.mechanism in ("XOAUTH2", "OAUTHBEARER"):
             if c.mechanism not in mechanisms:
                 raise LoginRefused(f"the upstream does not offer {c.mechanism}")
-            reply = await self.protocol.request(b"AUTH " + c.mechanism.encode() + b" " + c.secret, Kind.SASL)
+            # the client's SASL message as it decoded it, re-encoded: the token passes unchanged
+            token = base64.b64encode(c.secret)
+            reply = await self.protocol.request(b"AUTH " + c.mechanism.encode() + b" " + token, Kind.SASL)
         elif "PLAIN" in mechanisms:
             blob = base64.b64encode(b"\0" + user + b"\0" + c.secret)
             reply = await self.protocol.request(b"AUTH PLAIN " + blob, Kind.SASL)
