@@ -7,6 +7,7 @@ login and then misbehaves as each test asks; it records every line it received.
 from __future__ import annotations
 
 import base64
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -214,7 +215,7 @@ class FaultCase(unittest.TestCase):
 
     def test_local_passwd_checked_before_the_upstream(self) -> defer.Deferred[None]:
         async def run() -> None:
-            path = Path(self.mktemp())
+            path = Path(tempfile.mkdtemp(prefix="pop3shield-faults-")) / "passwd"
             path.write_text("alice:{PLAIN}right::::::\n")
             checker = PasswdFileChecker(str(path), allow_plaintext=True, reactor=reactor)
             backend = self.backend()
@@ -229,7 +230,7 @@ class FaultCase(unittest.TestCase):
 
     def test_no_route_is_refused_like_a_wrong_password(self) -> defer.Deferred[None]:
         async def run() -> None:
-            routes = Path(self.mktemp())
+            routes = Path(tempfile.mkdtemp(prefix="pop3shield-faults-")) / "routes"
             routes.write_text(f"bob tcp:host=127.0.0.1:port={self.port.getHost().port}\n")
             backend = UpstreamBackend(UpstreamSettings(None, routes=str(routes)), reactor)
             with self.assertRaises(LoginRefused):
