@@ -173,3 +173,15 @@ def test_route_map_errors(tmp_path: Path) -> None:
         parse_routes("routes", b"\xff tcp:host=x:port=1\n")
     with pytest.raises(RouteMapError, match=r"cannot read"):
         RouteMap(None, str(tmp_path / "missing"))
+
+
+def test_settings_from_config_checks_the_ca_file(tmp_path: Path) -> None:
+    from pop3shield.backends.upstream import settings_from_config
+
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    config = parse(upstream(endpoint="tls:host=mail:port=995", ca_file="ca.pem"), tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        settings_from_config(config)
+    assert str(caught.value) == f"{SOURCE}: backend.ca_file: no PEM certificate in the CA file"
+    settings = settings_from_config(parse(upstream(client_address="proxy", login_timeout=5)))
+    assert (settings.endpoint.host, settings.client_address, settings.login_timeout) == ("127.0.0.1", "proxy", 5.0)

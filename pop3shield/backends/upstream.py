@@ -52,7 +52,7 @@ from pop3shield.backends._upstream_client import (
 from pop3shield.backends.routing import Endpoint, RouteMap
 from pop3shield.core.upstream import DEFAULT_MAX_LINE, Expect, Kind, parse_capabilities
 
-__all__ = ["UpstreamBackend", "UpstreamMailbox", "UpstreamSettings", "tls_options"]
+__all__ = ["UpstreamBackend", "UpstreamMailbox", "UpstreamSettings", "settings_from_config", "tls_options"]
 
 log = Logger(namespace="pop3shield.upstream")
 
@@ -80,6 +80,30 @@ class UpstreamSettings:
     login_timeout: float = 30.0
     response_timeout: float = 60.0
     max_line: int = DEFAULT_MAX_LINE
+
+
+def settings_from_config(config: Any) -> UpstreamSettings:
+    """:class:`UpstreamSettings` from a validated :class:`pop3shield.config.Config`.
+
+    Raises :class:`pop3shield.config.ConfigError` for what only shows when TLS is set up (a CA
+    file without a certificate in it).
+    """
+    from pop3shield.backends.routing import parse_endpoint
+    from pop3shield.config import ConfigError
+
+    b = config.backend
+    settings = UpstreamSettings(
+        endpoint=parse_endpoint(b.endpoint) if b.endpoint else None, routes=b.routes, stls=b.stls,
+        ca_file=b.ca_file, verify=b.verify, tls_hostname=b.tls_hostname,
+        client_address=b.client_address, connect_timeout=b.connect_timeout,
+        login_timeout=b.login_timeout, response_timeout=b.response_timeout)
+    if settings.endpoint is not None and (settings.stls or settings.endpoint.implicit_tls):
+        try:
+            tls_options(settings, settings.endpoint.host)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(config.source, "backend.ca_file" if b.ca_file else "backend.tls_hostname",
+                              str(exc)) from None
+    return settings
 
 
 def tls_options(settings: UpstreamSettings, host: str | None) -> Any:
