@@ -226,10 +226,8 @@ class UpstreamBackend:
             log.failure("upstream login for user={user} failed unexpectedly", failure,
                         user=credentials.username)
             error = Unavailable(f"internal error: {type(error).__name__}")
-        if isinstance(error, Unavailable):
-            log.warn("upstream login for user={user} session={session}: {reason}",
-                     user=credentials.username, session=client.session, reason=str(error))
-        elif isinstance(error, MailboxInUse):
+        # an Unavailable's text names the upstream and the reason: the session logs it, once
+        if isinstance(error, MailboxInUse):
             log.info("upstream says the mailbox of user={user} is in use", user=credentials.username)
         raise error
 
@@ -402,7 +400,9 @@ class UpstreamMailbox:
         self._released = False
 
     def send_message(self, key: Hashable, lines: int | None, status: bytes,
-                     consumer: Any) -> defer.Deferred[int]:
+                     consumer: Any, prefetch: Hashable | None = None) -> defer.Deferred[int]:
+        """RETR or TOP upstream, passed through as it arrives (``prefetch`` is not used: the
+        upstream reads its own disk)."""
         size = self._sizes.get(key)
         if size is None or self._released:
             return defer.fail(MessageUnavailable(f"no message {key!r}"))
