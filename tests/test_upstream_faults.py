@@ -47,7 +47,13 @@ class FakeUpstream(Protocol):
     def answer(self, line: bytes) -> None:
         word = line.split(b" ")[0].upper()
         w = self.transport.write
-        if word == b"CAPA":
+        if getattr(self, "in_auth", False):  # the SASL response line: refused
+            self.in_auth = False
+            w(b"-ERR [AUTH] Authentication failed.\r\n")
+        elif word == b"AUTH" and line.count(b" ") == 1:
+            self.in_auth = True
+            w(b"+ \r\n")
+        elif word == b"CAPA":
             w(b"+OK\r\nUSER\r\n" + self.factory.capa_extra + b".\r\n")
         elif word in (b"USER", b"PASS"):
             w(self.factory.pass_reply if word == b"PASS" else b"+OK\r\n")
@@ -183,8 +189,8 @@ class FaultCase(unittest.TestCase):
             for mechanism, message in (("XOAUTH2", token), ("OAUTHBEARER", bearer)):
                 with self.assertRaises(LoginRefused):  # the fake refuses every AUTH
                     await self.backend().login(Credentials("alice", message, mechanism), CLIENT)
-                sent = self.fake.received[-1]
-                self.assertEqual(sent, b"AUTH " + mechanism.encode() + b" " + base64.b64encode(message))
+                # too long for an initial response (255 octets): AUTH, then the token after "+"
+                self.assertEqual(self.fake.received[-2:], [b"AUTH " + mechanism.encode(), base64.b64encode(message)])
             self.fake.capa_extra = b"SASL PLAIN\r\n"  # not offered: refused without trying
             count = len(self.fake.received)
             with self.assertRaises(LoginRefused):
@@ -197,7 +203,9 @@ class FaultCase(unittest.TestCase):
         original = FakeUpstream.answer
 
         def answer(proto: FakeUpstream, line: bytes) -> None:
-            if line.startswith(b"AUTH"):
+            if line.startswith(b"AUTH") and line.count(b" ") == 1:
+                proto.transport.write(b"+ \r\n")
+            elif line.startswith(b"AUTH") or line == base64.b64encode(b"tok" * 100):
                 proto.transport.write(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
             elif line == b"*":
                 proto.transport.write(b"-ERR [AUTH] Authentication failed.\r\n")
@@ -210,7 +218,10 @@ class FaultCase(unittest.TestCase):
         async def run() -> None:
             with self.assertRaises(LoginRefused):
                 await self.backend().login(Credentials("alice", b"tok", "XOAUTH2"), CLIENT)
-            self.assertEqual(self.fake.received[-1], b"*")
+            self.assertEqual(self.fake.received[-2:], [b"AUTH XOAUTH2 dG9r", b"*"])
+            with self.assertRaises(LoginRefused):
+                await self.backend().login(Credentials("alice", b"tok" * 100, "XOAUTH2"), CLIENT)
+            self.assertEqual(self.fake.received[-3:], [b"AUTH XOAUTH2", base64.b64encode(b"tok" * 100), b"*"])
         return defer.ensureDeferred(run())
 
     def test_local_passwd_checked_before_the_upstream(self) -> defer.Deferred[None]:

@@ -62,6 +62,8 @@ class _Request:
     on_body: Callable[[bytes], None] | None = None
     on_status: Callable[[Status], None] | None = None
     start_tls: Any = None
+    #: lines to answer the upstream's SASL challenges with, in order (then: cancel)
+    responses: list[bytes] = field(default_factory=list, repr=False)
     status: Status | None = None
     pieces: list[bytes] = field(default_factory=list, repr=False)
 
@@ -143,14 +145,17 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
     def request(self, line: bytes, expect: Expect | Kind = Kind.SINGLE, *,
                 on_body: Callable[[bytes], None] | None = None,
                 on_status: Callable[[Status], None] | None = None,
-                start_tls: Any = None) -> defer.Deferred[Response]:
-        """Send ``line`` (CRLF added) and wait for its response."""
+                start_tls: Any = None, responses: list[bytes] | None = None) -> defer.Deferred[Response]:
+        """Send ``line`` (CRLF added) and wait for its response; SASL challenges get
+        ``responses`` one by one, then a cancel."""
         if self._failure is not None:
             return defer.fail(self._failure)
         if self._closed:
             return defer.fail(UpstreamFailure("connection closed"))
         d = self._queue(expect if isinstance(expect, Expect) else Expect(expect), on_body, on_status,
                         start_tls)
+        if responses:
+            self._requests[-1].responses.extend(responses)
         self.transport.write(line + b"\r\n")
         self._arm()
         return d
@@ -179,7 +184,10 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             return
         request = self._requests[0]
         if isinstance(event, Continuation):
-            self.send_line(b"*")  # we have nothing more to say: cancel, the -ERR follows
+            if request.responses:
+                self.send_line(request.responses.pop(0))
+            else:
+                self.send_line(b"*")  # we have nothing more to say: cancel, the -ERR follows
             return
         if isinstance(event, Status):
             if request.expect.kind is Kind.MULTI and event.ok:

@@ -305,11 +305,9 @@ class _Session:
             if c.mechanism not in mechanisms:
                 raise LoginRefused(f"the upstream does not offer {c.mechanism}")
             # the client's SASL message as it decoded it, re-encoded: the token passes unchanged
-            token = base64.b64encode(c.secret)
-            reply = await self.protocol.request(b"AUTH " + c.mechanism.encode() + b" " + token, Kind.SASL)
+            reply = await self._sasl(c.mechanism.encode(), base64.b64encode(c.secret))
         elif "PLAIN" in mechanisms:
-            blob = base64.b64encode(b"\0" + user + b"\0" + c.secret)
-            reply = await self.protocol.request(b"AUTH PLAIN " + blob, Kind.SASL)
+            reply = await self._sasl(b"PLAIN", base64.b64encode(b"\0" + user + b"\0" + c.secret))
         else:
             if any(ch in user + c.secret for ch in (0, 10, 13)):
                 raise LoginRefused("credentials cannot be sent as USER/PASS")
@@ -319,6 +317,14 @@ class _Session:
             reply = await self.protocol.request(b"PASS " + c.secret)
         if not reply.status.ok:
             _refuse(reply.status)
+
+    def _sasl(self, mechanism: bytes, response: bytes) -> defer.Deferred[Any]:
+        """AUTH with an initial response when the line stays within 255 octets (RFC 5034 and
+        2449), else the response on its own line after the upstream's ``+``."""
+        line = b"AUTH " + mechanism + b" " + response
+        if len(line) + 2 <= 255:
+            return self.protocol.request(line, Kind.SASL)
+        return self.protocol.request(b"AUTH " + mechanism, Kind.SASL, responses=[response])
 
     async def _listing(self, caps: dict[str, tuple[str, ...]]) -> list[ListedMessage]:
         p = self.protocol
