@@ -22,13 +22,14 @@ import threading
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword, UsernamePassword
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pop3shield.credentials import AddressedCredentials
 from pop3shield.passwd import (
     PLAIN,
     PasswdEntry,
@@ -39,17 +40,6 @@ from pop3shield.passwd import (
 )
 
 __all__ = ["AddressedCredentials", "LoginDisabled", "PasswdFileChecker"]
-
-
-class AddressedCredentials(UsernamePassword):
-    """USER/PASS or SASL credentials plus the client's address (None: no IP, e.g. a unix socket)."""
-
-    def __init__(self, username: bytes, password: bytes, client_address: str | None) -> None:
-        super().__init__(username, password)
-        self.client_address = client_address
-
-    def __repr__(self) -> str:  # never the password
-        return f"<AddressedCredentials {self.username!r} from {self.client_address!r}>"
 
 
 class LoginDisabled(UnauthorizedLogin):

@@ -174,6 +174,42 @@ def make_observer(path: str, fmt: str, level: str, stream: IO[str] | None = None
     return FilteringLogObserver(line, [predicate])
 
 
+# --------------------------------------------------------------------------- under twistd
+
+
+@implementer(ILogObserver)
+class FieldEscaper:
+    """Escapes, in place, the string fields of every event it sees, and its format (not the
+    other ``log_*`` internals).
+
+    Under twistd, twistd's own observers (``--logfile``, ``--logger``) write the log, not the
+    ones above. Registered on the log publisher *before* twistd begins logging, this observer
+    runs first for every event, and the observers after it see the same event dictionary: so a
+    message file name with ESC or a newline in it cannot forge lines in twistd's log either.
+    """
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        for key, value in event.items():
+            if key.startswith("log_") and key != "log_format":
+                continue  # log_format: the stdlib bridge puts a record's message there
+            if isinstance(value, str):
+                event[key] = escape(value)
+            elif isinstance(value, (tuple, list)) and any(isinstance(item, str) for item in value):
+                event[key] = type(value)(escape(item) if isinstance(item, str) else item for item in value)
+
+
+def install_field_escaper(publisher: Any = None) -> FieldEscaper:
+    """Put a :class:`FieldEscaper` first in line on ``publisher`` (twisted.logger's global one)."""
+    from twisted.logger import globalLogPublisher
+
+    publisher = globalLogPublisher if publisher is None else publisher
+    for observer in [o for o in getattr(publisher, "_observers", ()) if isinstance(o, FieldEscaper)]:
+        publisher.removeObserver(observer)
+    escaper = FieldEscaper()
+    publisher.addObserver(escaper)
+    return escaper
+
+
 # --------------------------------------------------------------------------- stdlib bridge
 
 _STDLIB_LEVELS = ((logging.CRITICAL, LogLevel.critical), (logging.ERROR, LogLevel.error),

@@ -1,88 +1,64 @@
-"""The Twisted side of a POP3 session: sockets, threads and the clock around the sans-I/O core.
+"""The Twisted side of a POP3 session: sockets and the clock around the sans-I/O core.
 
 The protocol feeds bytes to :class:`~pop3shield.core.session.Session` and carries out the actions
-it returns. Reading from the socket is paused whenever the session waits for something (a login,
-a message being streamed, a commit, a slow analysis), so pipelined input stays bounded.
+it returns: a login goes to the factory's backend (:class:`~pop3shield.backends.IBackend`), a
+message to the open mailbox (:class:`~pop3shield.backends.IMailbox`), QUIT's UPDATE to its commit.
+Reading from the socket is paused whenever the session waits for something (a login, a message
+being streamed, a commit, a slow analysis), so pipelined input stays bounded. Nothing here knows
+what the backend is.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import secrets
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
-from twisted.cred.credentials import IUsernameHashedPassword
-from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
-from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3shield.checker import AddressedCredentials, LoginDisabled
+from pop3shield.backends import (
+    ClientInfo,
+    Credentials,
+    IBackend,
+    LoginRefused,
+    MailboxInUse,
+    MessageUnavailable,
+    Unavailable,
+)
 from pop3shield.core import actions as A
-from pop3shield.core.dotstuff import DotStuffer
 from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
-from pop3shield.maildir import MailboxError, MailboxInUse
-from pop3shield.realm import IMaildrop, UnsafeUsername
-from pop3shield.streaming import MessageSender, Prefetch, SizeMismatch
+from pop3shield.limits import ConnectionLimits, FailureDelays
 
 log = Logger(namespace="pop3shield.server")
 
 
-@implementer(IUsernameHashedPassword)
-class APOPCredentials:
-    """RFC 1939 APOP: the digest is MD5(challenge + password), checkable only against a plaintext secret."""
+@implementer(IConsumer)
+class _ClientStream:
+    """The client's transport as a backend's consumer: each write also counts as activity."""
 
-    def __init__(self, username: bytes, challenge: bytes, digest: bytes, client_address: Any = "not given") -> None:
-        self.username = username
-        self.challenge = challenge
-        self.digest = digest
-        self.client_address = client_address  # None: no IP address; not given: no allow_nets entry passes
+    def __init__(self, transport: Any, on_write: Callable[[], None]) -> None:
+        self.transport = transport
+        self.on_write = on_write
 
-    def checkPassword(self, password: bytes) -> bool:
-        expected = hashlib.md5(self.challenge + password).hexdigest().encode("ascii")
-        return hmac.compare_digest(expected, self.digest)
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
 
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
 
-class FailureDelays:
-    """Brute-force brake: each failed login from an address doubles the wait before the answer."""
-
-    def __init__(self, base: float, ceiling: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.base = base
-        self.ceiling = ceiling
-        self.clock = clock
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def failed(self, address: str) -> float:
-        """Record a failure; return the delay to apply before answering it."""
-        now = self.clock()
-        count, last = self._failures.get(address, (0, now))
-        if now - last > 15 * 60:
-            count = 0
-        count += 1
-        self._failures[address] = (count, now)
-        if len(self._failures) > 50000:
-            self._forget(now)
-        if self.base <= 0:
-            return 0.0
-        return min(self.base * 2 ** (count - 1), self.ceiling)
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
-
-    def _forget(self, now: float) -> None:
-        for address in [a for a, (_, last) in self._failures.items() if now - last > 15 * 60]:
-            del self._failures[address]
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+        self.on_write()
 
 
 class POP3ServerProtocol(Protocol, TimeoutMixin):
@@ -90,8 +66,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     factory: POP3ServerFactory
     session: Session | None = None
-    prefetch: Prefetch | None = None
-    promised: dict[Any, int] = {}
+    mailbox: Any = None
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -101,8 +76,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.session_id = secrets.token_hex(6)
         self.ctx = SessionContext(self.session_id, self.client_address, getattr(peer, "port", None),
                                   getattr(host, "host", None), getattr(host, "port", None))
-        self.maildrop: Any = None
-        self.sender: MessageSender | None = None
+        self._streaming = False  # a message is going out: mid-message nothing more can be said
         self._committing = False
         self._reading_paused = False
         self._timeout_state: State | None = None
@@ -156,7 +130,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self._ended = f"timeout in {self.session.state.value}"
         log.debug("session {session} timed out in {state}", session=self.session_id, state=self.session.state.value)
-        if self.sender is not None:
+        if self._streaming:
             self.session.connection_lost()
             self.transport.abortConnection()
             return
@@ -171,13 +145,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self.session is None:
             return
         self.session.connection_lost()
-        if self.sender is not None:
-            self.sender.stopProducing()
-        if self.prefetch is not None:
-            self.prefetch.discard()
-        if self.maildrop is not None and not self._committing:
-            self.factory.offload(self.maildrop.release).addErrback(self._log_failure, "release")
-            self.maildrop = None
+        if self.mailbox is not None and not self._committing:
+            mailbox, self.mailbox = self.mailbox, None
+            mailbox.release()  # a dropped connection deletes nothing
         self.factory.events.session_summary(self._context(), dict(self.session.engine.repeats))
         self._log_closed(reason)
 
@@ -286,33 +256,20 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # login
 
     def _do_Authenticate(self, action: A.Authenticate) -> None:
-        username = action.username.encode("utf-8")
-        if action.mechanism == "APOP":
-            credentials: Any = APOPCredentials(username, action.challenge or b"", action.secret, self.client_address)
-        else:
-            credentials = AddressedCredentials(username, action.secret, self.client_address)
-        d = self.factory.portal.login(credentials, None, IMaildrop)
-        d.addCallback(self._open_maildrop)
+        credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
+        ctx = self.ctx
+        client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
+        d = defer.maybeDeferred(self.factory.backend.login, credentials, client)
         d.addCallbacks(self._login_ok, self._login_error)
         d.addErrback(self._log_failure, "login")
 
-    def _open_maildrop(self, result: tuple[Any, Any, Any]) -> defer.Deferred[Any]:
-        _, maildrop, _ = result
-        d = self.factory.offload(maildrop.open)
-        d.addCallback(lambda entries: (maildrop, entries))
-        return d
-
-    def _login_ok(self, result: tuple[Any, Sequence[Any]]) -> None:
-        maildrop, entries = result
+    def _login_ok(self, mailbox: Any) -> None:
         if self.session is None or self.session.closed:
-            self.factory.offload(maildrop.release)
+            mailbox.release()
             return
-        self.maildrop = maildrop
-        self.prefetch = Prefetch(self.factory.offload, maildrop)
-        # RETR must send exactly the size LIST and its status line announce
-        self.promised = {entry.key: entry.size for entry in entries}
+        self.mailbox = mailbox
         self.factory.delays.succeeded(self.client_address or "-")
-        self._run(self.session.login_succeeded(entries))
+        self._run(self.session.login_succeeded(mailbox.listing))
 
     def _login_error(self, failure: Failure) -> None:
         if self.session is None or self.session.closed:
@@ -320,77 +277,59 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if failure.check(MailboxInUse):
             self._run(self.session.login_failed("IN-USE", "Mailbox is locked by another session."))
             return
-        if failure.check(UnauthorizedLogin, UnhandledCredentials, LoginFailed, UnsafeUsername):
+        if failure.check(LoginRefused):
+            refused = failure.value
             delay = self.factory.delays.failed(self.client_address or "-")
             self._logins_failed += 1
             log.debug("session {session} login failed for user={user}", session=self.session_id,
                       user=self.session.user)
-            disabled = failure.value if failure.check(LoginDisabled) else None
-            if disabled is not None and disabled.nodelay:
-                delay = 0.0  # nologin + nodelay (after a verified password): answered at once
-            args = ("AUTH", disabled.reason) if disabled is not None and disabled.reason else ()
+            if refused.nodelay:
+                delay = 0.0  # e.g. nologin + nodelay (after a verified password): answered at once
+            args = ("AUTH", refused.reason) if refused.reason else ()
             self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed(*args)), None)
             return
-        if failure.check(MailboxError):
-            log.error("session {session} maildrop unavailable: {error}", session=self.session_id,
-                      error=str(failure.value))
-        else:
-            log.failure("session {session} login error", failure, session=self.session_id)
+        if failure.check(Unavailable):
+            log.error("session {session} {error}", session=self.session_id, error=str(failure.value))
+            self._run(self.session.login_failed(failure.value.code, failure.value.text))
+            return
+        log.failure("session {session} login error", failure, session=self.session_id)
         self._run(self.session.login_failed("SYS/TEMP", "Temporary server problem, try again later."))
 
     # messages
 
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
-        d = self.prefetch.take(action.key)
-        self.prefetch.start(action.prefetch)
-        d.addCallbacks(self._start_stream, self._stream_open_failed, callbackArgs=(action,))
-
-    def _start_stream(self, opened: tuple[Any, bytes], action: A.StreamMessage) -> None:
-        source, first = opened
-        if self.session is None or self.session.closed:
-            source.close()
-            return
-        expected = self.promised.get(action.key) if action.body_lines is None else None  # TOP: no promise
-        self.sender = MessageSender(self.transport, source, DotStuffer(action.body_lines), self.factory.offload,
-                                    on_progress=self.resetTimeout, expected=expected)
-        d = self.sender.start(first, prefix=action.status)
+        self._streaming = True
+        consumer = _ClientStream(self.transport, self.resetTimeout)
+        d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
+                                consumer, prefetch=action.prefetch)
         d.addCallbacks(self._stream_done, self._stream_error)
 
-    def _stream_open_failed(self, failure: Failure) -> None:
-        log.warn("session {session} message unavailable: {error}", session=self.session_id,
-                 error=failure.getErrorMessage())
-        self._guard(lambda _: self.session.stream_failed())(None)
-
     def _stream_done(self, sent: int) -> None:
-        self.sender = None
+        self._streaming = False
         self._guard(lambda _: self.session.stream_finished())(None)
 
     def _stream_error(self, failure: Failure) -> None:
-        self.sender = None
+        self._streaming = False
         if self.session is None or self.session.closed:
             return
-        if failure.check(SizeMismatch):
-            if failure.value.before_first_byte:
-                log.warn("session {session} message changed since login: {error}", session=self.session_id,
-                         error=failure.getErrorMessage())
-                self._run(self.session.stream_failed())
-                return
-            log.warn("session {session} message changed while being sent, connection cut: {error}",
-                     session=self.session_id, error=failure.getErrorMessage())
-            self.session.connection_lost()
-            self.transport.abortConnection()
+        if failure.check(MessageUnavailable):
+            # nothing was written for it: the client gets an -ERR and the session goes on
+            log.warn("session {session} message unavailable: {error}", session=self.session_id,
+                     error=failure.getErrorMessage())
+            self._run(self.session.stream_failed())
             return
-        log.failure("session {session} message read failed", failure, session=self.session_id)
+        # part of the response is out: it cannot be completed, so the connection is cut
+        log.warn("session {session} message cut off mid-response, connection cut: {error}", session=self.session_id,
+                 error=failure.getErrorMessage())
         self.session.connection_lost()
-        self.transport.loseConnection()
+        self.transport.abortConnection()
 
     # update
 
     def _do_Commit(self, action: A.Commit) -> None:
         self._committing = True
-        self.prefetch.discard()
-        maildrop, self.maildrop = self.maildrop, None
-        d = self.factory.offload(maildrop.commit, action.delete)
+        mailbox, self.mailbox = self.mailbox, None
+        d = defer.maybeDeferred(mailbox.commit, action.delete)
         d.addErrback(self._commit_error, action.delete)
         d.addCallback(self._committed, action.delete)
 
@@ -398,7 +337,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         log.failure("session {session} commit failed", failure, session=self.session_id)
         return list(keys)
 
-    def _committed(self, failed: list[Any], keys: tuple[Any, ...]) -> None:
+    def _committed(self, failed: Sequence[Any], keys: tuple[Any, ...]) -> None:
+        failed = list(failed)
         self._deleted = len(keys) - len(failed)
         log.debug("session {session} update: deleted={deleted} failed={failed}", session=self.session_id,
                   deleted=len(keys) - len(failed), failed=len(failed))
@@ -408,8 +348,15 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         log.failure("session {session}: {what} failed", failure, session=self.session_id, what=what)
 
 
+def _detector_quick_check() -> Any:
+    """The malicious-code detector's fast tier (pure Python, runs on the reactor)."""
+    from pop3shield.mcp import quick_check
+
+    return quick_check
+
+
 class POP3ServerFactory(ServerFactory):
-    """Shared state of all connections: settings, portal, limits, thread pools, event log."""
+    """Shared state of all connections: settings, the backend, limits, the analysis pool, event log."""
 
     protocol = POP3ServerProtocol
     noisy = False
@@ -417,11 +364,10 @@ class POP3ServerFactory(ServerFactory):
     def __init__(
         self,
         settings: SessionSettings,
-        portal: Portal,
+        backend: IBackend,
         events: EventLog,
         *,
         reactor: Any,
-        threadpool: Any,
         analyzer: Any,
         login_timeout: float = 60.0,
         idle_timeout: float = 600.0,
@@ -435,26 +381,19 @@ class POP3ServerFactory(ServerFactory):
         log_global_rate_limit: int | None = 600,
     ) -> None:
         self.settings = settings
-        self.portal = portal
+        self.backend = backend
         self.events = events
         self.reactor = reactor
-        self.threadpool = threadpool
         self.analyzer = analyzer
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
         self.greeting_delay = greeting_delay
-        self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
+        self.limits = ConnectionLimits(max_connections, max_connections_per_ip)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
-        self.quick_check = quick_check
+        #: the detector's fast tier handed to each session; by default the malicious-code detector's
+        self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
-        self.connections = 0
-        self.per_ip: dict[str | None, int] = {}
-
-    def offload(self, function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        """Blocking work (disk, hashing) goes to the thread pool, never the reactor."""
-        return deferToThreadPool(self.reactor, self.threadpool, function, *args)
 
     def challenge(self) -> bytes | None:
         """The APOP timestamp for the greeting, only when APOP is enabled."""
@@ -464,18 +403,7 @@ class POP3ServerFactory(ServerFactory):
 
     def admit(self, address: str | None) -> bytes | None:
         """Count a new connection; the refusal line if a limit is reached."""
-        if self.connections >= self.max_connections:
-            return b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
-        if self.per_ip.get(address, 0) >= self.max_connections_per_ip:
-            return b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
-        self.connections += 1
-        self.per_ip[address] = self.per_ip.get(address, 0) + 1
-        return None
+        return self.limits.admit(address)
 
     def release(self, address: str | None) -> None:
-        self.connections -= 1
-        left = self.per_ip.get(address, 1) - 1
-        if left > 0:
-            self.per_ip[address] = left
-        else:
-            self.per_ip.pop(address, None)
+        self.limits.release(address)

@@ -20,9 +20,12 @@ from twisted.application import service
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from pop3shield.analysis import Analyzer
+from pop3shield.backends import IBackend
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.config import Config, ConfigError
 from pop3shield.events import EventLog
@@ -193,6 +196,34 @@ def build_portal(config: Config, reactor: Any) -> Portal:
     return portal
 
 
+def thread_offload(reactor: Any) -> Callable[..., defer.Deferred[Any]]:
+    """Runs blocking work (disk, hashing) in the reactor's thread pool, never on the reactor."""
+    def offload(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
+    return offload
+
+
+def _maildir_backend(config: Config, reactor: Any) -> IBackend:
+    """The local Maildir behind the portal (passwd-file checker, configured realm)."""
+    return MaildirBackend(build_portal(config, reactor), thread_offload(reactor))
+
+
+#: ``backend.type`` -> the function that builds that backend from the config
+BACKEND_BUILDERS: dict[str, Callable[[Config, Any], IBackend]] = {
+    "maildir": _maildir_backend,
+}
+
+
+def build_backend(config: Config, reactor: Any) -> IBackend:
+    """The configured backend (``backend.type``), the one place a new backend type is added."""
+    try:
+        builder = BACKEND_BUILDERS[config.backend.type]
+    except KeyError:
+        raise ConfigError(config.source, "backend.type", f"unknown backend type {config.backend.type!r} "
+                                                         f"(known: {', '.join(sorted(BACKEND_BUILDERS))})") from None
+    return builder(config, reactor)
+
+
 def quick_check() -> Callable[[bytes, str], Any] | None:
     """The detector's fast tier (pure Python, on the reactor)."""
     from pop3shield.mcp import quick_check as check
@@ -279,14 +310,14 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
-    portal = build_portal(config, reactor)
+    backend = build_backend(config, reactor)
     events = EventLog(config.events.path, config.events.rate_limit,
                       global_rate_limit=config.events.global_rate_limit)
     analyzer = Analyzer(reactor)
     server = config.server
     factory = POP3ServerFactory(
-        config.session_settings(), portal, events,
-        reactor=reactor, threadpool=reactor.getThreadPool(), analyzer=analyzer,
+        config.session_settings(), backend, events,
+        reactor=reactor, analyzer=analyzer,
         login_timeout=server.login_timeout, idle_timeout=server.idle_timeout,
         greeting_delay=server.greeting_delay,
         max_connections=server.max_connections, max_connections_per_ip=server.max_connections_per_ip,

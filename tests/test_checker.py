@@ -170,7 +170,7 @@ class VerificationTests(_Base):
     @defer.inlineCallbacks
     def test_apop_digest_against_plaintext_entry(self) -> Any:
         """APOP (RFC 1939): MD5(challenge + password), answerable only by a {PLAIN} entry."""
-        from pop3shield.protocol import APOPCredentials
+        from pop3shield.credentials import APOPCredentials
 
         bc = bcrypt.hashpw(b"bpw", bcrypt.gensalt(4)).decode()
         self.write("carol:{PLAIN}ppw", f"dave:{{BLF-CRYPT}}{bc}")
@@ -187,7 +187,7 @@ class VerificationTests(_Base):
         yield self.assertFailure(checker.requestAvatarId(apop(b"nobody", b"x")), UnauthorizedLogin)
 
     def test_rfc1939_apop_example_digest(self) -> None:
-        from pop3shield.protocol import APOPCredentials
+        from pop3shield.credentials import APOPCredentials
 
         creds = APOPCredentials(b"mrose", b"<1896.697170952@dbc.mtview.ca.us>",
                                 b"c4c9334bac560ecc979e58001b3e22fb")
@@ -438,7 +438,7 @@ class ExtraFieldPolicyTests(_Base):
         self.assertEqual(calls, ["dis1", "dis2", "lo", "dis1"])
 
     async def test_apop_obeys_the_same_policy(self) -> None:
-        from pop3shield.protocol import APOPCredentials
+        from pop3shield.credentials import APOPCredentials
 
         checker = self.make(allow_plaintext=True)
         challenge = b"<1.2@test>"

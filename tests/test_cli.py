@@ -167,6 +167,17 @@ def _plugin_installed() -> bool:
     return probe.returncode == 0
 
 
+def start_twistd(conf: Path, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """``twistd -n pop3shield --config CONF`` logging to ``log``; the process and its port."""
+    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
+                             str(conf)], env=env, cwd=conf.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc, int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
+    except BaseException:
+        stop(proc)
+        raise
+
+
 @pytest.mark.skipif(not _plugin_installed() and not IN_CI, reason="needs `pip install .` (the plugin file lives in "
                     "site-packages/twisted/plugins)")
 def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
@@ -176,10 +187,8 @@ def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
     assert re.search(r"^\s+pop3shield\s+pop3shield: a hardened POP3", helptext.stdout, re.M), helptext.stdout
     conf = good_config(tmp_path)
     log = tmp_path / "twistd.log"
-    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
-                             str(conf)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = start_twistd(conf, log, env)
     try:
-        port = int(wait_for_line(log, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
         client = poplib.POP3("127.0.0.1", port, timeout=10)
         assert client.getwelcome() == b"+OK cli.test POP3 ready."
         client.user("alice")
@@ -192,6 +201,42 @@ def test_twistd_lists_and_runs_the_plugin(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert bad.returncode != 0
     assert f"{tmp_path / 'missing.toml'}: -: cannot read" in bad.stdout + bad.stderr
+
+
+@pytest.mark.skipif(not _plugin_installed() and not IN_CI, reason="needs `pip install .` (the plugin file lives in "
+                    "site-packages/twisted/plugins)")
+def test_twistd_log_lines_are_escaped_too(tmp_path: Path) -> None:
+    """Under twistd its own observer writes the log: a message file name with ESC and a newline
+    (maildir.py's "cannot delete" warning names it) must still be one escaped line there."""
+    env = _env(tmp_path)
+    env.pop("PYTHONPATH")
+    conf = good_config(tmp_path)
+    new = tmp_path / "mail" / "alice" / "Maildir" / "new"
+    for old in new.iterdir():
+        old.unlink()
+    message = new / "1700000001.M2P2.\x1b[31mred\nFORGED line"
+    message.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    log = tmp_path / "twistd.log"
+    proc, port = start_twistd(conf, log, env)
+    try:
+        client = poplib.POP3("127.0.0.1", port, timeout=10)
+        client.user("alice")
+        client.pass_("alice-pw")
+        client.dele(1)
+        message.unlink()
+        message.mkdir()  # unlink now fails (EISDIR): the warning names the file
+        with pytest.raises(poplib.error_proto):
+            client.quit()
+        client.close()
+        wait_for_line(log, "cannot delete", proc)
+    finally:
+        stop(proc)
+    raw = log.read_bytes()
+    assert b"\x1b" not in raw
+    lines = raw.decode("utf-8").split("\n")
+    assert not any(line.startswith("FORGED") for line in lines)
+    [line] = [line for line in lines if "cannot delete" in line]
+    assert r"cannot delete new/1700000001.M2P2.\x1b[31mred\nFORGED line in " in line, line
 
 
 def test_check_config_names_a_broken_passwd_line(tmp_path: Path) -> None:
@@ -361,7 +406,7 @@ def test_the_twistd_plugin_runs_the_same_preflight(tmp_path: Path) -> None:
     from twisted.logger import globalLogPublisher
     from twisted.python import usage
 
-    from pop3shield.logsetup import TwistedLoggerHandler
+    from pop3shield.logsetup import FieldEscaper, TwistedLoggerHandler
 
     plugin = _worktree_plugin()
     conf = good_config(tmp_path)
@@ -383,15 +428,18 @@ def test_the_twistd_plugin_runs_the_same_preflight(tmp_path: Path) -> None:
     try:
         top = plugin.serviceMaker.makeService(options)
         assert [h for h in root.handlers if isinstance(h, TwistedLoggerHandler)]
-        logging.getLogger("pop3shield.maildir").warning("bridged %s", "x")
+        logging.getLogger("pop3shield.maildir").warning("bridged %s", "x\x1b")
     finally:
         globalLogPublisher.removeObserver(seen.append)
+        for observer in [o for o in globalLogPublisher._observers if isinstance(o, FieldEscaper)]:
+            globalLogPublisher.removeObserver(observer)  # it escapes in place: not for the other tests
         root.handlers[:] = handlers
         root.setLevel(level)
     top.factory.events.close()
     assert [e["warning"] for e in seen if e.get("log_format") == "config warning: {warning}"] == [
         f"{conf}: auth.passwd_file: {tmp_path / 'users.passwd'} is readable by other users (mode 0604; chmod o-rw)"]
-    assert [e["args"] for e in seen if e.get("log_namespace") == "pop3shield.maildir"] == [("x",)]
+    # the escaper changes the event in place: every observer holds the same, escaped, dictionary
+    assert [e["args"] for e in seen if e.get("log_namespace") == "pop3shield.maildir"] == [("x\\x1b",)]
 
 
 # --------------------------------------------------------------------------- passwd --file

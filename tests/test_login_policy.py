@@ -29,6 +29,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog
@@ -75,9 +76,16 @@ class _InlineReactor:
         f(*args, **kwargs)
 
 
+def inline_offload(function, *args):
+    """The thread pool's work, run at once so the test controls every step."""
+    return defer.maybeDeferred(function, *args)
+
+
 class _SyncFactory(POP3ServerFactory):
-    def offload(self, function, *args):  # type: ignore[override]
-        return defer.maybeDeferred(function, *args)
+    """The server factory with a Maildir backend whose blocking calls run inline."""
+
+    def __init__(self, settings, portal, events, **kw):
+        super().__init__(settings, MaildirBackend(portal, inline_offload), events, **kw)
 
 
 class _Clean:
@@ -107,7 +115,7 @@ def factory(tmp_path: Path) -> _SyncFactory:
     portal = Portal(MaildirRealm(str(tmp_path / "mail" / "{user}" / "Maildir")), [checker])
     settings = SessionSettings(hostname="test.invalid")
     events = EventLog(str(tmp_path / "events.jsonl"), clock=clock.seconds)
-    made = _SyncFactory(settings, portal, events, reactor=clock, threadpool=None, analyzer=_NoAnalysis(),
+    made = _SyncFactory(settings, portal, events, reactor=clock, analyzer=_NoAnalysis(),
                         quick_check=lambda arg, field: _Clean(), auth_failure_delay=2.0,
                         auth_failure_delay_max=2.0)
     made.clock = clock  # type: ignore[attr-defined]

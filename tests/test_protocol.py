@@ -1,6 +1,6 @@
 """The Twisted layer with StringTransport and a Clock: reading pauses, timeouts, limits, no loss.
 
-The thread pool is replaced by running the blocking call at once (``SyncFactory.offload``), so
+The thread pool is replaced by running the blocking call at once (``inline_offload``), so
 each test is deterministic; the Maildir, the realm, the portal and the event log are the real ones.
 """
 
@@ -17,6 +17,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.core.settings import Action, ProtectionSettings, ProtectionsConfig, SessionSettings
 from pop3shield.events import EventLog
 from pop3shield.maildir import Maildir
@@ -30,11 +31,16 @@ class Clean:
     reasons = ()
 
 
+def inline_offload(function, *args):
+    """The thread pool's work, run at once so the test controls every step."""
+    return defer.maybeDeferred(function, *args)
+
+
 class SyncFactory(POP3ServerFactory):
     """Runs 'thread pool' work inline so the test controls every step."""
 
-    def offload(self, function, *args):  # type: ignore[override]
-        return defer.maybeDeferred(function, *args)
+    def __init__(self, settings, portal, events, **kw):
+        super().__init__(settings, MaildirBackend(portal, inline_offload), events, **kw)
 
 
 class NoAnalysis:
@@ -56,7 +62,7 @@ def make_factory(root: Path, clock: Clock, protections: ProtectionsConfig | None
     portal = Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")), [checker])
     settings = SessionSettings(hostname="test.invalid", protections=protections or ProtectionsConfig())
     events = EventLog(str(root / "events.jsonl"), clock=clock.seconds)
-    return SyncFactory(settings, portal, events, reactor=clock, threadpool=None, analyzer=NoAnalysis(),
+    return SyncFactory(settings, portal, events, reactor=clock, analyzer=NoAnalysis(),
                        quick_check=lambda arg, field: Clean(), **kw)
 
 

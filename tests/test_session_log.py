@@ -20,6 +20,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
+from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog
 from pop3shield.maildir import Maildir
@@ -37,9 +38,16 @@ class NoAnalysis:
         return defer.succeed([Clean() for _ in arguments])
 
 
+def inline_offload(function, *args):
+    """The thread pool's work, run at once so the test controls every step."""
+    return defer.maybeDeferred(function, *args)
+
+
 class InlineFactory(POP3ServerFactory):
-    def offload(self, function, *args):  # type: ignore[override]
-        return defer.maybeDeferred(function, *args)
+    """The server factory with a Maildir backend whose blocking calls run inline."""
+
+    def __init__(self, settings, portal, events, **kw):
+        super().__init__(settings, MaildirBackend(portal, inline_offload), events, **kw)
 
 
 @pytest.fixture
@@ -51,7 +59,7 @@ def factory(tmp_path: Path) -> Iterator[tuple[InlineFactory, Clock]]:
     portal = Portal(MaildirRealm(str(tmp_path / "mail" / "{user}" / "Maildir")),
                     [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret-pw")])
     events = EventLog(None, clock=clock.seconds)
-    f = InlineFactory(SessionSettings(hostname="test.invalid"), portal, events, reactor=clock, threadpool=None,
+    f = InlineFactory(SessionSettings(hostname="test.invalid"), portal, events, reactor=clock,
                       analyzer=NoAnalysis(), quick_check=lambda arg, field: Clean(), auth_failure_delay=0.0,
                       auth_failure_delay_max=0.0, log_rate_limit=2, log_global_rate_limit=3)
     yield f, clock

@@ -141,9 +141,12 @@ class IMailbox(Interface):
     listing = Attribute("Sequence[ListedMessage] in message-number order, fixed for the session")
 
     def send_message(key: Hashable, lines: int | None, status: bytes,
-                     consumer: IConsumer) -> Deferred[int]:
+                     consumer: IConsumer, prefetch: Hashable | None = None) -> Deferred[int]:
         """Write ``status``, then the message (``lines`` is None for RETR, else TOP's line count)
         as final wire bytes (CRLF, dot-stuffed, terminated by ``.`` CRLF) to ``consumer``.
+
+        ``prefetch`` is a hint: the key of the next live message, which clients that walk the
+        maildrop ask for next (the Maildir opens it ahead; a backend may ignore it).
 
         Honours backpressure (a registered push producer for anything large). Fires with the
         octets written. Fails with :class:`MessageUnavailable` when nothing was written (the

@@ -1,0 +1,106 @@
+"""The TRANSACTION commands: STAT, LIST, UIDL, RETR, TOP, DELE, NOOP, RSET and QUIT into UPDATE.
+
+The session renders every answer from the listing the backend gave at login; only RETR, TOP
+(a StreamMessage) and QUIT (a Commit) go back to the backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+
+from pop3shield.core import actions as A
+from pop3shield.core import grammar, responses
+from pop3shield.core._base import MessageEntry, State
+
+
+class Transaction:
+    """Mixin of :class:`~pop3shield.core.session.Session`: the maildrop is open."""
+
+    _messages: list[MessageEntry]
+    #: 0-based indexes of the messages marked by DELE
+    _deleted: set[int]
+
+    def _message(self, raw: bytes) -> tuple[int, MessageEntry] | None:
+        """A live message by its 1-based number, or None after answering the error."""
+        number = grammar.parse_number(raw)
+        if number is None:
+            if not self._violation("non_compliant", "Invalid message number.",
+                                   reason="malformed message number"):
+                self._error("Invalid message number.")
+            return None
+        if number > len(self._messages):
+            self._error("There is no such message.")
+            return None
+        if number - 1 in self._deleted:
+            # a client that lost track of its own DELEs is no attacker: not a bad command
+            self._send(responses.err("Message is deleted."))
+            return None
+        return number, self._messages[number - 1]
+
+    def _live(self) -> list[tuple[int, MessageEntry]]:
+        return [(i + 1, m) for i, m in enumerate(self._messages) if i not in self._deleted]
+
+    def _cmd_stat(self, args: tuple[bytes, ...]) -> None:
+        live = self._live()
+        self._send(responses.ok(f"{len(live)} {sum(m.size for _, m in live)}"))
+
+    def _cmd_list(self, args: tuple[bytes, ...]) -> None:
+        self._listing(args, lambda m: str(m.size))
+
+    def _cmd_uidl(self, args: tuple[bytes, ...]) -> None:
+        self._listing(args, lambda m: m.uid)
+
+    def _listing(self, args: tuple[bytes, ...], value: Callable[[MessageEntry], str]) -> None:
+        if args:
+            found = self._message(args[0])
+            if found is not None:
+                self._send(responses.ok(f"{found[0]} {value(found[1])}"))
+            return
+        live = self._live()
+        lines = [f"{n} {value(m)}".encode("ascii") for n, m in live]
+        self._send(responses.multiline(responses.ok(f"{len(live)} messages"), lines))
+
+    def _cmd_retr(self, args: tuple[bytes, ...]) -> None:
+        found = self._message(args[0])
+        if found is not None:
+            status = responses.ok(f"{found[1].size} octets")
+            self._ask(A.StreamMessage(found[1].key, status, None, self._next_key(found[0])))
+
+    def _cmd_top(self, args: tuple[bytes, ...]) -> None:
+        found = self._message(args[0])
+        if found is None:
+            return
+        count = grammar.parse_number(args[1], allow_zero=True)
+        if count is None:
+            if not self._violation("non_compliant", "Invalid line count.",
+                                   reason="malformed line count"):
+                self._error("Invalid line count.")
+            return
+        self._ask(A.StreamMessage(found[1].key, responses.ok(), count, self._next_key(found[0])))
+
+    def _next_key(self, number: int) -> Hashable | None:
+        """The key of the first live message after ``number`` (1-based), if any."""
+        for index in range(number, len(self._messages)):
+            if index not in self._deleted:
+                return self._messages[index].key
+        return None
+
+    def _cmd_dele(self, args: tuple[bytes, ...]) -> None:
+        found = self._message(args[0])
+        if found is not None:
+            self._deleted.add(found[0] - 1)
+            self._send(responses.ok("Marked to be deleted."))
+
+    def _cmd_noop(self, args: tuple[bytes, ...]) -> None:
+        self._send(responses.ok())
+
+    def _cmd_rset(self, args: tuple[bytes, ...]) -> None:
+        self._deleted.clear()
+        live = self._live()
+        self._send(responses.ok(f"{len(live)} messages ({sum(m.size for _, m in live)} octets)."))
+
+    def _cmd_quit(self, args: tuple[bytes, ...]) -> None:
+        """Enter UPDATE: only now are the marked messages removed (RFC 1939 section 6)."""
+        self.state = State.UPDATE
+        keys = tuple(self._messages[i].key for i in sorted(self._deleted))
+        self._ask(A.Commit(keys))
