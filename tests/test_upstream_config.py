@@ -185,3 +185,21 @@ def test_settings_from_config_checks_the_ca_file(tmp_path: Path) -> None:
     assert str(caught.value) == f"{SOURCE}: backend.ca_file: no PEM certificate in the CA file"
     settings = settings_from_config(parse(upstream(client_address="proxy", login_timeout=5)))
     assert (settings.endpoint.host, settings.client_address, settings.login_timeout) == ("127.0.0.1", "proxy", 5.0)
+
+
+def test_service_builds_the_upstream_backend_and_preflight_knows_it(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    from pop3shield.backends.upstream import UpstreamBackend
+    from pop3shield.service import build_backend, preflight
+
+    config = parse(upstream(verify=False), tmp_path)  # no Maildir anywhere, no passwd file
+    report = preflight(config)
+    assert report.warnings == (f"{SOURCE}: backend.verify: false: upstream TLS certificates are not verified",)
+    backend = build_backend(config, reactor)
+    assert isinstance(backend, UpstreamBackend) and backend.checker is None
+    passwd = tmp_path / "users"
+    passwd.write_text("alice:{PLAIN}x::::::\n")
+    data = upstream()
+    data["auth"] = {"passwd_file": str(passwd), "allow_plaintext": True}
+    assert build_backend(parse(data, tmp_path), reactor).checker is not None
