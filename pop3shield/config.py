@@ -143,6 +143,8 @@ class BackendConfig:
     connect_timeout: float = 10.0
     login_timeout: float = 30.0
     response_timeout: float = 60.0
+    #: upstream mode: offer XOAUTH2 and OAUTHBEARER, relayed to upstreams that offer them
+    oauth: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,8 @@ class Config:
             apop=self.server.apop,
             input_buffer_limit=self.server.input_buffer_limit,
             protections=self.protections,
+            sasl_mechanisms=("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER") if self.backend.oauth
+            else ("PLAIN", "LOGIN"),
         )
 
 
@@ -502,6 +506,7 @@ def _parse_backend(ctx: _Context, data: dict[str, Any]) -> BackendConfig:
         connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.0, above=True),
         login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
         response_timeout=t.number("response_timeout", d.response_timeout, 0.0, above=True),
+        oauth=t.boolean("oauth", d.oauth),
     )
 
 
@@ -716,15 +721,38 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
     if backend.type == "upstream" and server.apop:
         raise ctx.error("server.apop", "APOP cannot be relayed (the upstream's challenge differs); "
                                        "set it to false with backend.type = \"upstream\"")
+    protections = _parse_protections(ctx, root.table("protections"), server.input_buffer_limit)
+    if backend.oauth:
+        protections = _oauth_line_limit(ctx, root.table("protections"), protections, server.input_buffer_limit)
     return Config(
         server=server,
         auth=_parse_auth(ctx, root.table("auth"), upstream=backend.type == "upstream"),
         backend=backend,
         events=_parse_events(ctx, root.table("events")),
         logging=_parse_logging(ctx, root.table("logging")),
-        protections=_parse_protections(ctx, root.table("protections"), server.input_buffer_limit),
+        protections=protections,
         source=source,
     )
+
+
+#: base64 of a 3 KB OAuth token plus its key/value framing
+OAUTH_MIN_SASL_LIMIT = 4096
+OAUTH_SASL_LIMIT = 8192
+
+
+def _oauth_line_limit(ctx: _Context, data: dict[str, Any], protections: ProtectionsConfig,
+                      buffer_limit: int) -> ProtectionsConfig:
+    """OAuth tokens are 1-3 KB (base64: up to ~4 KB on one SASL line): unless the operator set
+    ``sasl_limit``, it becomes 8192 with ``backend.oauth``; a value set below 4096 is an error."""
+    table = data.get("max_line_length", {}) if isinstance(data, dict) else {}
+    key = "protections.max_line_length.sasl_limit"
+    if isinstance(table, dict) and "sasl_limit" in table:
+        if protections.sasl_line_limit < OAUTH_MIN_SASL_LIMIT:
+            raise ctx.error(key, f"must be at least {OAUTH_MIN_SASL_LIMIT} with backend.oauth "
+                                 f"(OAuth tokens are 1-3 KB), got {protections.sasl_line_limit}")
+        return protections
+    return dataclasses.replace(protections, sasl_line_limit=min(buffer_limit, max(
+        protections.sasl_line_limit, OAUTH_SASL_LIMIT)))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -96,7 +96,7 @@ def test_routes_file_is_checked_at_start(tmp_path: Path) -> None:
 def test_example_file_documents_the_upstream_keys() -> None:
     text = (Path(__file__).resolve().parent.parent / "etc" / "pop3shield.toml").read_text()
     for key in ("endpoint", "routes", "stls", "ca_file", "verify", "tls_hostname", "client_address",
-                "connect_timeout", "login_timeout", "response_timeout"):
+                "connect_timeout", "login_timeout", "response_timeout", "oauth"):
         assert f"\n{key} =" in text or f"\n# {key} =" in text, key
 
 
