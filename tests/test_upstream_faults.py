@@ -171,6 +171,30 @@ class FaultCase(unittest.TestCase):
                     self.assertEqual(caught.exception.code, code)
         return defer.ensureDeferred(run())
 
+    def test_pipelined_login_and_listing(self) -> defer.Deferred[None]:
+        self.fake.capa_extra = b"PIPELINING\r\n"
+        chunks: list[bytes] = []
+        original = FakeUpstream.dataReceived
+
+        def record(proto: FakeUpstream, data: bytes) -> None:
+            chunks.append(data)
+            original(proto, data)
+
+        FakeUpstream.dataReceived = record  # type: ignore[method-assign]
+        self.addCleanup(setattr, FakeUpstream, "dataReceived", original)
+
+        async def run() -> None:
+            box = await self.login()
+            self.assertEqual([m.uid for m in box.listing], ["uid-one"])
+            box.release()
+            # USER, PASS, STAT, LIST and UIDL went out in one write, after CAPA's answer
+            self.assertIn(b"USER alice\r\nPASS pw\r\nSTAT\r\nLIST\r\nUIDL\r\n", chunks)
+            self.fake.pass_reply = b"-ERR [AUTH] Authentication failed.\r\n"
+            with self.assertRaises(LoginRefused):
+                await self.login()
+            await _settle()
+        return defer.ensureDeferred(run())
+
     def test_auth_plain_when_offered(self) -> defer.Deferred[None]:
         self.fake.capa_extra = b"SASL PLAIN\r\n"
 

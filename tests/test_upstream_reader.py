@@ -186,6 +186,21 @@ def test_bounds_from_the_listing() -> None:
     assert events[-1].problem is Problem.TOO_LONG
 
 
+def test_listing_bound_by_a_pipelined_stat() -> None:
+    per = Expect(Kind.MULTI, per_message=20)
+    data = b"+OK 2 30\r\n+OK\r\n1 10\r\n2 20\r\n.\r\n+OK\r\n1 a\r\n2 b\r\n.\r\n"
+    reader, events = read(data, Expect(counts=True), per, per)
+    assert reader.count == 2 and [type(e) for e in events].count(End) == 2
+    # a LIST longer than STAT said, whatever the split
+    data = b"+OK 1 10\r\n+OK\r\n1 10\r\n2 20\r\n.\r\n"
+    for cuts in ([], list(range(len(data)))):
+        assert read(data, Expect(counts=True), per, cuts=cuts)[1][-1].problem is Problem.TOO_LONG
+    # STAT refused or unreadable: no listing line is allowed at all
+    for stat in (b"-ERR no\r\n", b"+OK lots\r\n", b"+OK 99999999999 1\r\n"):
+        _, events = read(stat + b"+OK\r\n1 10\r\n.\r\n", Expect(counts=True), per)
+        assert events[-1].problem is Problem.TOO_LONG
+
+
 def test_never_ending_response_is_bounded() -> None:
     reader = UpstreamReader()
     reader.expect(Expect(Kind.MULTI, max_lines=3))

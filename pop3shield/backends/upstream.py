@@ -164,8 +164,11 @@ class UpstreamBackend:
             raise LoginRefused("APOP cannot be relayed")
         if self.checker is not None:
             await self._check_locally(credentials, client)
-        endpoint = await deferToThreadPool(self.reactor, self.threadpool, self.routes.lookup,
-                                           credentials.username)
+        if self.routes.path is None:  # no map file: nothing to stat, no thread hop
+            endpoint = self.routes.default
+        else:
+            endpoint = await deferToThreadPool(self.reactor, self.threadpool, self.routes.lookup,
+                                               credentials.username)
         if endpoint is None:
             raise LoginRefused("no route for this user")
         protocol = await self._connect(endpoint, client)
@@ -265,8 +268,7 @@ class _Session:
                 if xclient:
                     caps.setdefault("XCLIENT", ())
             await self._client_address(caps)
-            await self._authenticate(caps)
-            listing = await self._listing(caps)
+            listing = await self._login_and_list(caps)
         except UpstreamFailure as exc:
             raise Unavailable(f"{self.endpoint.text}: {exc}") from None
         return UpstreamMailbox(self.credentials.username, listing, p, "PIPELINING" in caps,
@@ -297,7 +299,9 @@ class _Session:
         if not reply.status.ok:
             raise Unavailable(f"{self.endpoint.text}: XCLIENT refused")
 
-    async def _authenticate(self, caps: dict[str, tuple[str, ...]]) -> None:
+    def _auth_requests(self, caps: dict[str, tuple[str, ...]]) -> tuple[list[defer.Deferred[Any]], bool]:
+        """Send the login (AUTH PLAIN / the OAuth mechanism / USER+PASS); its replies' Deferreds,
+        and whether commands may be pipelined behind it (not after a SASL continuation)."""
         c = self.credentials
         user = c.username.encode("utf-8")
         mechanisms = {m.upper() for m in caps.get("SASL", ())}
@@ -305,44 +309,57 @@ class _Session:
             if c.mechanism not in mechanisms:
                 raise LoginRefused(f"the upstream does not offer {c.mechanism}")
             # the client's SASL message as it decoded it, re-encoded: the token passes unchanged
-            reply = await self._sasl(c.mechanism.encode(), base64.b64encode(c.secret))
-        elif "PLAIN" in mechanisms:
-            reply = await self._sasl(b"PLAIN", base64.b64encode(b"\0" + user + b"\0" + c.secret))
-        else:
-            if any(ch in user + c.secret for ch in (0, 10, 13)):
-                raise LoginRefused("credentials cannot be sent as USER/PASS")
-            first = await self.protocol.request(b"USER " + user)
-            if not first.status.ok:
-                _refuse(first.status)
-            reply = await self.protocol.request(b"PASS " + c.secret)
-        if not reply.status.ok:
-            _refuse(reply.status)
+            return self._sasl(c.mechanism.encode(), base64.b64encode(c.secret))
+        if "PLAIN" in mechanisms:
+            return self._sasl(b"PLAIN", base64.b64encode(b"\0" + user + b"\0" + c.secret))
+        if any(ch in user + c.secret for ch in (0, 10, 13)):
+            raise LoginRefused("credentials cannot be sent as USER/PASS")
+        if "PIPELINING" in caps:
+            return [self.protocol.request(b"USER " + user), self.protocol.request(b"PASS " + c.secret)], True
+        return [self.protocol.request(b"USER " + user)], False
 
-    def _sasl(self, mechanism: bytes, response: bytes) -> defer.Deferred[Any]:
+    def _sasl(self, mechanism: bytes, response: bytes) -> tuple[list[defer.Deferred[Any]], bool]:
         """AUTH with an initial response when the line stays within 255 octets (RFC 5034 and
         2449), else the response on its own line after the upstream's ``+``."""
         line = b"AUTH " + mechanism + b" " + response
         if len(line) + 2 <= 255:
-            return self.protocol.request(line, Kind.SASL)
-        return self.protocol.request(b"AUTH " + mechanism, Kind.SASL, responses=[response])
+            return [self.protocol.request(line, Kind.SASL)], True
+        return [self.protocol.request(b"AUTH " + mechanism, Kind.SASL, responses=[response])], False
 
-    async def _listing(self, caps: dict[str, tuple[str, ...]]) -> list[ListedMessage]:
+    def _listing_requests(self) -> list[defer.Deferred[Any]]:
+        """STAT, LIST and UIDL; the listings are bound by STAT's count, even when pipelined."""
+        bound = Expect(Kind.MULTI, per_message=_MAX_LISTING_LINE)
         p = self.protocol
-        stat = await p.request(b"STAT")
+        return [p.request(b"STAT", Expect(counts=True)), p.request(b"LIST", bound), p.request(b"UIDL", bound)]
+
+    async def _login_and_list(self, caps: dict[str, tuple[str, ...]]) -> list[ListedMessage]:
+        """The login and the listing, pipelined behind it when the upstream offers PIPELINING
+        (one round trip for AUTH or USER+PASS, STAT, LIST and UIDL)."""
+        pipelining = "PIPELINING" in caps
+        auth, may_pipeline = self._auth_requests(caps)
+        listing = self._listing_requests() if pipelining and may_pipeline else []
+        try:
+            for d in auth:
+                reply = await d
+                if not reply.status.ok:
+                    _refuse(reply.status)
+            if len(auth) == 1 and auth_is_user(self.credentials, caps):  # USER alone: now PASS
+                reply = await self.protocol.request(b"PASS " + self.credentials.secret)
+                if not reply.status.ok:
+                    _refuse(reply.status)
+            if not listing:
+                listing = self._listing_requests()
+            stat, listed, uidl = [await d for d in listing]
+        except BaseException:
+            for d in [*auth, *listing]:  # answered -ERR or failed with the connection: nobody waits
+                d.addErrback(lambda _: None)
+            raise
         if not stat.status.ok:
             raise Unavailable(f"{self.endpoint.text}: STAT failed", _code(stat.status))
         try:
             count = int(stat.status.text.split()[0])
         except (ValueError, IndexError):
             raise Unavailable(f"{self.endpoint.text}: unreadable STAT answer") from None
-        bound = Expect(Kind.MULTI, max_lines=count, max_octets=count * _MAX_LISTING_LINE)
-        if "PIPELINING" in caps:
-            listed, uidl = await defer.gatherResults(
-                [p.request(b"LIST", bound), p.request(b"UIDL", bound)], consumeErrors=True
-            ).addErrback(lambda f: f.value.subFailure.raiseException())
-        else:
-            listed = await p.request(b"LIST", bound)
-            uidl = await p.request(b"UIDL", bound)
         if not listed.status.ok or not uidl.status.ok:
             raise Unavailable(f"{self.endpoint.text}: LIST or UIDL failed")
         sizes = _numbered(listed.body or b"", count, self.endpoint.text, "LIST")
@@ -358,6 +375,12 @@ class _Session:
             seen.add(uid)
             result.append(ListedMessage(number, uid, int(size_text)))
         return result
+
+
+def auth_is_user(credentials: Credentials, caps: dict[str, tuple[str, ...]]) -> bool:
+    """USER/PASS toward this upstream (no SASL mechanism of the client's kind offered)."""
+    mechanisms = {m.upper() for m in caps.get("SASL", ())}
+    return credentials.mechanism not in ("XOAUTH2", "OAUTHBEARER") and "PLAIN" not in mechanisms
 
 
 def _numbered(body: bytes, count: int, where: str, what: str) -> dict[int, str]:

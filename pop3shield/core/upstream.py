@@ -104,6 +104,11 @@ class Expect:
     exact_octets: int | None = None
     discard_after: bool = False
     final_crlf: bool = False
+    #: this is STAT: its ``+OK n`` sets the message count later responses may be bound by
+    counts: bool = False
+    #: bound this body by the count of the last STAT: at most one line each, this many octets
+    #: per line (LIST and UIDL pipelined right behind STAT; no STAT answer: no line allowed)
+    per_message: int | None = None
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,8 @@ class UpstreamReader:
         self._line_len = 0  # octets of the current body line already passed (0: at a line start)
         self._octets = 0
         self._lines = 0
+        #: the message count of the last successful STAT (for ``Expect.per_message``)
+        self.count: int | None = None
         self.failed: Refused | None = None
 
     # -- the shell's side -----------------------------------------------------------------
@@ -248,6 +255,9 @@ class UpstreamReader:
             events.append(self._fail(Problem.MALFORMED_STATUS, repr(line[:16])))
             return b""
         events.append(status)
+        if expectation.counts:
+            words = status.text.split(b" ", 1)
+            self.count = int(words[0]) if status.ok and words[0].isdigit() and len(words[0]) <= 9 else None
         if expectation.kind is Kind.MULTI and status.ok:
             self._in_body = True
             self._held = b""
@@ -333,6 +343,12 @@ class UpstreamReader:
         octets = self._octets + len(body) - dots
         lines = self._lines + crlf
         bound = expectation.max_octets
+        max_lines = expectation.max_lines
+        if expectation.per_message is not None:
+            count = self.count or 0
+            max_lines = count if max_lines is None else min(max_lines, count)
+            per = count * expectation.per_message
+            bound = per if bound is None else min(bound, per)
         exact = expectation.exact_octets
         if exact is not None:
             exact += 2 if expectation.final_crlf else 0
@@ -340,8 +356,8 @@ class UpstreamReader:
         if bound is not None and octets > bound:
             problem = Problem.SIZE_MISMATCH if bound == exact else Problem.TOO_LONG
             return self._fail(problem, f"over {bound} octets")
-        if expectation.max_lines is not None and lines > expectation.max_lines:
-            return self._fail(Problem.TOO_LONG, f"over {expectation.max_lines} lines")
+        if max_lines is not None and lines > max_lines:
+            return self._fail(Problem.TOO_LONG, f"over {max_lines} lines")
         self._octets, self._lines = octets, lines
         last = body.rfind(b"\n")
         self._line_len = self._line_len + len(body) if last < 0 else len(body) - last - 1
