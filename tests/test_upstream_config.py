@@ -197,7 +197,12 @@ def test_service_builds_the_upstream_backend_and_preflight_knows_it(tmp_path: Pa
     report = preflight(config)
     assert report.warnings == (f"{SOURCE}: backend.verify: false: upstream TLS certificates are not verified",)
     backend = build_backend(config, reactor)
+    from zope.interface.verify import verifyObject
+
+    from pop3shield.backends import IBackend
+
     assert isinstance(backend, UpstreamBackend) and backend.checker is None
+    assert verifyObject(IBackend, backend)
     passwd = tmp_path / "users"
     passwd.write_text("alice:{PLAIN}x::::::\n")
     data = upstream()
