@@ -180,7 +180,12 @@ ATTACKS = [
     (b"USER \r\n", None),
     (b"GET / HTTP/1.1\r\n", "non_compliant"),
     (b"USER alice\r\nPASS \r\n", "empty_password"),
+    (b"FOO\r\n" * 11, "max_bad_commands"),
+    (b"CAPA\r\n" * 51, "max_commands"),
 ]
+#: every protection, each fired by one of the attacks above
+PROTECTIONS = {"max_line_length", "malicious_code", "stls", "empty_username", "empty_password",
+               "non_compliant", "max_bad_commands", "max_commands"}
 
 
 def _exchange(host: str, port: int, data: bytes) -> bytes:
@@ -205,8 +210,7 @@ def test_protections_fire_before_the_upstream(tmp_path) -> None:
         # not one connection to the upstream: nothing logged in, nothing was relayed
         assert recorder.sessions == [], recorder.client_lines()
         events = {e["protection"] for e in box.server.events() if e.get("type") == "security"}
-        assert {"max_line_length", "stls", "non_compliant", "empty_password"} <= events
-        assert "malicious_code" in events or "non_compliant" in events
+        assert events == PROTECTIONS
         assert "Login: user=<alice>" not in Path(box.server.dovecot.log_path).read_text()
 
         # after login: a refused command is not relayed, and the dropped session sends no QUIT
