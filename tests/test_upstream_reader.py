@@ -196,7 +196,7 @@ def test_listing_bound_by_a_pipelined_stat() -> None:
     for cuts in ([], list(range(len(data)))):
         assert read(data, Expect(counts=True), per, cuts=cuts)[1][-1].problem is Problem.TOO_LONG
     # STAT refused or unreadable: no listing line is allowed at all
-    for stat in (b"-ERR no\r\n", b"+OK lots\r\n", b"+OK 99999999999 1\r\n"):
+    for stat in (b"-ERR no\r\n", b"+OK lots\r\n", b"+OK 99999999999 1\r\n", b"+OK 1000001 1\r\n"):
         _, events = read(stat + b"+OK\r\n1 10\r\n.\r\n", Expect(counts=True), per)
         assert events[-1].problem is Problem.TOO_LONG
 

@@ -56,6 +56,8 @@ MAX_STATUS = 512
 MAX_CONTINUATION = 4096
 #: default bound of one body line, CRLF excluded (RFC 5322 says 998; real mail goes over)
 DEFAULT_MAX_LINE = 65536
+#: the most messages a STAT may announce for ``Expect.per_message`` (the listing is held in memory)
+MAX_COUNT = 1_000_000
 
 _CODE = re.compile(rb"\[([A-Za-z0-9-]+(?:/[A-Za-z0-9-]+)*)\]")
 
@@ -257,7 +259,8 @@ class UpstreamReader:
         events.append(status)
         if expectation.counts:
             words = status.text.split(b" ", 1)
-            self.count = int(words[0]) if status.ok and words[0].isdigit() and len(words[0]) <= 9 else None
+            count = int(words[0]) if status.ok and words[0].isdigit() and len(words[0]) <= 9 else None
+            self.count = count if count is not None and count <= MAX_COUNT else None
         if expectation.kind is Kind.MULTI and status.ok:
             self._in_body = True
             self._held = b""
