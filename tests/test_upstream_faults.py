@@ -53,8 +53,14 @@ class FakeUpstream(Protocol):
         elif word == b"AUTH" and line.count(b" ") == 1:
             self.in_auth = True
             w(b"+ \r\n")
+        elif word == b"STLS" and self.factory.tls is not None:
+            # plaintext injected behind the +OK: the client must drop it, not read it after TLS
+            w(b"+OK Begin TLS negotiation now.\r\n-ERR injected before TLS\r\n")
+            self.transport.startTLS(self.factory.tls)
+            self.factory.tls_started = True
         elif word == b"CAPA":
-            w(b"+OK\r\nUSER\r\n" + self.factory.capa_extra + b".\r\n")
+            stls = b"STLS\r\n" if self.factory.tls is not None and not self.factory.tls_started else b""
+            w(b"+OK\r\nUSER\r\n" + stls + self.factory.capa_extra + b".\r\n")
         elif word in (b"USER", b"PASS"):
             w(self.factory.pass_reply if word == b"PASS" else b"+OK\r\n")
         elif word == b"STAT":
@@ -87,6 +93,8 @@ class FakeFactory(Factory):
         self.capa_extra = b""
         self.pass_reply = b"+OK logged in\r\n"
         self.retr: bytes | Callable[[FakeUpstream], None] | None = b"+OK\r\n" + stuff(MESSAGE)
+        self.tls: Any = None  # server TLS options: STLS offered
+        self.tls_started = False
 
 
 class FaultCase(unittest.TestCase):
@@ -276,6 +284,26 @@ class FaultCase(unittest.TestCase):
         return defer.ensureDeferred(run())
 
     # -- RETR -------------------------------------------------------------------------------
+
+    def test_plaintext_injected_after_stls_ok_is_discarded(self) -> defer.Deferred[None]:
+        import trustme
+        from twisted.internet import ssl
+
+        ca = trustme.CA()
+        cert = ca.issue_cert("fake.test.invalid")
+        self.fake.tls = ssl.PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes()).options()
+        ca_file = Path(tempfile.mkdtemp(prefix="pop3shield-faults-")) / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+
+        async def run() -> None:
+            box = await self.login(stls=True, ca_file=str(ca_file), tls_hostname="fake.test.invalid")
+            self.assertTrue(self.fake.tls_started)
+            self.assertEqual([m.uid for m in box.listing], ["uid-one"])
+            out = Collector()
+            await box.send_message(1, None, b"+OK\r\n", out)
+            self.assertEqual(bytes(out.data), b"+OK\r\n" + stuff(MESSAGE))
+            box.release()
+        return defer.ensureDeferred(run())
 
     def test_retr_error_before_the_body(self) -> defer.Deferred[None]:
         self.fake.retr = b"-ERR [SYS/TEMP] cannot\r\n"
