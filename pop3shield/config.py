@@ -52,7 +52,9 @@ DEFAULT_SOURCE = "<default>"
 ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd", "haproxy"})
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
 LOG_FORMATS = ("text", "json")
-BACKEND_TYPES = ("maildir",)
+BACKEND_TYPES = ("maildir", "upstream")
+#: how the upstream learns the client's address: not at all, Dovecot's XCLIENT, PROXY protocol v2
+CLIENT_ADDRESS_MODES = ("none", "xclient", "proxy")
 UNKNOWN_COMMAND_MODES = ("bad_command", "violation")
 #: RFC 1939 section 3: the autologout timer "MUST be of at least 10 minutes' duration"
 RFC1939_MIN_IDLE = 600.0
@@ -124,6 +126,25 @@ class BackendConfig:
 
     type: str = "maildir"
     maildir: str = "/var/mail/{user}/Maildir"
+    #: upstream mode: the default upstream, a Twisted client endpoint string (``tls:`` = implicit TLS)
+    endpoint: str | None = None
+    #: upstream mode: a map file of ``USER ENDPOINT`` / ``@DOMAIN ENDPOINT`` lines
+    routes: str | None = None
+    #: upstream mode: STLS toward a plain ``tcp:`` upstream (required, verified like ``tls:``)
+    stls: bool = False
+    #: upstream mode: PEM file of the CAs that sign upstream certificates (unset: the system's)
+    ca_file: str | None = None
+    #: upstream mode: verify the upstream's certificate and host name (false warns at every start)
+    verify: bool = True
+    #: upstream mode: the name the certificate must carry (unset: the endpoint's host)
+    tls_hostname: str | None = None
+    #: upstream mode: "none", "xclient" (Dovecot) or "proxy" (PROXY protocol v2 header)
+    client_address: str = "none"
+    connect_timeout: float = 10.0
+    login_timeout: float = 30.0
+    response_timeout: float = 60.0
+    #: upstream mode: offer XOAUTH2 and OAUTHBEARER, relayed to upstreams that offer them
+    oauth: bool = False
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,8 @@ class Config:
             apop=self.server.apop,
             input_buffer_limit=self.server.input_buffer_limit,
             protections=self.protections,
+            sasl_mechanisms=("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER") if self.backend.oauth
+            else ("PLAIN", "LOGIN"),
         )
 
 
@@ -415,13 +438,15 @@ def _delay_max(table: _Table, delay: float, default: float) -> float:
     return value
 
 
-def _parse_auth(ctx: _Context, data: dict[str, Any]) -> AuthConfig:
+def _parse_auth(ctx: _Context, data: dict[str, Any], upstream: bool = False) -> AuthConfig:
     t = _Table(ctx, "auth", data, _field_names(AuthConfig))
     realm: str | None = t.string("realm", None)
     if realm is not None and not _REALM_FORM.match(realm):
         raise t.error("realm", f"expected 'package.module:attribute', got {realm!r}")
+    if realm is not None and upstream:
+        raise t.error("realm", "not used with backend.type = \"upstream\" (the upstream is the realm)")
     passwd: str | None = t.string("passwd_file", None)
-    if passwd is None and realm is None:
+    if passwd is None and realm is None and not upstream:
         raise t.error("passwd_file", "missing required key (needed unless auth.realm is set)")
     if passwd is not None:
         passwd = _resolve_path(t, "passwd_file", passwd)
@@ -445,10 +470,66 @@ def _check_readable(table: _Table, name: str, path: str) -> None:
 def _parse_backend(ctx: _Context, data: dict[str, Any]) -> BackendConfig:
     d = BackendConfig()
     t = _Table(ctx, "backend", data, _field_names(BackendConfig))
+    kind = t.string("type", d.type, BACKEND_TYPES)
+    if kind != "upstream":
+        for name in sorted(set(data) - {"type", "maildir"}):
+            if data[name] != getattr(d, name):
+                raise t.error(name, "only for backend.type = \"upstream\"")
+    endpoint = _endpoint(t, "endpoint")
+    routes: str | None = t.string("routes", None)
+    if routes is not None:
+        routes = _resolve_path(t, "routes", routes)
+        _check_routes(t, "routes", routes)
+    if kind == "upstream" and endpoint is None and routes is None:
+        raise t.error("endpoint", "missing required key (backend.type = \"upstream\" needs an "
+                                  "endpoint, a routes map, or both)")
+    stls = t.boolean("stls", d.stls)
+    if stls and endpoint is not None and endpoint.lower().startswith("tls:"):
+        raise t.error("stls", "a tls: endpoint is already TLS; STLS is for a plain tcp: endpoint")
+    ca_file: str | None = t.string("ca_file", None)
+    if ca_file is not None:
+        ca_file = _resolve_path(t, "ca_file", ca_file)
+        _check_readable(t, "ca_file", ca_file)
+    tls_hostname: str | None = t.string("tls_hostname", None)
+    if tls_hostname is not None:
+        tls_hostname = _hostname(t, "tls_hostname", tls_hostname)
     return BackendConfig(
-        type=t.string("type", d.type, BACKEND_TYPES),
+        type=kind,
         maildir=_maildir(t, "maildir", d.maildir),
+        endpoint=endpoint,
+        routes=routes,
+        stls=stls,
+        ca_file=ca_file,
+        verify=t.boolean("verify", d.verify),
+        tls_hostname=tls_hostname,
+        client_address=t.string("client_address", d.client_address, CLIENT_ADDRESS_MODES),
+        connect_timeout=t.number("connect_timeout", d.connect_timeout, 0.0, above=True),
+        login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
+        response_timeout=t.number("response_timeout", d.response_timeout, 0.0, above=True),
+        oauth=t.boolean("oauth", d.oauth),
     )
+
+
+def _endpoint(table: _Table, name: str) -> str | None:
+    from pop3shield.backends.routing import EndpointError, parse_endpoint
+
+    value: str | None = table.string(name, None)
+    if value is None:
+        return None
+    try:
+        parse_endpoint(value)
+    except EndpointError as exc:
+        raise table.error(name, str(exc)) from None
+    return value
+
+
+def _check_routes(table: _Table, name: str, path: str) -> None:
+    from pop3shield.backends.routing import RouteMap, RouteMapError
+
+    try:
+        RouteMap(None, path)
+    except RouteMapError as exc:
+        raise table.error(name, str(exc)) from None
 
 
 def _maildir(table: _Table, name: str, default: str) -> str:
@@ -636,15 +717,42 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
     ctx = _Context(source, Path(os.path.abspath(base_dir)))
     root = _Table(ctx, "", data, (*_SECTION_CLASSES, "protections"))
     server = _parse_server(ctx, root.table("server"))
+    backend = _parse_backend(ctx, root.table("backend"))
+    if backend.type == "upstream" and server.apop:
+        raise ctx.error("server.apop", "APOP cannot be relayed (the upstream's challenge differs); "
+                                       "set it to false with backend.type = \"upstream\"")
+    protections = _parse_protections(ctx, root.table("protections"), server.input_buffer_limit)
+    if backend.oauth:
+        protections = _oauth_line_limit(ctx, root.table("protections"), protections, server.input_buffer_limit)
     return Config(
         server=server,
-        auth=_parse_auth(ctx, root.table("auth")),
-        backend=_parse_backend(ctx, root.table("backend")),
+        auth=_parse_auth(ctx, root.table("auth"), upstream=backend.type == "upstream"),
+        backend=backend,
         events=_parse_events(ctx, root.table("events")),
         logging=_parse_logging(ctx, root.table("logging")),
-        protections=_parse_protections(ctx, root.table("protections"), server.input_buffer_limit),
+        protections=protections,
         source=source,
     )
+
+
+#: base64 of a 3 KB OAuth token plus its key/value framing
+OAUTH_MIN_SASL_LIMIT = 4096
+OAUTH_SASL_LIMIT = 8192
+
+
+def _oauth_line_limit(ctx: _Context, data: dict[str, Any], protections: ProtectionsConfig,
+                      buffer_limit: int) -> ProtectionsConfig:
+    """OAuth tokens are 1-3 KB (base64: up to ~4 KB on one SASL line): unless the operator set
+    ``sasl_limit``, it becomes 8192 with ``backend.oauth``; a value set below 4096 is an error."""
+    table = data.get("max_line_length", {}) if isinstance(data, dict) else {}
+    key = "protections.max_line_length.sasl_limit"
+    if isinstance(table, dict) and "sasl_limit" in table:
+        if protections.sasl_line_limit < OAUTH_MIN_SASL_LIMIT:
+            raise ctx.error(key, f"must be at least {OAUTH_MIN_SASL_LIMIT} with backend.oauth "
+                                 f"(OAuth tokens are 1-3 KB), got {protections.sasl_line_limit}")
+        return protections
+    return dataclasses.replace(protections, sasl_line_limit=min(buffer_limit, max(
+        protections.sasl_line_limit, OAUTH_SASL_LIMIT)))
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -75,12 +75,20 @@ def preflight(config: Config) -> Preflight:
     def warn(key: str, problem: str) -> None:
         warnings.append(str(ConfigError(config.source, key, problem)))
 
-    load_realm(config)
+    upstream = config.backend.type == "upstream"
+    if upstream:
+        from pop3shield.backends.upstream import settings_from_config
+
+        settings_from_config(config)  # the endpoint, the routing map, the CA file
+        if not config.backend.verify:
+            warn("backend.verify", "false: upstream TLS certificates are not verified")
+    else:
+        load_realm(config)
     if config.logging.path != "-":
         _try_open(config, "logging.path", config.logging.path, open_log)
     if config.events.path:
         _try_open(config, "events.path", config.events.path, EventLog._open)
-    if not config.auth.realm:
+    if not config.auth.realm and not upstream:
         _check_maildir_base(config)
     users = 0
     if config.auth.passwd_file:
@@ -208,9 +216,22 @@ def _maildir_backend(config: Config, reactor: Any) -> IBackend:
     return MaildirBackend(build_portal(config, reactor), thread_offload(reactor))
 
 
+def _upstream_backend(config: Config, reactor: Any) -> IBackend:
+    """The relay to an upstream POP3 server; the passwd file, if any, is checked first."""
+    from pop3shield.backends.upstream import UpstreamBackend, settings_from_config
+
+    checker = None
+    if config.auth.passwd_file:
+        checker = PasswdFileChecker(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext,
+                                    threadpool=reactor.getThreadPool(), reactor=reactor)
+    return UpstreamBackend(settings_from_config(config), reactor, checker=checker,
+                           threadpool=reactor.getThreadPool())
+
+
 #: ``backend.type`` -> the function that builds that backend from the config
 BACKEND_BUILDERS: dict[str, Callable[[Config, Any], IBackend]] = {
     "maildir": _maildir_backend,
+    "upstream": _upstream_backend,
 }
 
 

@@ -389,11 +389,11 @@ def test_build_backend_picks_the_configured_type(tmp_path: Path) -> None:
 
     built = build_backend(config, reactor)
     assert isinstance(built, MaildirBackend) and verifyObject(IBackend, built)
-    assert set(BACKEND_BUILDERS) == {"maildir"}
+    assert set(BACKEND_BUILDERS) == {"maildir", "upstream"}
     import dataclasses
 
     odd = dataclasses.replace(config, backend=dataclasses.replace(config.backend, type="carrier-pigeon"))
-    with pytest.raises(ConfigError, match=r"backend.type: unknown backend type 'carrier-pigeon' \(known: maildir\)"):
+    with pytest.raises(ConfigError, match=r"backend.type: unknown backend type 'carrier-pigeon' \(known: maildir, upstream\)"):
         build_backend(odd, reactor)
 
 

@@ -1,4 +1,5 @@
-"""The RFC 5034 AUTH exchange: PLAIN and LOGIN, strict base64, empty identities refused."""
+"""The RFC 5034 AUTH exchange: PLAIN, LOGIN and (relayed) XOAUTH2/OAUTHBEARER, strict base64,
+empty identities refused."""
 
 from __future__ import annotations
 
@@ -55,8 +56,25 @@ class SaslExchange:
             return
         if self._sasl_exchange == "PLAIN":
             self._sasl_plain(decoded, data)
+        elif self._sasl_exchange in ("XOAUTH2", "OAUTHBEARER"):
+            self._sasl_oauth(decoded, self._sasl_exchange)
         else:
             self._sasl_login(decoded, data)
+
+    def _sasl_oauth(self, decoded: bytes, mechanism: str) -> None:
+        """XOAUTH2/OAUTHBEARER (relayed only): the named user goes through the same checks as
+        any login; the whole message is the secret the upstream gets unchanged."""
+        if not decoded:
+            self._sasl_empty("empty_password", "No token given.")
+            return
+        parse = sasl.parse_xoauth2 if mechanism == "XOAUTH2" else sasl.parse_oauthbearer
+        try:
+            creds = parse(decoded)
+        except sasl.SaslError as exc:
+            if not self._violation("non_compliant", f"Invalid {mechanism} data.", reason=str(exc)):
+                self._sasl_fail(f"Invalid {mechanism} data.", "AUTH")
+            return
+        self._sasl_credentials(creds.user, decoded, decoded, mechanism)
 
     def _sasl_plain(self, decoded: bytes, data: bytes) -> None:
         try:

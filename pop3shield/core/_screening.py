@@ -231,7 +231,7 @@ class Screening:
     def _arguments(self, content: bytes) -> list[tuple[bytes, str]]:
         """Each argument of a line with the field type the detector should judge it as."""
         if self.state is State.SASL:
-            return _sasl_fields(content)
+            return _sasl_fields(content, self._sasl_exchange)
         keyword, sep, rest = content.partition(b" ")
         if not sep:
             return []
@@ -241,8 +241,9 @@ class Screening:
         parts = rest.split(b" ")
         if upper == b"AUTH":
             fields = [(parts[0], "mechanism")]
+            mechanism = parts[0].upper().decode("ascii", "replace")
             for extra in parts[1:]:
-                fields.extend(_sasl_fields(extra))
+                fields.extend(_sasl_fields(extra, mechanism))
             return fields
         kinds = _FIELD_OF.get(upper, ())
         return [(part, kinds[i] if i < len(kinds) else "text") for i, part in enumerate(parts)]
@@ -262,10 +263,13 @@ _FIELD_OF: dict[bytes, tuple[str, ...]] = {
 }
 
 
-def _sasl_fields(data: bytes) -> list[tuple[bytes, str]]:
-    """A SASL response as the detector should see it: decoded, PLAIN split on NUL."""
+def _sasl_fields(data: bytes, mechanism: str | None = None) -> list[tuple[bytes, str]]:
+    """A SASL response as the detector should see it: decoded, PLAIN split on NUL, the OAuth
+    mechanisms on their ^A separators (each key=value pair, the token included, is text)."""
     try:
         decoded = sasl.decode_base64(data)
     except sasl.SaslError:
         return [(data, "text")]
+    if mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        return [(part, "sasl") for part in decoded.split(b"\x01") if part]
     return [(part, "sasl") for part in decoded.split(b"\x00") if part]

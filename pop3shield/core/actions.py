@@ -31,8 +31,9 @@ class Close:
 class Authenticate:
     """Check credentials and open the maildrop; answer with login_succeeded/login_failed.
 
-    ``mechanism`` is ``USER`` (USER/PASS), ``PLAIN``, ``LOGIN`` or ``APOP``. For APOP,
-    ``secret`` is the client's digest and ``challenge`` the greeting's timestamp.
+    ``mechanism`` is ``USER`` (USER/PASS), ``PLAIN``, ``LOGIN``, ``APOP``, ``XOAUTH2`` or
+    ``OAUTHBEARER``. For APOP, ``secret`` is the client's digest and ``challenge`` the greeting's
+    timestamp; for the OAuth mechanisms (upstream mode only) it is the decoded SASL message.
     """
 
     username: str

@@ -140,7 +140,7 @@ instance_name = {instance_name}
 log_path = {log_path}
 log_timestamp = "%Y-%m-%d %H:%M:%S "
 shutdown_clients = yes
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain login
 auth_verbose = yes
@@ -168,7 +168,9 @@ service pop3-login {{
     address = {host}
     port = {port}
   }}
+{listeners}
 }}
+{trusted}
 {extra}
 """
 
@@ -184,7 +186,7 @@ state_dir = {state_dir}
 instance_name = {instance_name}
 log_path = {log_path}
 shutdown_clients = yes
-ssl = no
+{ssl}
 auth_allow_cleartext = yes
 auth_mechanisms = plain login
 auth_verbose = yes
@@ -213,7 +215,9 @@ service pop3-login {{
     listen = {host}
     port = {port}
   }}
+{listeners}
 }}
+{trusted}
 {extra}
 """
 
@@ -256,7 +260,20 @@ class DovecotServer(ServerProcess):
 
     def __init__(self, *, lock_session: bool = True, extra_config: str = "",
                  startup_timeout: float = 20.0, stop_timeout: float = 10.0,
-                 extra_fields: dict[str, str] | None = None):
+                 extra_fields: dict[str, str] | None = None,
+                 trusted_networks: str = "", haproxy: bool = False,
+                 tls: tuple[str, str] | None = None, port: int | None = None):
+        """``trusted_networks``: Dovecot's ``login_trusted_networks`` (they are offered XCLIENT);
+        ``haproxy``: a second listener (:attr:`proxy_port`) that takes a PROXY header from
+        ``trusted_networks`` (``haproxy_trusted_networks``); ``tls``: (cert PEM, key PEM) files
+        turn on STLS on :attr:`port` and an implicit-TLS listener on :attr:`tls_port`."""
+        self.trusted_networks = trusted_networks
+        #: listen on this port (a restart on the same address) instead of a free one
+        self.fixed_port = port
+        self.haproxy = haproxy
+        self.tls = tls
+        self.proxy_port: int | None = None
+        self.tls_port: int | None = None
         self.lock_session = lock_session
         self.extra_config = extra_config
         #: user -> passwd-file extra fields (field 8, e.g. "nologin allow_nets=10.0.0.0/8")
@@ -340,7 +357,7 @@ class DovecotServer(ServerProcess):
         self.stdout_path = w / "dovecot.stdout"
         self.conf_path = w / "dovecot.conf"
         passwd_file = self.passwd_path = w / "dovecot.passwd"
-        self.port = free_port(self.host)
+        self.port = self.fixed_port or free_port(self.host)
 
         me = pwd.getpwuid(os.getuid()).pw_name
         my_group = grp.getgrgid(os.getgid()).gr_name
@@ -372,7 +389,23 @@ class DovecotServer(ServerProcess):
         os.chmod(passwd_file, 0o600)
 
         template = _CONF_24 if self.version[:2] >= (2, 4) else _CONF_23
+        listeners, trusted, ssl = [], [], "ssl = no"
+        addr_key = "listen" if self.version[:2] >= (2, 4) else "address"
+        if self.trusted_networks:
+            trusted.append(f"login_trusted_networks = {self.trusted_networks}")
+        if self.haproxy:
+            self.proxy_port = free_port(self.host)
+            trusted.append(f"haproxy_trusted_networks = {self.trusted_networks or self.host}")
+            listeners.append(f"  inet_listener pop3_haproxy {{\n    {addr_key} = {self.host}\n"
+                             f"    port = {self.proxy_port}\n    haproxy = yes\n  }}")
+        if self.tls:
+            self.tls_port = free_port(self.host)
+            cert, key = self.tls
+            ssl = f"ssl = yes\nssl_cert = <{cert}\nssl_key = <{key}"
+            listeners.append(f"  inet_listener pop3s {{\n    {addr_key} = {self.host}\n"
+                             f"    port = {self.tls_port}\n    ssl = yes\n  }}")
         conf = template.format(
+            listeners="\n".join(listeners), trusted="\n".join(trusted), ssl=ssl,
             version=".".join(map(str, self.version)), host=self.host, port=self.port,
             base_dir=base_dir, state_dir=state_dir,
             instance_name=f"pop3shield-test-{os.getpid()}-{self.port}",

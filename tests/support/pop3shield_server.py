@@ -8,6 +8,7 @@
 * ``<tmp>/pop3shield.toml`` -- see :data:`CONFIG_TEMPLATE`, plus any extra
   TOML text passed as ``extra_toml`` (appended verbatim, e.g. more sections);
   ``server_toml``, ``auth_toml`` and ``events_toml`` add lines to those tables;
+  ``backend_toml`` replaces the ``[backend]`` table (e.g. ``type = "upstream"``);
 
 then runs ``sys.executable -m pop3shield run --config <tmp>/pop3shield.toml``
 with the repository root on ``PYTHONPATH``, stdout/stderr redirected to
@@ -51,12 +52,10 @@ listen = [{listen}]
 hostname = "test.invalid"
 {server_extra}
 [auth]
-passwd_file = {passwd_file}
+{passwd_line}
 {auth_extra}
 
-[backend]
-type = "maildir"
-maildir = {maildir}
+{backend}
 
 [events]
 path = {events}
@@ -101,6 +100,7 @@ class Pop3ShieldServer(ServerProcess):
 
     def __init__(self, *, extra_toml: str = "", server_toml: str = "", events_toml: str = "",
                  auth_toml: str = "", passwd_file: os.PathLike | str | None = None,
+                 backend_toml: str | None = None, local_passwd: bool = True,
                  listen: str = "tcp:0:interface=127.0.0.1",
                  startup_timeout: float = 30.0,
                  stop_timeout: float = 10.0, python: str = sys.executable,
@@ -110,6 +110,10 @@ class Pop3ShieldServer(ServerProcess):
         self.server_toml = server_toml
         self.events_toml = events_toml
         self.auth_toml = auth_toml
+        #: the whole [backend] table (default: the Maildir below maildir_root)
+        self.backend_toml = backend_toml
+        #: False: no auth.passwd_file at all (upstream mode: the upstream checks the password)
+        self.local_passwd = local_passwd
         #: an existing passwd-file to use instead of writing a bcrypt one from ``users``
         self.passwd_file = passwd_file
         #: the one endpoint string (keep it on loopback)
@@ -172,8 +176,11 @@ class Pop3ShieldServer(ServerProcess):
         self.stderr_path = w / "stderr.log"
         self.conf_path = w / "pop3shield.toml"
         conf = CONFIG_TEMPLATE.format(
-            passwd_file=_toml_str(self.passwd_path), listen=_toml_str(self.listen),
-            maildir=_toml_str(f"{self.maildir_root}/{{user}}/Maildir"),
+            passwd_line=f"passwd_file = {_toml_str(self.passwd_path)}" if self.local_passwd else "",
+            listen=_toml_str(self.listen),
+            backend=self.backend_toml.strip("\n") if self.backend_toml is not None else
+            '[backend]\ntype = "maildir"\nmaildir = '
+            + _toml_str(f"{self.maildir_root}/{{user}}/Maildir"),
             events=_toml_str(self.events_path), log=_toml_str(self.log_path),
             server_extra=self.server_toml.strip("\n"), events_extra=self.events_toml.strip("\n"),
             auth_extra=self.auth_toml.strip("\n"))
