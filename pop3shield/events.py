@@ -222,6 +222,28 @@ class EventLog:
             event_record=record,
         )
 
+    def backend_failure(self, ctx: SessionContext, reason: str) -> None:
+        """A backend (a relay's upstream) broke the protocol or broke off: the session was ended.
+
+        Rate-limited as one source of its own, ``backend``: a broken upstream hits every session.
+        """
+        self.counters[("backend", "closed")] += 1
+        now = self.clock()
+        if not self._admit("backend", now, ctx):
+            return
+        record = {
+            "time": rfc3339(now),
+            "type": "backend",
+            "session": ctx.session,
+            "client": {"address": ctx.client_address, "port": ctx.client_port},
+            "user": ctx.user,
+            "action": "closed",
+            "reason": reason,
+        }
+        self._write(record)
+        security_log.warn("backend failure, session {session} closed: {reason}", session=ctx.session,
+                          reason=reason, event_record=record)
+
     def session_summary(self, ctx: SessionContext, repeats: dict[str, int]) -> None:
         """The closing record of a connection whose detect-mode events repeated."""
         if not repeats:

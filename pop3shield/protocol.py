@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3shield.backends import (
+    BackendBroken,
     ClientInfo,
     Credentials,
     IBackend,
@@ -49,6 +50,8 @@ class _ClientStream:
     def __init__(self, transport: Any, on_write: Callable[[], None]) -> None:
         self.transport = transport
         self.on_write = on_write
+        #: octets the backend wrote: after the first one an -ERR can no longer be the answer
+        self.written = 0
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -57,6 +60,7 @@ class _ClientStream:
         self.transport.unregisterProducer()
 
     def write(self, data: bytes) -> None:
+        self.written += len(data)
         self.transport.write(data)
         self.on_write()
 
@@ -302,21 +306,25 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         consumer = _ClientStream(self.transport, self.resetTimeout)
         d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
                                 consumer, prefetch=action.prefetch)
-        d.addCallbacks(self._stream_done, self._stream_error)
+        d.addCallbacks(self._stream_done, self._stream_error, errbackArgs=(consumer,))
 
     def _stream_done(self, sent: int) -> None:
         self._streaming = False
         self._guard(lambda _: self.session.stream_finished())(None)
 
-    def _stream_error(self, failure: Failure) -> None:
+    def _stream_error(self, failure: Failure, consumer: _ClientStream) -> None:
         self._streaming = False
         if self.session is None or self.session.closed:
             return
-        if failure.check(MessageUnavailable):
-            # nothing was written for it: the client gets an -ERR and the session goes on
+        broken = failure.check(BackendBroken) is not None
+        if broken:
+            self.factory.events.backend_failure(self._context(), failure.getErrorMessage())
+        if failure.check(MessageUnavailable) and not consumer.written:
+            # nothing was written for it: the client gets an -ERR; the session goes on unless
+            # the backend itself broke
             log.warn("session {session} message unavailable: {error}", session=self.session_id,
                      error=failure.getErrorMessage())
-            self._run(self.session.stream_failed())
+            self._run(self.session.stream_failed(fatal=broken))
             return
         # part of the response is out: it cannot be completed, so the connection is cut
         log.warn("session {session} message cut off mid-response, connection cut: {error}", session=self.session_id,

@@ -16,7 +16,14 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial import unittest
 
-from pop3shield.backends import ClientInfo, Credentials, LoginRefused, MessageUnavailable, Unavailable
+from pop3shield.backends import (
+    BackendBroken,
+    ClientInfo,
+    Credentials,
+    LoginRefused,
+    MessageUnavailable,
+    Unavailable,
+)
 from pop3shield.backends._upstream_client import UpstreamFailure
 from pop3shield.backends.routing import parse_endpoint
 from pop3shield.backends.upstream import UpstreamBackend, UpstreamSettings
@@ -116,7 +123,7 @@ class FaultCase(unittest.TestCase):
     async def retr_fails(self, cut: bool = True) -> Collector:
         box = await self.login()
         out = Collector()
-        failure_type = UpstreamFailure if cut else MessageUnavailable
+        failure_type = BackendBroken if cut else MessageUnavailable
         with self.assertRaises(failure_type):
             await box.send_message(1, None, b"+OK 22 octets\r\n", out)
         box.release()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IConsumer
 
 __all__ = [
+    "BackendBroken",
     "BackendError",
     "ClientInfo",
     "Credentials",
@@ -113,14 +114,27 @@ class Unavailable(BackendError):
     """
 
     def __init__(self, message: str, code: str = "SYS/TEMP",
-                 text: str = "Temporary server problem, try again later.") -> None:
+                 text: str = "Temporary server problem, try again later.", *, broken: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.text = text
+        #: the backend broke the protocol (an upstream's malformed or unsolicited response):
+        #: besides the log line, a ``backend`` record goes to the event file
+        self.broken = broken
 
 
 class MessageUnavailable(BackendError):
     """A message cannot be sent as listed; raised before its first byte (``-ERR [SYS/TEMP]``)."""
+
+
+class BackendBroken(MessageUnavailable):
+    """The backend broke off or broke the protocol while sending a message (a relay's upstream
+    sent a malformed, oversized or unsolicited response, stalled or went away).
+
+    The session cannot go on: before the first byte the client gets ``-ERR [SYS/TEMP]`` and the
+    connection is closed, after it the connection is cut; either way a ``backend`` record goes
+    to the event file, so that a hostile upstream is as visible as a hostile client.
+    """
 
 
 class IBackend(Interface):

@@ -44,7 +44,15 @@ log = Logger(namespace="pop3shield.upstream")
 
 
 class UpstreamFailure(Exception):
-    """The upstream connection cannot go on; the text is for the operator's log."""
+    """The upstream connection cannot go on; the text is for the operator's log.
+
+    ``violation``: the upstream broke the protocol (a response the reader refused), rather than
+    stalling or going away.
+    """
+
+    def __init__(self, message: str, *, violation: bool = False) -> None:
+        super().__init__(message)
+        self.violation = violation
 
 
 @dataclass
@@ -121,10 +129,10 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         if self._requests:
             self._fail_all(UpstreamFailure(_describe(reason)))
 
-    def abort(self, why: str | None = None) -> None:
+    def abort(self, why: str | None = None, *, violation: bool = False) -> None:
         """Close without QUIT (nothing outstanding is completed); idempotent."""
         if why is not None and self._failure is None:
-            self._fail_all(UpstreamFailure(why))
+            self._fail_all(UpstreamFailure(why, violation=violation))
         self._closed = True
         self.setTimeout(None)
         if self.transport is not None:
@@ -176,7 +184,7 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
 
     def _event(self, event: Any) -> None:
         if isinstance(event, Refused):
-            self.abort(f"refused the upstream's response: {event.problem.value} ({event.detail})")
+            self.abort(f"refused the upstream's response: {event.problem.value} ({event.detail})", violation=True)
             return
         if isinstance(event, Discarded):
             log.info("{name}: discarded {octets} octets sent in plaintext after STLS",

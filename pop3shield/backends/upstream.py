@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3shield.backends import (
+    BackendBroken,
     ClientInfo,
     Credentials,
     IBackend,
@@ -224,7 +225,7 @@ class UpstreamBackend:
         if isinstance(error, defer.TimeoutError):
             error = Unavailable(f"no login answer within {self.settings.login_timeout:g} s")
         elif isinstance(error, UpstreamFailure):
-            error = Unavailable(str(error))
+            error = Unavailable(str(error), broken=error.violation)
         elif not isinstance(error, (LoginRefused, MailboxInUse, Unavailable)):
             log.failure("upstream login for user={user} failed unexpectedly", failure,
                         user=credentials.username)
@@ -468,12 +469,14 @@ class UpstreamMailbox:
                 self._unregister(consumer)
                 log.warn("{name}: {command} cut off: {reason}", name=self.name,
                          command=command.decode(), reason=failure.getErrorMessage())
-                return failure
-            if failure.check(MessageUnavailable):
-                return failure
-            log.warn("{name}: {command} failed: {reason}", name=self.name, command=command.decode(),
-                     reason=failure.getErrorMessage())
-            raise MessageUnavailable(failure.getErrorMessage())
+            elif failure.check(MessageUnavailable):
+                return failure  # the upstream answered -ERR: the session goes on
+            else:
+                log.warn("{name}: {command} failed: {reason}", name=self.name, command=command.decode(),
+                         reason=failure.getErrorMessage())
+            # a broken, hostile or vanished upstream: the client's session cannot go on either
+            self.release()
+            raise BackendBroken(f"{self.name}: {command.decode()}: {failure.getErrorMessage()}")
 
         d = self.protocol.request(command, expect, on_body=on_body, on_status=on_status)
         d.addCallbacks(finished, failed)

@@ -143,10 +143,18 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         self._process()
         return self._flush()
 
-    def stream_failed(self) -> list[A.Action]:
-        """The message could not be opened (it vanished): nothing was sent for it yet."""
+    def stream_failed(self, *, fatal: bool = False) -> list[A.Action]:
+        """The message could not be opened (it vanished): nothing was sent for it yet.
+
+        ``fatal``: the backend itself broke (a relay's upstream went away or broke the protocol),
+        so the session cannot go on: the client is told so and the connection closed.
+        """
         if not self._answer("stream_failed", A.StreamMessage):
             return []
+        if fatal:
+            self._send(responses.err("Temporary server problem, try again later.", "SYS/TEMP"))
+            self._close("backend failed")
+            return self._flush()
         # the maildrop changed under the session (another program removed the file): the
         # client did nothing wrong, so this is not a bad command
         self._send(responses.err("Message is no longer available.", "SYS/TEMP"))

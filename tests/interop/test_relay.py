@@ -475,3 +475,83 @@ def test_unknown_route_is_refused_like_a_wrong_password(tmp_path) -> None:
     finally:
         box.server.stop()
 
+
+
+# -- a hostile upstream mid-session: both sides closed, and an event -----------------------------
+
+def _lines(conn: socket.socket):
+    """The client's command lines, one at a time (a tiny scripted POP3 server)."""
+    buffer = b""
+    while True:
+        while b"\r\n" not in buffer:
+            data = conn.recv(4096)
+            if not data:
+                return
+            buffer += data
+        line, buffer = buffer.split(b"\r\n", 1)
+        yield line
+
+
+def _logs_in_then(retr_answer: bytes):
+    """An upstream that logs alice in with one 22-octet message, then answers RETR with ``retr_answer``."""
+    def script(conn: socket.socket) -> None:
+        conn.sendall(b"+OK fake ready\r\n")
+        for line in _lines(conn):
+            word = line.split(b" ", 1)[0].upper()
+            if word == b"CAPA":
+                conn.sendall(b"+OK\r\nUSER\r\nUIDL\r\n.\r\n")
+            elif word in (b"USER", b"PASS"):
+                conn.sendall(b"+OK\r\n")
+            elif word == b"STAT":
+                conn.sendall(b"+OK 1 22\r\n")
+            elif word == b"LIST":
+                conn.sendall(b"+OK\r\n1 22\r\n.\r\n")
+            elif word == b"UIDL":
+                conn.sendall(b"+OK\r\n1 uid-one\r\n.\r\n")
+            elif word == b"RETR":
+                conn.sendall(retr_answer)
+                return
+            else:
+                conn.sendall(b"-ERR unexpected\r\n")
+    return script
+
+
+@pytest.mark.parametrize("answer, first_byte_out", [
+    (b"+OK " + b"x" * 600 + b"\r\n", False),           # a status line over RFC 2449's 512 octets
+    (b"+OK\x00 injected\r\n", False),                   # a NUL in the status line
+    (b"+OK\r\nSubject: hi\r\n\r\nbo\x00dy\r\n.\r\n", True),  # a NUL inside the body
+], ids=["long-status", "nul-status", "nul-body"])
+def test_hostile_upstream_mid_session_closes_both_sides_with_an_event(tmp_path, answer, first_byte_out) -> None:
+    fake = FakeUpstream(_logs_in_then(answer))
+    shield = Pop3ShieldServer(backend_toml=backend_toml("127.0.0.1", fake.port, "response_timeout = 5.0\n"),
+                              local_passwd=False)
+    try:
+        host, port = shield.start(tmp_path / "run", {USER: PASSWORD}, tmp_path / "unused")
+        with socket.create_connection((host, port), timeout=TIMEOUT) as client:
+            reader = client.makefile("rb")
+            assert reader.readline().startswith(b"+OK")
+            client.sendall(f"USER {USER}\r\nPASS {PASSWORD}\r\n".encode())
+            assert reader.readline() == b"+OK\r\n"
+            assert reader.readline().startswith(b"+OK Logged in")
+            client.sendall(b"RETR 1\r\n")
+            rest = b""
+            with contextlib.suppress(ConnectionResetError):  # mid-message the connection is cut (RST)
+                while chunk := reader.read1(65536):
+                    rest += chunk
+        if first_byte_out:
+            # whatever arrived before the cut: a prefix of the message, never the NUL, never an end
+            assert (b"+OK 22 octets\r\nSubject: hi\r\n").startswith(rest[:29]) and not rest.endswith(b".\r\n")
+            assert b"\x00" not in rest
+        else:
+            assert rest == b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
+        deadline = time.monotonic() + 10
+        while not [e for e in shield.events() if e.get("type") == "backend"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [event] = [e for e in shield.events() if e.get("type") == "backend"]
+        assert event["user"] == USER and event["action"] == "closed"
+        assert event["client"]["address"] == "127.0.0.1"
+        assert "RETR 1" in event["reason"]
+        assert shield.proc is not None and shield.proc.poll() is None  # the front-end stays up
+    finally:
+        shield.stop()
+        fake.close()
