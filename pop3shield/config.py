@@ -107,6 +107,10 @@ class ServerConfig:
     auth_failure_delay_max: float = 15.0
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
+    #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
+    proxy_protocol_networks: tuple[IPNetwork, ...] = ()
+    #: seconds a trusted proxy has to send that header
+    proxy_protocol_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -386,6 +390,9 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         auth_failure_delay_max=_delay_max(t, delay, d.auth_failure_delay_max),
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
         thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
+        proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
+                                      enumerate(t.array("proxy_protocol_networks", []))),
+        proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
     )
     if config.max_connections_per_ip > config.max_connections:
         raise t.error(
@@ -394,6 +401,14 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
             f"got {config.max_connections_per_ip}",
         )
     return config
+
+
+def _proxy_timeout(table: _Table, default: float) -> float:
+    """Seconds for a trusted proxy's header; it sends it at once, so a long wait only holds a socket."""
+    value = table.number("proxy_protocol_timeout", default, 0.0, above=True)
+    if value > 60.0:
+        raise table.error("proxy_protocol_timeout", f"must be at most 60 seconds, got {value:g}")
+    return value
 
 
 def _greeting_delay(table: _Table, default: float) -> float:

@@ -38,6 +38,7 @@ from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.limits import ConnectionLimits, FailureDelays
+from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
 
 log = Logger(namespace="pop3shield.server")
 
@@ -72,10 +73,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         self.callLater = f.reactor.callLater  # TimeoutMixin's clock: the factory's reactor
         peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.client_address = getattr(peer, "host", None)
         self.session_id = secrets.token_hex(6)
-        self.ctx = SessionContext(self.session_id, self.client_address, getattr(peer, "port", None),
-                                  getattr(host, "host", None), getattr(host, "port", None))
+        self._set_addresses((getattr(peer, "host", None), getattr(peer, "port", None)),
+                            (getattr(host, "host", None), getattr(host, "port", None)))
         self._streaming = False  # a message is going out: mid-message nothing more can be said
         self._committing = False
         self._reading_paused = False
@@ -87,6 +87,58 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._octets_in = 0
         self._logins_failed = 0
         self._deleted: int | None = None
+        if self.client_address in f.trusted_proxies:
+            # the client's address comes in the PROXY header: until then no byte goes out, nothing is decided
+            self._proxy_reader = HeaderReader()
+            self._proxy_deadline = f.reactor.callLater(f.proxy_timeout, self._proxy_refused, "no header in time")
+            return
+        self._admit()
+
+    def _set_addresses(self, client: tuple[Any, Any], server: tuple[Any, Any]) -> None:
+        self.client_address = client[0]
+        self.ctx = SessionContext(self.session_id, client[0], client[1], server[0], server[1])
+
+    # ------------------------------------------------------------------ PROXY header (trusted proxies only)
+
+    _proxy_reader: HeaderReader | None = None
+    _proxy_deadline: Any = None
+
+    def _proxy_received(self, data: bytes) -> None:
+        assert self._proxy_reader is not None
+        try:
+            header = self._proxy_reader.feed(data)
+        except BadHeader as exc:
+            self._proxy_refused(str(exc))
+            return
+        if header is None:
+            return
+        self._proxy_reader = None
+        if self._proxy_deadline is not None and self._proxy_deadline.active():
+            self._proxy_deadline.cancel()
+        self._proxy_deadline = None
+        proxy = self.ctx.client_address
+        if header.source is not None:  # else LOCAL / UNKNOWN: the proxy's own connection, it is the client
+            host = self.transport.getHost()
+            destination = header.destination or (getattr(host, "host", None), getattr(host, "port", None))
+            self._set_addresses(header.source, destination)
+        log.debug("session {session} PROXY v{version} header from {proxy}: client {address}:{port}",
+                  session=self.session_id, version=header.version, proxy=proxy,
+                  address=self.ctx.client_address, port=self.ctx.client_port)
+        self._admit(header.remaining)
+
+    def _proxy_refused(self, reason: str) -> None:
+        self._proxy_deadline = None
+        if self._proxy_reader is None:
+            return
+        self._proxy_reader = None
+        log.warn("session {session} refused: PROXY header from {proxy}:{port}: {reason}", session=self.session_id,
+                 proxy=self.ctx.client_address, port=self.ctx.client_port, reason=reason)
+        self.transport.abortConnection()  # nothing was said: a POP3 byte would go to the proxy, not a client
+
+    # ------------------------------------------------------------------ admission, then the session
+
+    def _admit(self, early: bytes = b"") -> None:
+        f = self.factory
         refusal = f.admit(self.client_address)
         if refusal is not None:
             self.transport.write(refusal)
@@ -104,6 +156,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.setTimeout(f.login_timeout)
         else:
             self._greet()
+        if early:
+            self.dataReceived(early)
 
     _greeting: Any = None
 
@@ -118,7 +172,18 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # ------------------------------------------------------------------ input
 
     def dataReceived(self, data: bytes) -> None:
+        if self._proxy_reader is not None:
+            self._proxy_received(data)
+            return
         if self.session is None or self.session.closed:
+            return
+        if self._octets_in == 0 and looks_like_header(data):
+            # a PROXY header from a peer outside server.proxy_protocol_networks: it may not choose its address
+            log.warn("session {session} refused: PROXY header from untrusted {address}:{port}",
+                     session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port)
+            self._ended = "PROXY header from an untrusted peer"
+            self.session.connection_lost()
+            self.transport.loseConnection()
             return
         self.resetTimeout()
         self._octets_in += len(data)
@@ -138,6 +203,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.setTimeout(None)
+        self._proxy_reader = None
+        if self._proxy_deadline is not None and self._proxy_deadline.active():
+            self._proxy_deadline.cancel()
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._admitted:
@@ -379,6 +447,8 @@ class POP3ServerFactory(ServerFactory):
         quick_check: Any = None,
         log_rate_limit: int = 60,
         log_global_rate_limit: int | None = 600,
+        proxy_protocol_networks: Any = (),
+        proxy_protocol_timeout: float = 5.0,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -394,6 +464,9 @@ class POP3ServerFactory(ServerFactory):
         self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
+        #: peers whose connections start with a PROXY header naming the client, and how long it may take
+        self.trusted_proxies = TrustedProxies(proxy_protocol_networks)
+        self.proxy_timeout = proxy_protocol_timeout
 
     def challenge(self) -> bytes | None:
         """The APOP timestamp for the greeting, only when APOP is enabled."""

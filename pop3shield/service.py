@@ -329,6 +329,7 @@ def make_service(config: Config, reactor: Any = None,
         auth_failure_delay=server.auth_failure_delay, auth_failure_delay_max=server.auth_failure_delay_max,
         quick_check=quick_check(),
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
+        proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events).setServiceParent(top)
