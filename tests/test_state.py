@@ -1,0 +1,160 @@
+"""The state shared across processes, in-process implementation, and how the protocol uses it.
+
+Failures count per address, per user and per (address, user); a valid login forgives its own
+pair only, so one valid account no longer resets the penalty for guessing others (issue 10,
+measured: a 15 s penalty fell back to 2 s). Connections per address and per (user, address).
+The Redis implementation runs the same checks against a real Redis in test_state_redis.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from pop3shield.limits import FailureDelays
+from pop3shield.state import LocalState
+from tests.test_protocol import connect, mailroot, make_factory, take  # noqa: F401 (fixture)
+
+
+def result(d):
+    out = []
+    d.addBoth(out.append)
+    assert out, "an in-process state answers at once"
+    return out[0]
+
+
+def test_levels_are_the_largest_of_address_user_and_pair() -> None:
+    state = LocalState(Clock().seconds)
+    assert [result(state.failed("192.0.2.1", "bob")) for _ in range(3)] == [1, 2, 3]
+    assert result(state.failed("192.0.2.1", "carol")) == 4  # the address has 4 failures
+    assert result(state.failed("198.51.100.1", "bob")) == 4  # the user name has 4 failures
+    assert result(state.penalty("198.51.100.2", "dave")) == 0
+    assert result(state.penalty("198.51.100.2", "bob")) == 4
+    assert result(state.failed("198.51.100.3", None)) == 1  # no user name yet: the address only
+
+
+def test_valid_login_forgives_its_own_pair_only() -> None:
+    state = LocalState(Clock().seconds)
+    for _ in range(3):
+        state.failed("192.0.2.1", "bob")
+    for _ in range(2):
+        state.failed("192.0.2.1", "alice")
+    result(state.succeeded("192.0.2.1", "alice"))
+    # alice's two failures are gone from the address; bob's three remain
+    assert result(state.penalty("192.0.2.1", "alice")) == 3
+    assert result(state.penalty("192.0.2.1", "bob")) == 3
+    assert result(state.failed("192.0.2.1", "bob")) == 4
+    result(state.succeeded("192.0.2.1", "bob"))
+    assert result(state.penalty("192.0.2.1", "bob")) == 0
+
+
+def test_failures_are_forgotten_after_a_quiet_period_and_bounded() -> None:
+    clock = Clock()
+    state = LocalState(clock.seconds, failure_ttl=900, max_entries=30)
+    state.failed("192.0.2.1", "bob")
+    clock.advance(899)
+    assert result(state.failed("192.0.2.1", "bob")) == 2
+    clock.advance(901)
+    assert result(state.failed("192.0.2.1", "bob")) == 1
+    for n in range(100):
+        state.failed(f"203.0.113.{n}", f"u{n}")
+    assert len(state._failures) == 30  # the least recently touched went first
+    assert result(state.penalty("203.0.113.99", "u99")) == 1 and result(state.penalty("192.0.2.1", "bob")) == 0
+
+
+def test_connection_sets_have_a_limit_and_release() -> None:
+    state = LocalState(Clock().seconds)
+    assert [result(state.acquire("addr:x", m, 2)) for m in ("a", "b", "c")] == [True, True, False]
+    assert result(state.acquire("addr:x", "a", 2)) is True  # already a member
+    result(state.release("addr:x", "a"))
+    assert result(state.acquire("addr:x", "c", 2)) is True and state.count("addr:x") == 2
+    result(state.release("addr:x", "b"))
+    result(state.release("addr:x", "c"))
+    result(state.release("addr:x", "nobody"))
+    assert state.count("addr:x") == 0 and state._sets == {}
+
+
+def test_failure_delay_doubles_to_the_cap() -> None:
+    delays = FailureDelays(2.0, 15.0)
+    assert [delays.delay(n) for n in range(0, 6)] == [0.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    assert delays.delay(10_000) == 15.0
+    assert FailureDelays(0.0, 0.0).delay(5) == 0.0
+
+
+# --------------------------------------------------------------------------- through the protocol
+
+
+def answer_after(proto, transport, clock: Clock, lines: bytes) -> float:
+    """Seconds of clock time until the -ERR for a failed PASS (steps of 0.5 s)."""
+    proto.dataReceived(lines)
+    waited = 0.0
+    while b"-ERR" not in transport.value():
+        clock.advance(0.5)
+        waited += 0.5
+        assert waited < 60
+    take(transport)
+    return waited
+
+
+def test_one_valid_account_does_not_reset_the_penalty(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, auth_failure_delay=2.0, auth_failure_delay_max=15.0)
+    proto, transport = connect(factory)
+    take(transport)
+    waits = [answer_after(proto, transport, clock, b"USER bob\r\nPASS guess\r\n") for _ in range(3)]
+    assert waits == [2.0, 4.0, 8.0]
+    # the attacker logs in with its own valid account from the same address ...
+    other, transport2 = connect(factory, port=40001)
+    take(transport2)
+    other.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport2).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
+    # ... and its next guess at bob still meets the full penalty (it used to fall back to 2 s)
+    assert answer_after(proto, transport, clock, b"USER bob\r\nPASS guess\r\n") == 15.0
+
+
+def test_honest_user_who_mistyped_is_forgiven_by_logging_in(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, auth_failure_delay=2.0, auth_failure_delay_max=15.0)
+    proto, transport = connect(factory)
+    take(transport)
+    assert answer_after(proto, transport, clock, b"USER alice\r\nPASS typo\r\n") == 2.0
+    assert answer_after(proto, transport, clock, b"USER alice\r\nPASS typo\r\n") == 4.0
+    proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
+    assert result(factory.state.penalty("192.0.2.7", "alice")) == 0
+
+
+def test_sessions_per_user_and_address_are_limited(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, max_connections_per_user_ip=1)
+    # another process holds alice's one session from this address
+    assert result(factory.state.acquire("user:alice:192.0.2.7", "elsewhere", 1))
+    proto, transport = connect(factory)
+    take(transport)
+    proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport) == b"+OK\r\n-ERR [IN-USE] Too many sessions for this user from your address.\r\n"
+    assert proto.mailbox is None
+    # from another address alice gets in, and the slot goes when the session ends
+    proto2, transport2 = connect(factory, host="192.0.2.8")
+    take(transport2)
+    proto2.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport2).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
+    assert factory.state.count("user:alice:192.0.2.8") == 1
+    proto2.connectionLost(None)
+    assert factory.state.count("user:alice:192.0.2.8") == 0
+
+
+def test_connections_per_address_are_released_when_they_end(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, max_connections_per_ip=2)
+    first, t1 = connect(factory)
+    second, t2 = connect(factory, port=40001)
+    third, t3 = connect(factory, port=40002)
+    assert take(t3) == b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+    third.connectionLost(None)
+    assert factory.state.count("addr:192.0.2.7") == 2 and factory.limits.connections == 2
+    first.connectionLost(None)
+    fourth, t4 = connect(factory, port=40003)
+    assert take(t4).startswith(b"+OK ")
+    assert factory.limits.connections == 2
