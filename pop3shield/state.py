@@ -19,7 +19,9 @@ Deferred so that no implementation can block the reactor:
 :class:`LocalState` keeps it in this process (the default). :class:`RedisState` keeps it in Redis
 (``[state] redis = "redis://..."``): each operation is one Lua script (atomic, and time from
 Redis' own clock so hosts need not agree), run by the ``redis`` package's blocking client in a
-small thread pool of its own with a bounded queue and a per-command socket timeout.
+small thread pool of its own with a bounded queue and a per-command socket timeout (a command
+that waited longer than that timeout for a thread fails without being sent, so behind a hung
+Redis every answer comes within about twice the timeout).
 :class:`Failover` applies ``[state] on_error``: ``fail-closed`` lets :class:`StateUnavailable`
 through (new connections and logins get ``-ERR [SYS/TEMP]``), ``fail-open`` answers from a
 :class:`LocalState` while Redis cannot be reached, with a log line when that starts and ends.
@@ -28,6 +30,7 @@ through (new connections and logins get ``-ERR [SYS/TEMP]``), ``fail-open`` answ
 from __future__ import annotations
 
 import itertools
+import time
 from collections import OrderedDict
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -269,7 +272,12 @@ class RedisState:
             self.pending -= 1
             return result
 
+        queued = time.monotonic()
+
         def blocking() -> Any:
+            # behind a hung Redis the queue drains fast: a command that already waited its time fails unsent
+            if time.monotonic() - queued > self.timeout:
+                raise StateUnavailable(f"Redis {self.describe()}: waited {self.timeout:g} s for a thread")
             try:
                 return function(*args)
             except self._errors as exc:

@@ -11,6 +11,8 @@ Everything on loopback, started by the test and stopped by PID.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -258,7 +260,15 @@ def test_redis_going_away_fail_closed_and_fail_open(tmp_path: Path) -> None:
         closed = start_shield(tmp_path, "closed", redis.url, "fail-closed", maildir_root, None)
         opened = start_shield(tmp_path, "open", redis.url, "fail-open", maildir_root, closed.passwd_path)
         assert fetch_with_poplib(closed.host, closed.port, "alice", USERS["alice"]) == EXPECTED[:1]
+        pending = socket.create_connection((closed.host, closed.port), timeout=5)
+        assert read_line(pending).startswith(b"+OK ")
+        pending.sendall(b"USER alice\r\n")
+        assert read_line(pending) == b"+OK\r\n"
         redis.stop()
+        # fail-closed: a login under way is answered -ERR [SYS/TEMP], its password unchecked
+        pending.sendall(f"PASS {USERS['alice']}\r\n".encode())
+        assert read_line(pending) == b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
+        pending.close()
         # fail-closed: a new connection is answered -ERR [SYS/TEMP] and closed
         with socket.create_connection((closed.host, closed.port), timeout=5) as sock:
             assert recv_until_closed(sock) == b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
@@ -271,6 +281,23 @@ def test_redis_going_away_fail_closed_and_fail_open(tmp_path: Path) -> None:
         redis.start()
         wait_for(lambda: log_lines(opened, "fail-open ended"), what="the fail-open end line")
         assert fetch_with_poplib(closed.host, closed.port, "alice", USERS["alice"]) == EXPECTED[:1]
+        # a Redis that hangs instead of going away: every command gives up after state.timeout
+        assert redis.proc is not None
+        os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            # 16 at once on 2 threads: without the queue deadline the last would wait 16 x 0.5 / 2 = 4 s
+            started = time.monotonic()
+            socks = [socket.create_connection((closed.host, closed.port), timeout=10) for _ in range(16)]
+            try:
+                for sock in socks:
+                    assert recv_until_closed(sock, timeout=10) == (
+                        b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n")
+            finally:
+                for sock in socks:
+                    sock.close()
+            assert time.monotonic() - started < 2.5
+        finally:
+            os.kill(redis.proc.pid, signal.SIGCONT)
         password_lines = [line for s in (closed, opened) for line in log_lines(s, USERS["alice"])]
         assert password_lines == []
     finally:
