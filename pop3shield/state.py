@@ -290,28 +290,37 @@ class RedisState:
     def _keys(self, names: list[str]) -> list[str]:
         return [self.prefix + name for name in names]
 
-    def failed(self, address: str, user: str | None) -> defer.Deferred[int]:
+    # the blocking operations, one round trip each (run in the pool; the tests call them directly)
+
+    def failed_blocking(self, address: str, user: str | None) -> int:
         keys = self._keys(failure_keys(address, user))
-        return self._call(lambda: int(self._scripts["failed"](keys=keys, args=[self.failure_ttl_ms])))
+        return int(self._scripts["failed"](keys=keys, args=[self.failure_ttl_ms]))
+
+    def penalty_blocking(self, address: str, user: str | None) -> int:
+        return max(int(v or 0) for v in self.client.mget(self._keys(failure_keys(address, user))))
+
+    def succeeded_blocking(self, address: str, user: str) -> None:
+        self._scripts["succeeded"](keys=self._keys(failure_keys(address, user)))
+
+    def acquire_blocking(self, key: str, member: str, limit: int) -> bool:
+        ttl = int(self.connection_ttl * 1000)
+        return bool(self._scripts["acquire"](keys=[self.prefix + "conn:" + key], args=[member, limit, ttl]))
+
+    def failed(self, address: str, user: str | None) -> defer.Deferred[int]:
+        return self._call(self.failed_blocking, address, user)
 
     def penalty(self, address: str, user: str | None) -> defer.Deferred[int]:
-        keys = self._keys(failure_keys(address, user))
-        return self._call(lambda: max(int(v or 0) for v in self.client.mget(keys)))
+        return self._call(self.penalty_blocking, address, user)
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:
-        keys = self._keys(failure_keys(address, user))
-        d = self._call(lambda: self._scripts["succeeded"](keys=keys))
-        d.addCallback(lambda _: None)
-        return d
+        return self._call(self.succeeded_blocking, address, user)
 
     def acquire(self, key: str, member: str, limit: int) -> defer.Deferred[bool]:
-        full = self.prefix + "conn:" + key
-        ttl = int(self.connection_ttl * 1000)
-        d = self._call(lambda: bool(self._scripts["acquire"](keys=[full], args=[member, limit, ttl])))
+        d = self._call(self.acquire_blocking, key, member, limit)
 
         def held(ok: bool) -> bool:
             if ok:
-                self._held[(full, member)] = None
+                self._held[(self.prefix + "conn:" + key, member)] = None
             return ok
         d.addCallback(held)
         return d

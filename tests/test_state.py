@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from twisted.internet.task import Clock
 
+from pop3shield.config import ConfigError, parse_config
 from pop3shield.limits import FailureDelays
 from pop3shield.state import LocalState
 from tests.test_protocol import connect, mailroot, make_factory, take  # noqa: F401 (fixture)
@@ -158,3 +160,35 @@ def test_connections_per_address_are_released_when_they_end(mailroot: Path) -> N
     fourth, t4 = connect(factory, port=40003)
     assert take(t4).startswith(b"+OK ")
     assert factory.limits.connections == 2
+
+
+# --------------------------------------------------------------------------- configuration
+
+AUTH = {"auth": {"realm": "pop3shield.realm:MaildirRealm"}}
+
+
+def test_state_section_defaults_and_values() -> None:
+    default = parse_config(AUTH, "p.toml", ".")
+    assert default.state.redis is None and default.state.on_error == "fail-closed"
+    assert default.server.max_connections_per_user_ip == 10
+    config = parse_config({"state": {"redis": "redis://:pw@10.0.0.20:6379/0", "on_error": "fail-open",
+                                     "timeout": 0.2, "max_queue": 10, "prefix": "site-a:", "connection_ttl": 30},
+                           **AUTH}, "p.toml", ".")
+    assert (config.state.on_error, config.state.timeout, config.state.max_queue, config.state.prefix,
+            config.state.connection_ttl) == ("fail-open", 0.2, 10, "site-a:", 30.0)
+    assert "pw@" not in repr(config)  # the URL may hold Redis' password
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"redis": "http://x"}, "p.toml: state.redis: expected a redis://, rediss:// or unix:// URL"),
+    ({"on_error": "ignore"}, "p.toml: state.on_error: must be one of 'fail-closed', 'fail-open', got 'ignore'"),
+    ({"timeout": 0}, "p.toml: state.timeout: must be greater than 0, got 0"),
+    ({"timeout": 11}, "p.toml: state.timeout: must be at most 10 seconds (it bounds a login), got 11"),
+    ({"connection_ttl": 1}, "p.toml: state.connection_ttl: must be at least 3 seconds, got 1"),
+    ({"max_queue": 0}, "p.toml: state.max_queue: "),
+    ({"redis_url": "redis://x"}, "p.toml: state.redis_url: unknown key"),
+])
+def test_state_section_errors(state: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"state": state, **AUTH}, "p.toml", ".")
+    assert str(info.value).startswith(message)
