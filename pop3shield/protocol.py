@@ -367,11 +367,18 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._login_user = action.username
         # the shared penalty is read first: with the state unreachable and fail-closed, no login is checked
         d = self.factory.state.penalty(self.client_address or "-", action.username)
-        d.addCallback(lambda _level: self.factory.backend.login(credentials, client))
+        d.addCallback(self._check_login, credentials, client)
         d.addCallbacks(self._login_ok, self._login_error)
         d.addErrback(self._log_failure, "login")
 
+    def _check_login(self, _level: int, credentials: Credentials, client: ClientInfo) -> Any:
+        if self.session is None or self.session.closed:
+            return None  # the client left while the state answered: no hashing for nobody
+        return self.factory.backend.login(credentials, client)
+
     def _login_ok(self, mailbox: Any) -> None:
+        if mailbox is None:
+            return
         if self.session is None or self.session.closed:
             mailbox.release()
             return
@@ -387,7 +394,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _user_admitted(self, admitted: bool, mailbox: Any, slot: str) -> None:
         if admitted:
-            self._user_slot = slot
+            if self._gone:  # connectionLost has run: nobody else will give the slot back
+                self.factory.state.release(slot, self.session_id)
+            else:
+                self._user_slot = slot
         if self.session is None or self.session.closed:
             mailbox.release()
             return

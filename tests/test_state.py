@@ -192,3 +192,61 @@ def test_state_section_errors(state: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"state": state, **AUTH}, "p.toml", ".")
     assert str(info.value).startswith(message)
+
+
+class SlowState(LocalState):
+    """The in-process state answering later (as Redis does), at the test's command."""
+
+    def __init__(self, clock):
+        super().__init__(clock.seconds)
+        self.held: list = []
+        self.slow = False
+
+    def _later(self, d):
+        if not self.slow:
+            return d
+        from twisted.internet import defer
+
+        later = defer.Deferred()
+        d.addCallback(lambda value: self.held.append((later, value)))
+        return later
+
+    def acquire(self, key, member, limit):
+        return self._later(super().acquire(key, member, limit))
+
+    def penalty(self, address, user):
+        return self._later(super().penalty(address, user))
+
+    def answer(self):
+        held, self.held = self.held, []
+        for d, value in held:
+            d.callback(value)
+
+
+def test_input_waits_for_a_late_admission_and_a_gone_client_is_released(mailroot: Path) -> None:
+    clock = Clock()
+    state = SlowState(clock)
+    factory = make_factory(mailroot, clock, state=state)
+    state.slow = True
+    proto, transport = connect(factory)
+    assert transport.value() == b"" and transport.producerState == "paused"
+    proto.dataReceived(b"CAPA\r\n")  # what was already read waits for the session
+    state.answer()
+    assert transport.producerState == "producing"
+    greeting, capa = take(transport).split(b"\r\n", 1)
+    assert greeting.startswith(b"+OK ") and capa.startswith(b"+OK")
+    # a client that leaves before its admission is answered does not keep its place
+    gone, transport2 = connect(factory, port=40001)
+    gone.connectionLost(None)
+    state.answer()
+    assert state.count("addr:192.0.2.7") == 1 and factory.limits.connections == 1
+    # nor does one that leaves while its login waits: no password is checked for it
+    logins = []
+    backend_login = factory.backend.login
+    factory.backend.login = lambda *args: logins.append(args) or backend_login(*args)
+    proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    take(transport)
+    proto.connectionLost(None)
+    state.answer()
+    assert logins == [] and proto.mailbox is None
+    assert state._sets == {} and factory.limits.connections == 0
