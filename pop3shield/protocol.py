@@ -156,7 +156,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._admitting = False
         if self._gone:
             if refusal is None:
-                self.factory.release(self.client_address, self.session_id)
+                self.factory.release(self.client_address, self.session_id, counted=True)
             return
         if self._reading_paused:
             self._reading_paused = False
@@ -241,7 +241,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._admitted:
-            self.factory.release(self.client_address, self.session_id)
+            self.factory.release(self.client_address, self.session_id, counted=not self._logged_in)
         if self._user_slot is not None:
             self.factory.state.release(self._user_slot, self.session_id)
         if self.session is None:
@@ -359,6 +359,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     _user_slot: str | None = None
     _login_user: str | None = None
+    _logged_in = False
 
     def _do_Authenticate(self, action: A.Authenticate) -> None:
         credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
@@ -406,6 +407,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._run(self.session.login_failed("IN-USE", "Too many sessions for this user from your address."))
             return
         self.mailbox = mailbox
+        # logged in: from now on it counts per (user, address), no longer against its address's limit
+        self._logged_in = True
+        d = self.factory.state.release(f"addr:{self.client_address}", self.session_id)
+        d.addErrback(self._state_error, "releasing the address's count")
         self._run(self.session.login_succeeded(mailbox.listing))
 
     def _user_admission_error(self, failure: Failure, mailbox: Any) -> None:
@@ -571,7 +576,11 @@ class POP3ServerFactory(ServerFactory):
         return f"<{secrets.token_hex(8)}.{int(time.time())}@{self.settings.hostname}>".encode("ascii")
 
     def admit(self, address: str | None, member: str) -> defer.Deferred[bytes | None]:
-        """Count a new connection (this process's total, then its address in the state); a refusal line or None."""
+        """Count a new connection (this process's total, then its address in the state); a refusal line or None.
+
+        The address's count holds connections not logged in (issue 10: a NAT of many users logs in
+        and then counts per user and address); :meth:`release` or a login gives the place back.
+        """
         refusal = self.limits.admit()
         if refusal is not None:
             return defer.succeed(refusal)
@@ -592,7 +601,9 @@ class POP3ServerFactory(ServerFactory):
         d.addCallbacks(decided, unavailable)
         return d
 
-    def release(self, address: str | None, member: str) -> None:
+    def release(self, address: str | None, member: str, *, counted: bool) -> None:
+        """An admitted connection ended; ``counted``: it still counts against its address (not logged in)."""
         self.limits.release()
-        d = self.state.release(f"addr:{address}", member)
-        d.addErrback(lambda failure: log.failure("releasing a connection", failure))
+        if counted:
+            d = self.state.release(f"addr:{address}", member)
+            d.addErrback(lambda failure: log.failure("releasing a connection", failure))

@@ -250,3 +250,25 @@ def test_input_waits_for_a_late_admission_and_a_gone_client_is_released(mailroot
     state.answer()
     assert logins == [] and proto.mailbox is None
     assert state._sets == {} and factory.limits.connections == 0
+
+
+def test_a_logged_in_session_counts_per_user_and_address_not_per_address(mailroot: Path) -> None:
+    clock = Clock()
+    factory = make_factory(mailroot, clock, max_connections_per_ip=1)
+    proto, transport = connect(factory)
+    take(transport)
+    blocked, t2 = connect(factory, port=40001)  # the one place of 192.0.2.7 is taken by a client logging in
+    assert take(t2) == b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+    blocked.connectionLost(None)
+    proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
+    assert state_counts(factory) == (0, 1)
+    nat_user, t3 = connect(factory, port=40002)  # another user behind the same address
+    assert take(t3).startswith(b"+OK ")
+    proto.connectionLost(None)
+    nat_user.connectionLost(None)
+    assert state_counts(factory) == (0, 0) and factory.limits.connections == 0
+
+
+def state_counts(factory) -> tuple[int, int]:
+    return factory.state.count("addr:192.0.2.7"), factory.state.count("user:alice:192.0.2.7")
