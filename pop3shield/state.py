@@ -29,7 +29,6 @@ through (new connections and logins get ``-ERR [SYS/TEMP]``), ``fail-open`` answ
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -380,7 +379,6 @@ class Failover:
         self.probe_interval = probe_interval
         self.degraded = False
         self._probe: Any = None
-        self._counter = itertools.count()
 
     def _run(self, name: str, *args: Any) -> defer.Deferred[Any]:
         if self.degraded:
@@ -434,6 +432,8 @@ class Failover:
         return d
 
     def start(self) -> None:
+        log.info("shared state in Redis {url} (on_error={mode}, timeout {timeout:g} s)", url=self.primary.describe(),
+                 mode="fail-open" if self.fail_open else "fail-closed", timeout=self.primary.timeout)
         self.primary.start()
 
     def stop(self) -> None:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 
 from pop3shield.config import ConfigError, parse_config
 from pop3shield.core.settings import Action, Override, ProtectionSettings, ProtectionsConfig
 from pop3shield.proxyproto import V2_SIGNATURE, BadHeader, HeaderReader, TrustedProxies
-from tests.test_protocol import connect, login, mailroot, make_factory, take  # noqa: F401 (fixture)
+from tests.test_protocol import connect, mailroot, make_factory, take  # noqa: F401 (fixture)
 
 PROXY_NET = (ipaddress.ip_network("10.0.0.0/8"),)
 
@@ -163,13 +164,17 @@ def test_local_command_keeps_the_proxy_as_client(mailroot: Path) -> None:
 
 @pytest.mark.parametrize("data", [b"USER alice\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 x y\r\n",
                                   V2_SIGNATURE + b"\x20\x11\xff\xff"])
-def test_bad_header_from_a_trusted_proxy_closes_without_a_byte(mailroot: Path, data: bytes,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_header_from_a_trusted_proxy_closes_without_a_byte(mailroot: Path, data: bytes) -> None:
     clock = Clock()
     factory = make_factory(mailroot, clock, proxy_protocol_networks=PROXY_NET)
     proto, transport = connect(factory, host="10.0.0.5")
-    proto.dataReceived(data)
+    with capturedLogs() as logged:
+        proto.dataReceived(data)
     assert transport.value() == b"" and transport.disconnecting and proto.session is None
+    lines = [formatEvent(e) for e in logged if e.get("log_namespace") == "pop3shield.server"]
+    assert len(lines) == 1 and lines[0].startswith(f"session {proto.session_id} refused: PROXY header from "
+                                                   f"10.0.0.5:40000: "), lines
+    assert repr(data[:12])[2:-1] not in lines[0]  # the reason, not the bytes
     assert factory.limits.connections == 0
     proto.connectionLost(None)
     assert factory.limits.connections == 0
