@@ -418,6 +418,11 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
     )
+    if config.proxy_protocol_networks:
+        for index, item in enumerate(config.listen):
+            if item.split(":", 1)[0].strip().lower() == "haproxy":
+                raise t.error(f"listen[{index}]", "a 'haproxy:' endpoint reads the PROXY header itself, from any "
+                                                  "peer; with server.proxy_protocol_networks use a 'tcp:' endpoint")
     if config.max_connections_per_ip > config.max_connections:
         raise t.error(
             "max_connections_per_ip",

@@ -245,6 +245,9 @@ def test_config_keys() -> None:
     ({"proxy_protocol_networks": ["10.0.0.1/8"]},
      "p.toml: server.proxy_protocol_networks[0]: '10.0.0.1/8' has host bits set (did you mean '10.0.0.0/8'?)"),
     ({"proxy_protocol_networks": "10.0.0.0/8"}, "p.toml: server.proxy_protocol_networks: "),
+    ({"proxy_protocol_networks": ["10.0.0.0/8"], "listen": ["tcp:110", "haproxy:tcp:1110"]},
+     "p.toml: server.listen[1]: a 'haproxy:' endpoint reads the PROXY header itself, from any peer; "
+     "with server.proxy_protocol_networks use a 'tcp:' endpoint"),
     ({"proxy_protocol_timeout": 0}, "p.toml: server.proxy_protocol_timeout: must be greater than 0, got 0"),
     ({"proxy_protocol_timeout": 61}, "p.toml: server.proxy_protocol_timeout: must be at most 60 seconds, got 61"),
 ])
