@@ -39,7 +39,7 @@ from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.limits import STATE_UNAVAILABLE, TOO_MANY_FROM_ADDRESS, ConnectionLimits, FailureDelays
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
-from pop3shield.state import IState, LocalState, StateUnavailable
+from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
 
 log = Logger(namespace="pop3shield.server")
 
@@ -387,7 +387,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         address, user = self.client_address or "-", self._login_user or ""
         d = f.state.succeeded(address, user)  # forgives this pair's failures only
         d.addErrback(self._state_error, "clearing the failures of a valid login")
-        slot = f"user:{user}:{address}"
+        slot = user_key(user, self.client_address)
         d = f.state.acquire(slot, self.session_id, f.max_connections_per_user_ip)
         d.addCallbacks(self._user_admitted, self._user_admission_error, callbackArgs=(mailbox, slot),
                        errbackArgs=(mailbox,))
@@ -409,7 +409,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.mailbox = mailbox
         # logged in: from now on it counts per (user, address), no longer against its address's limit
         self._logged_in = True
-        d = self.factory.state.release(f"addr:{self.client_address}", self.session_id)
+        d = self.factory.state.release(address_key(self.client_address), self.session_id)
         d.addErrback(self._state_error, "releasing the address's count")
         self._run(self.session.login_succeeded(mailbox.listing))
 
@@ -584,7 +584,7 @@ class POP3ServerFactory(ServerFactory):
         refusal = self.limits.admit()
         if refusal is not None:
             return defer.succeed(refusal)
-        d = self.state.acquire(f"addr:{address}", member, self.max_connections_per_ip)
+        d = self.state.acquire(address_key(address), member, self.max_connections_per_ip)
 
         def decided(admitted: bool) -> bytes | None:
             if admitted:
@@ -605,5 +605,5 @@ class POP3ServerFactory(ServerFactory):
         """An admitted connection ended; ``counted``: it still counts against its address (not logged in)."""
         self.limits.release()
         if counted:
-            d = self.state.release(f"addr:{address}", member)
+            d = self.state.release(address_key(address), member)
             d.addErrback(lambda failure: log.failure("releasing a connection", failure))

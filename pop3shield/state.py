@@ -10,8 +10,8 @@ Deferred so that no implementation can block the reactor:
   the failures of that one pair only (they are taken off the address's and the user's counts
   too), so holding one valid account does not reset the penalty for guessing others. Counts are
   forgotten after ``failure_ttl`` seconds without a new failure.
-* **Connections**, as sets of members under a key (``addr:<address>`` before login,
-  ``user:<user>:<address>`` after it): :meth:`~IState.acquire` adds a member unless the set
+* **Connections**, as sets of members under a key (:func:`address_key` before login,
+  :func:`user_key` after it): :meth:`~IState.acquire` adds a member unless the set
   already has ``limit``, :meth:`~IState.release` removes it. Every member carries an expiry
   ``connection_ttl`` seconds ahead, renewed by its process while the connection lives, so the
   connections of a process that died stop counting within one TTL.
@@ -40,7 +40,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-__all__ = ["Failover", "IState", "LocalState", "RedisState", "StateUnavailable", "build_state"]
+__all__ = ["Failover", "IState", "LocalState", "RedisState", "StateUnavailable", "address_key", "build_state",
+           "user_key"]
 
 log = Logger(namespace="pop3shield.state")
 
@@ -76,6 +77,16 @@ class IState(Interface):
 
     def stop() -> defer.Deferred[None] | None:
         """Stop background work and release resources."""
+
+
+def address_key(address: str | None) -> str:
+    """The set of an address's connections that are not logged in."""
+    return f"addr:{address}"
+
+
+def user_key(user: str, address: str | None) -> str:
+    """The set of a user's sessions from one address (NUL-separated: user names may hold ':')."""
+    return f"user:{user}\x00{address}"
 
 
 def failure_keys(address: str, user: str | None) -> list[str]:

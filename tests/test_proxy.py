@@ -116,7 +116,7 @@ def test_greeting_admission_and_session_wait_for_the_header(mailroot: Path) -> N
     assert take(transport).startswith(b"+OK ")
     assert proto.client_address == "198.51.100.9" and proto.session is not None
     # the client's address, not the proxy's
-    assert factory.state.count("user:alice:198.51.100.9") == 1 and factory.state.count("addr:10.0.0.5") == 0
+    assert factory.state.count("user:alice\x00198.51.100.9") == 1 and factory.state.count("addr:10.0.0.5") == 0
     assert proto.session.user == "alice" and proto.mailbox is not None
     # a second client through the same proxy is a different address: admitted
     second, transport2 = connect(factory, host="10.0.0.5", port=40001)

@@ -131,7 +131,7 @@ def test_sessions_per_user_and_address_are_limited(mailroot: Path) -> None:
     clock = Clock()
     factory = make_factory(mailroot, clock, max_connections_per_user_ip=1)
     # another process holds alice's one session from this address
-    assert result(factory.state.acquire("user:alice:192.0.2.7", "elsewhere", 1))
+    assert result(factory.state.acquire("user:alice\x00192.0.2.7", "elsewhere", 1))
     proto, transport = connect(factory)
     take(transport)
     proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
@@ -142,9 +142,9 @@ def test_sessions_per_user_and_address_are_limited(mailroot: Path) -> None:
     take(transport2)
     proto2.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
     assert take(transport2).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
-    assert factory.state.count("user:alice:192.0.2.8") == 1
+    assert factory.state.count("user:alice\x00192.0.2.8") == 1
     proto2.connectionLost(None)
-    assert factory.state.count("user:alice:192.0.2.8") == 0
+    assert factory.state.count("user:alice\x00192.0.2.8") == 0
 
 
 def test_connections_per_address_are_released_when_they_end(mailroot: Path) -> None:
@@ -271,4 +271,4 @@ def test_a_logged_in_session_counts_per_user_and_address_not_per_address(mailroo
 
 
 def state_counts(factory) -> tuple[int, int]:
-    return factory.state.count("addr:192.0.2.7"), factory.state.count("user:alice:192.0.2.7")
+    return factory.state.count("addr:192.0.2.7"), factory.state.count("user:alice\x00192.0.2.7")
