@@ -42,6 +42,7 @@ __all__ = [
     "EventsConfig",
     "LoggingConfig",
     "ServerConfig",
+    "StateConfig",
     "load_config",
     "parse_config",
 ]
@@ -102,6 +103,8 @@ class ServerConfig:
     apop: bool = False
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    #: sessions logged in as one user from one address (Dovecot's mail_max_userip_connections)
+    max_connections_per_user_ip: int = 10
     login_timeout: float = 60.0
     idle_timeout: float = 600.0
     greeting_delay: float = 0.0
@@ -109,6 +112,10 @@ class ServerConfig:
     auth_failure_delay_max: float = 15.0
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
+    #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
+    proxy_protocol_networks: tuple[IPNetwork, ...] = ()
+    #: seconds a trusted proxy has to send that header
+    proxy_protocol_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,26 @@ class LoggingConfig:
     global_rate_limit: int = 600
 
 
+STATE_ON_ERROR = ("fail-closed", "fail-open")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """Where the state shared by several pop3shield processes lives (failure counts, connections)."""
+
+    #: ``redis://[:password@]host:port/db`` (or ``rediss://``, ``unix://``); not set = this process only
+    redis: str | None = field(default=None, repr=False)  # may hold a password
+    on_error: str = "fail-closed"
+    #: seconds each Redis command may take, connecting included
+    timeout: float = 0.5
+    #: Redis commands waiting for the state's threads; beyond it a command fails at once
+    max_queue: int = 256
+    #: key prefix, so several deployments can share one Redis
+    prefix: str = "pop3shield:"
+    #: seconds after which a connection whose process stopped renewing it no longer counts
+    connection_ttl: float = 60.0
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
@@ -177,6 +204,7 @@ class Config:
     backend: BackendConfig = field(default_factory=BackendConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
     source: str = DEFAULT_SOURCE
 
@@ -308,13 +336,12 @@ class _Table:
 def _unknown(name: str, value: object, allowed: Collection[str], path: str) -> str:
     """'unknown key', with a did-you-mean hint because most unknown keys are typos."""
     what = "unknown section" if isinstance(value, dict) else "unknown key"
+    home = _section_of(name) if not path else None
+    if home:  # a known key above its section header: the header was forgotten (checked first:
+        return f"{what} (did you mean '{home}.{name}'?)"  # "hostname" is also close to "state")
     close = difflib.get_close_matches(name, list(allowed), n=1)
     if close:
         return f"{what} (did you mean {close[0]!r}?)"
-    if not path:
-        home = _section_of(name)
-        if home:
-            return f"{what} (did you mean '{home}.{name}'?)"
     return what
 
 
@@ -402,6 +429,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         apop=t.boolean("apop", d.apop),
         max_connections=t.integer("max_connections", d.max_connections, 1),
         max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        max_connections_per_user_ip=t.integer("max_connections_per_user_ip", d.max_connections_per_user_ip, 1),
         login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
         idle_timeout=t.number("idle_timeout", d.idle_timeout, RFC1939_MIN_IDLE),
         greeting_delay=_greeting_delay(t, d.greeting_delay),
@@ -409,7 +437,15 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         auth_failure_delay_max=_delay_max(t, delay, d.auth_failure_delay_max),
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
         thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
+        proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
+                                      enumerate(t.array("proxy_protocol_networks", []))),
+        proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
     )
+    if config.proxy_protocol_networks:
+        for index, item in enumerate(config.listen):
+            if item.split(":", 1)[0].strip().lower() == "haproxy":
+                raise t.error(f"listen[{index}]", "a 'haproxy:' endpoint reads the PROXY header itself, from any "
+                                                  "peer; with server.proxy_protocol_networks use a 'tcp:' endpoint")
     if config.max_connections_per_ip > config.max_connections:
         raise t.error(
             "max_connections_per_ip",
@@ -417,6 +453,14 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
             f"got {config.max_connections_per_ip}",
         )
     return config
+
+
+def _proxy_timeout(table: _Table, default: float) -> float:
+    """Seconds for a trusted proxy's header; it sends it at once, so a long wait only holds a socket."""
+    value = table.number("proxy_protocol_timeout", default, 0.0, above=True)
+    if value > 60.0:
+        raise table.error("proxy_protocol_timeout", f"must be at most 60 seconds, got {value:g}")
+    return value
 
 
 def _greeting_delay(table: _Table, default: float) -> float:
@@ -555,6 +599,27 @@ def _parse_events(ctx: _Context, data: dict[str, Any]) -> EventsConfig:
         rate_limit=t.integer("rate_limit", d.rate_limit, 1),
         global_rate_limit=t.integer("global_rate_limit", d.global_rate_limit, 1),
     )
+
+
+def _parse_state(ctx: _Context, data: dict[str, Any]) -> StateConfig:
+    d = StateConfig()
+    t = _Table(ctx, "state", data, _field_names(StateConfig))
+    url: str | None = t.string("redis", None)
+    if url is not None:
+        _check_control(t, "redis", url)
+        scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+        if scheme not in ("redis", "rediss", "unix"):
+            raise t.error("redis", "expected a redis://, rediss:// or unix:// URL")
+    timeout = t.number("timeout", d.timeout, 0.0, above=True)
+    if timeout > 10.0:
+        raise t.error("timeout", f"must be at most 10 seconds (it bounds a login), got {timeout:g}")
+    prefix = t.string("prefix", d.prefix)
+    _check_control(t, "prefix", prefix)
+    ttl = t.number("connection_ttl", d.connection_ttl, 0.0)
+    if ttl < 3.0:
+        raise t.error("connection_ttl", f"must be at least 3 seconds, got {ttl:g}")
+    return StateConfig(redis=url, on_error=t.string("on_error", d.on_error, STATE_ON_ERROR), timeout=timeout,
+                       max_queue=t.integer("max_queue", d.max_queue, 1), prefix=prefix, connection_ttl=ttl)
 
 
 def _parse_logging(ctx: _Context, data: dict[str, Any]) -> LoggingConfig:
@@ -705,6 +770,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "backend": BackendConfig,
     "events": EventsConfig,
     "logging": LoggingConfig,
+    "state": StateConfig,
 }
 
 
@@ -730,6 +796,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
         backend=backend,
         events=_parse_events(ctx, root.table("events")),
         logging=_parse_logging(ctx, root.table("logging")),
+        state=_parse_state(ctx, root.table("state")),
         protections=protections,
         source=source,
     )

@@ -1,71 +1,52 @@
 """Limits that span connections: the brute-force delay and connection admission.
 
 Both live as long as the server and are consulted by every connection, whatever the backend.
+The counts that must agree across processes (failures per address, user and pair; connections
+per address and per user and address) are kept by a :class:`pop3shield.state.IState`; what is
+left here is policy and this process's own total.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 __all__ = ["ConnectionLimits", "FailureDelays"]
+
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+TOO_MANY_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+STATE_UNAVAILABLE = b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
 
 
 class FailureDelays:
-    """Brute-force brake: each failed login from an address doubles the wait before the answer."""
+    """Brute-force brake: the answer to a failed login waits base x 2^(level-1) seconds, capped.
 
-    def __init__(self, base: float, ceiling: float, clock: Callable[[], float] = time.monotonic) -> None:
+    The level is the largest failure count of the address, the user name and the pair
+    (:meth:`pop3shield.state.IState.failed`), so a brute force spread over processes that share
+    the state meets one penalty.
+    """
+
+    def __init__(self, base: float, ceiling: float) -> None:
         self.base = base
         self.ceiling = ceiling
-        self.clock = clock
-        self._failures: dict[str, tuple[int, float]] = {}
 
-    def failed(self, address: str) -> float:
-        """Record a failure; return the delay to apply before answering it."""
-        now = self.clock()
-        count, last = self._failures.get(address, (0, now))
-        if now - last > 15 * 60:
-            count = 0
-        count += 1
-        self._failures[address] = (count, now)
-        if len(self._failures) > 50000:
-            self._forget(now)
-        if self.base <= 0:
+    def delay(self, level: int) -> float:
+        if self.base <= 0 or level <= 0:
             return 0.0
-        return min(self.base * 2 ** (count - 1), self.ceiling)
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
-
-    def _forget(self, now: float) -> None:
-        for address in [a for a, (_, last) in self._failures.items() if now - last > 15 * 60]:
-            del self._failures[address]
+        return min(self.base * 2 ** min(level - 1, 64), self.ceiling)
 
 
 class ConnectionLimits:
-    """How many connections are open, overall and per client address; admits or refuses new ones."""
+    """This process's open connections against ``max_connections`` (sockets and memory are per process)."""
 
-    def __init__(self, max_connections: int, max_connections_per_ip: int) -> None:
+    def __init__(self, max_connections: int) -> None:
         self.max_connections = max_connections
-        self.max_connections_per_ip = max_connections_per_ip
         self.connections = 0
-        self.per_ip: dict[str | None, int] = {}
 
-    def admit(self, address: str | None) -> bytes | None:
-        """Count a new connection; the refusal line if a limit is reached."""
+    def admit(self) -> bytes | None:
+        """Count a new connection; the refusal line if the limit is reached."""
         if self.connections >= self.max_connections:
-            return b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
-        if self.per_ip.get(address, 0) >= self.max_connections_per_ip:
-            return b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+            return TOO_MANY
         self.connections += 1
-        self.per_ip[address] = self.per_ip.get(address, 0) + 1
         return None
 
-    def release(self, address: str | None) -> None:
+    def release(self) -> None:
         """An admitted connection ended."""
         self.connections -= 1
-        left = self.per_ip.get(address, 1) - 1
-        if left > 0:
-            self.per_ip[address] = left
-        else:
-            self.per_ip.pop(address, None)

@@ -38,7 +38,9 @@ from pop3shield.core import actions as A
 from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
-from pop3shield.limits import ConnectionLimits, FailureDelays
+from pop3shield.limits import STATE_UNAVAILABLE, TOO_MANY_FROM_ADDRESS, ConnectionLimits, FailureDelays
+from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
+from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
 
 log = Logger(namespace="pop3shield.server")
 
@@ -76,10 +78,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         self.callLater = f.reactor.callLater  # TimeoutMixin's clock: the factory's reactor
         peer, host = self.transport.getPeer(), self.transport.getHost()
-        self.client_address = getattr(peer, "host", None)
         self.session_id = secrets.token_hex(6)
-        self.ctx = SessionContext(self.session_id, self.client_address, getattr(peer, "port", None),
-                                  getattr(host, "host", None), getattr(host, "port", None))
+        self._set_addresses((getattr(peer, "host", None), getattr(peer, "port", None)),
+                            (getattr(host, "host", None), getattr(host, "port", None)))
         self._streaming = False  # a message is going out: mid-message nothing more can be said
         self._committing = False
         self._reading_paused = False
@@ -91,12 +92,89 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._octets_in = 0
         self._logins_failed = 0
         self._deleted: int | None = None
-        refusal = f.admit(self.client_address)
+        if self.client_address in f.trusted_proxies:
+            # the client's address comes in the PROXY header: until then no byte goes out, nothing is decided
+            self._proxy_reader = HeaderReader()
+            self._proxy_deadline = f.reactor.callLater(f.proxy_timeout, self._proxy_refused, "no header in time")
+            return
+        self._admit()
+
+    def _set_addresses(self, client: tuple[Any, Any], server: tuple[Any, Any]) -> None:
+        self.client_address = client[0]
+        self.ctx = SessionContext(self.session_id, client[0], client[1], server[0], server[1])
+
+    # ------------------------------------------------------------------ PROXY header (trusted proxies only)
+
+    _proxy_reader: HeaderReader | None = None
+    _proxy_deadline: Any = None
+
+    def _proxy_received(self, data: bytes) -> None:
+        assert self._proxy_reader is not None
+        try:
+            header = self._proxy_reader.feed(data)
+        except BadHeader as exc:
+            self._proxy_refused(str(exc))
+            return
+        if header is None:
+            return
+        self._proxy_reader = None
+        if self._proxy_deadline is not None and self._proxy_deadline.active():
+            self._proxy_deadline.cancel()
+        self._proxy_deadline = None
+        proxy = self.ctx.client_address
+        if header.source is not None:  # else LOCAL / UNKNOWN: the proxy's own connection, it is the client
+            host = self.transport.getHost()
+            destination = header.destination or (getattr(host, "host", None), getattr(host, "port", None))
+            self._set_addresses(header.source, destination)
+        log.debug("session {session} PROXY v{version} header from {proxy}: client {address}:{port}",
+                  session=self.session_id, version=header.version, proxy=proxy,
+                  address=self.ctx.client_address, port=self.ctx.client_port)
+        self._admit(header.remaining)
+
+    def _proxy_refused(self, reason: str) -> None:
+        self._proxy_deadline = None
+        if self._proxy_reader is None:
+            return
+        self._proxy_reader = None
+        log.warn("session {session} refused: PROXY header from {proxy}:{port}: {reason}", session=self.session_id,
+                 proxy=self.ctx.client_address, port=self.ctx.client_port, reason=reason)
+        self.transport.abortConnection()  # nothing was said: a POP3 byte would go to the proxy, not a client
+
+    # ------------------------------------------------------------------ admission, then the session
+
+    _admitting = False
+    _early = b""
+
+    def _admit(self, early: bytes = b"") -> None:
+        """Ask the limits (maybe shared, so maybe later); input waits, with reading paused."""
+        self._admitting = True
+        self._early = early
+        d = self.factory.admit(self.client_address, self.session_id)
+        d.addCallback(self._admission)
+        d.addErrback(self._log_failure, "admission")
+        if self._admitting and not self._gone:
+            self.transport.pauseProducing()
+            self._reading_paused = True
+
+    def _admission(self, refusal: bytes | None) -> None:
+        self._admitting = False
+        if self._gone:
+            if refusal is None:
+                self.factory.release(self.client_address, self.session_id, counted=True)
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
         if refusal is not None:
             self.transport.write(refusal)
             self.transport.loseConnection()
             return
         self._admitted = True
+        self._start_session(self._early)
+        self._early = b""
+
+    def _start_session(self, early: bytes) -> None:
+        f = self.factory
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
@@ -108,6 +186,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.setTimeout(f.login_timeout)
         else:
             self._greet()
+        if early:
+            self.dataReceived(early)
 
     _greeting: Any = None
 
@@ -122,7 +202,21 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # ------------------------------------------------------------------ input
 
     def dataReceived(self, data: bytes) -> None:
+        if self._proxy_reader is not None:
+            self._proxy_received(data)
+            return
+        if self._admitting:
+            self._early += data  # at most a read or two: reading is paused until admission is decided
+            return
         if self.session is None or self.session.closed:
+            return
+        if self._octets_in == 0 and looks_like_header(data):
+            # a PROXY header from a peer outside server.proxy_protocol_networks: it may not choose its address
+            log.warn("session {session} refused: PROXY header from untrusted {address}:{port}",
+                     session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port)
+            self._ended = "PROXY header from an untrusted peer"
+            self.session.connection_lost()
+            self.transport.loseConnection()
             return
         self.resetTimeout()
         self._octets_in += len(data)
@@ -140,12 +234,20 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self._run(self.session.timed_out())
 
+    _gone = False
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._gone = True
         self.setTimeout(None)
+        self._proxy_reader = None
+        if self._proxy_deadline is not None and self._proxy_deadline.active():
+            self._proxy_deadline.cancel()
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
         if self._admitted:
-            self.factory.release(self.client_address)
+            self.factory.release(self.client_address, self.session_id, counted=not self._logged_in)
+        if self._user_slot is not None:
+            self.factory.state.release(self._user_slot, self.session_id)
         if self.session is None:
             return
         self.session.connection_lost()
@@ -259,21 +361,70 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     # login
 
+    _user_slot: str | None = None
+    _login_user: str | None = None
+    _logged_in = False
+
     def _do_Authenticate(self, action: A.Authenticate) -> None:
         credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
         ctx = self.ctx
         client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
-        d = defer.maybeDeferred(self.factory.backend.login, credentials, client)
+        self._login_user = action.username
+        # the shared penalty is read first: with the state unreachable and fail-closed, no login is checked
+        d = self.factory.state.penalty(self.client_address or "-", action.username)
+        d.addCallback(self._check_login, credentials, client)
         d.addCallbacks(self._login_ok, self._login_error)
         d.addErrback(self._log_failure, "login")
 
+    def _check_login(self, _level: int, credentials: Credentials, client: ClientInfo) -> Any:
+        if self.session is None or self.session.closed:
+            return None  # the client left while the state answered: no hashing for nobody
+        return self.factory.backend.login(credentials, client)
+
     def _login_ok(self, mailbox: Any) -> None:
+        if mailbox is None:
+            return
         if self.session is None or self.session.closed:
             mailbox.release()
             return
+        f = self.factory
+        address, user = self.client_address or "-", self._login_user or ""
+        d = f.state.succeeded(address, user)  # forgives this pair's failures only
+        d.addErrback(self._state_error, "clearing the failures of a valid login")
+        slot = user_key(user, self.client_address)
+        d = f.state.acquire(slot, self.session_id, f.max_connections_per_user_ip)
+        d.addCallbacks(self._user_admitted, self._user_admission_error, callbackArgs=(mailbox, slot),
+                       errbackArgs=(mailbox,))
+        d.addErrback(self._log_failure, "login")
+
+    def _user_admitted(self, admitted: bool, mailbox: Any, slot: str) -> None:
+        if admitted:
+            if self._gone:  # connectionLost has run: nobody else will give the slot back
+                self.factory.state.release(slot, self.session_id)
+            else:
+                self._user_slot = slot
+        if self.session is None or self.session.closed:
+            mailbox.release()
+            return
+        if not admitted:
+            mailbox.release()
+            self._run(self.session.login_failed("IN-USE", "Too many sessions for this user from your address."))
+            return
         self.mailbox = mailbox
-        self.factory.delays.succeeded(self.client_address or "-")
+        # logged in: from now on it counts per (user, address), no longer against its address's limit
+        self._logged_in = True
+        d = self.factory.state.release(address_key(self.client_address), self.session_id)
+        d.addErrback(self._state_error, "releasing the address's count")
         self._run(self.session.login_succeeded(mailbox.listing))
+
+    def _user_admission_error(self, failure: Failure, mailbox: Any) -> None:
+        mailbox.release()
+        self._login_error(failure)
+
+    def _state_error(self, failure: Failure, what: str) -> None:
+        failure.trap(StateUnavailable)
+        log.error("session {session} shared state unavailable {what}: {error}", session=self.session_id,
+                  what=what, error=failure.getErrorMessage())
 
     def _login_error(self, failure: Failure) -> None:
         if self.session is None or self.session.closed:
@@ -283,14 +434,26 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         if failure.check(LoginRefused):
             refused = failure.value
-            delay = self.factory.delays.failed(self.client_address or "-")
             self._logins_failed += 1
             log.debug("session {session} login failed for user={user}", session=self.session_id,
                       user=self.session.user)
-            if refused.nodelay:
-                delay = 0.0  # e.g. nologin + nodelay (after a verified password): answered at once
             args = ("AUTH", refused.reason) if refused.reason else ()
-            self.factory.reactor.callLater(delay, self._guard(lambda _: self.session.login_failed(*args)), None)
+            d = self.factory.state.failed(self.client_address or "-", self._login_user)
+            d.addCallback(self.factory.delays.delay)
+
+            def unknown(failure: Failure) -> float:  # the count is lost: the longest delay, to be safe
+                self._state_error(failure, "recording a failed login")
+                return self.factory.delays.ceiling
+            d.addErrback(unknown)
+            if refused.nodelay:
+                d.addCallback(lambda _: 0.0)  # e.g. nologin + nodelay (after a verified password): answered at once
+            d.addCallback(lambda delay: self.factory.reactor.callLater(
+                delay, self._guard(lambda _: self.session.login_failed(*args)), None))
+            d.addErrback(self._log_failure, "login")
+            return
+        if failure.check(StateUnavailable):
+            self._state_error(failure, "at login")
+            self._run(self.session.login_failed("SYS/TEMP", "Temporary server problem, try again later."))
             return
         if failure.check(Unavailable):
             log.error("session {session} {error}", session=self.session_id, error=str(failure.value))
@@ -382,11 +545,15 @@ class POP3ServerFactory(ServerFactory):
         greeting_delay: float = 0.0,
         max_connections: int = 1000,
         max_connections_per_ip: int = 20,
+        max_connections_per_user_ip: int = 10,
         auth_failure_delay: float = 2.0,
         auth_failure_delay_max: float = 15.0,
         quick_check: Any = None,
         log_rate_limit: int = 60,
         log_global_rate_limit: int | None = 600,
+        proxy_protocol_networks: Any = (),
+        proxy_protocol_timeout: float = 5.0,
+        state: IState | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -396,12 +563,19 @@ class POP3ServerFactory(ServerFactory):
         self.login_timeout = login_timeout
         self.idle_timeout = idle_timeout
         self.greeting_delay = greeting_delay
-        self.limits = ConnectionLimits(max_connections, max_connections_per_ip)
+        #: this process's total; per address and per (user, address) are in the (maybe shared) state
+        self.limits = ConnectionLimits(max_connections)
+        self.max_connections_per_ip = max_connections_per_ip
+        self.max_connections_per_user_ip = max_connections_per_user_ip
+        self.state: IState = state if state is not None else LocalState(reactor.seconds)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
         #: the detector's fast tier handed to each session; by default the malicious-code detector's
         self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
+        #: peers whose connections start with a PROXY header naming the client, and how long it may take
+        self.trusted_proxies = TrustedProxies(proxy_protocol_networks)
+        self.proxy_timeout = proxy_protocol_timeout
 
     def challenge(self) -> bytes | None:
         """The APOP timestamp for the greeting, only when APOP is enabled."""
@@ -409,9 +583,35 @@ class POP3ServerFactory(ServerFactory):
             return None
         return f"<{secrets.token_hex(8)}.{int(time.time())}@{self.settings.hostname}>".encode("ascii")
 
-    def admit(self, address: str | None) -> bytes | None:
-        """Count a new connection; the refusal line if a limit is reached."""
-        return self.limits.admit(address)
+    def admit(self, address: str | None, member: str) -> defer.Deferred[bytes | None]:
+        """Count a new connection (this process's total, then its address in the state); a refusal line or None.
 
-    def release(self, address: str | None) -> None:
-        self.limits.release(address)
+        The address's count holds connections not logged in (issue 10: a NAT of many users logs in
+        and then counts per user and address); :meth:`release` or a login gives the place back.
+        """
+        refusal = self.limits.admit()
+        if refusal is not None:
+            return defer.succeed(refusal)
+        d = self.state.acquire(address_key(address), member, self.max_connections_per_ip)
+
+        def decided(admitted: bool) -> bytes | None:
+            if admitted:
+                return None
+            self.limits.release()
+            return TOO_MANY_FROM_ADDRESS
+
+        def unavailable(failure: Failure) -> bytes:
+            self.limits.release()
+            failure.trap(StateUnavailable)
+            log.error("connection from {address} refused: shared state unavailable: {error}", address=address,
+                      error=failure.getErrorMessage())
+            return STATE_UNAVAILABLE
+        d.addCallbacks(decided, unavailable)
+        return d
+
+    def release(self, address: str | None, member: str, *, counted: bool) -> None:
+        """An admitted connection ended; ``counted``: it still counts against its address (not logged in)."""
+        self.limits.release()
+        if counted:
+            d = self.state.release(address_key(address), member)
+            d.addErrback(lambda failure: log.failure("releasing a connection", failure))

@@ -31,6 +31,7 @@ from pop3shield.config import Config, ConfigError
 from pop3shield.events import EventLog
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
+from pop3shield.state import build_state
 
 log = Logger(namespace="pop3shield.server")
 
@@ -84,6 +85,12 @@ def preflight(config: Config) -> Preflight:
             warn("backend.verify", "false: upstream TLS certificates are not verified")
     else:
         load_realm(config)
+    if config.state.redis:
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise ConfigError(config.source, "state.redis", "the 'redis' Python package is not installed "
+                                                             "(pip install 'pop3shield[redis]')") from None
     if config.logging.path != "-":
         _try_open(config, "logging.path", config.logging.path, open_log)
     if config.events.path:
@@ -306,19 +313,22 @@ def _stop_with_error(reactor: Any) -> None:
 
 
 class _Lifecycle(service.Service):
-    """Starts and stops the analysis pool and closes the event file with the server."""
+    """Starts and stops the analysis pool and the shared state, and closes the event file with the server."""
 
-    def __init__(self, analyzer: Analyzer, events: EventLog) -> None:
+    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any) -> None:
         self.analyzer = analyzer
         self.events = events
+        self.state = state
 
     def startService(self) -> None:
         super().startService()
         self.analyzer.start()
+        self.state.start()
 
     def stopService(self) -> None:
         super().stopService()
         self.analyzer.stop()
+        self.state.stop()
         self.events.close()
 
 
@@ -340,6 +350,7 @@ def make_service(config: Config, reactor: Any = None,
     events = EventLog(config.events.path, config.events.rate_limit,
                       global_rate_limit=config.events.global_rate_limit)
     analyzer = Analyzer(reactor)
+    state = build_state(config, reactor)
     server = config.server
     factory = POP3ServerFactory(
         config.session_settings(), backend, events,
@@ -347,12 +358,14 @@ def make_service(config: Config, reactor: Any = None,
         login_timeout=server.login_timeout, idle_timeout=server.idle_timeout,
         greeting_delay=server.greeting_delay,
         max_connections=server.max_connections, max_connections_per_ip=server.max_connections_per_ip,
+        max_connections_per_user_ip=server.max_connections_per_user_ip, state=state,
         auth_failure_delay=server.auth_failure_delay, auth_failure_delay_max=server.auth_failure_delay_max,
         quick_check=quick_check(),
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
+        proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
     )
     top = service.MultiService()
-    _Lifecycle(analyzer, events).setServiceParent(top)
+    _Lifecycle(analyzer, events, state).setServiceParent(top)
     listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
     for listener in listeners:
         listener.setServiceParent(top)

@@ -185,10 +185,22 @@ def _poplib_message(lines: list[bytes]) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
+class _SourcedPOP3(poplib.POP3):
+    """poplib connecting from a chosen local address (a distinct client behind a proxy)."""
+
+    def __init__(self, host: str, port: int, timeout: float, source: str) -> None:
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout):  # type: ignore[override]
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self._source, 0))
+
+
 def fetch_with_poplib(host: str, port: int, user: str, password: str, *,
-                      timeout: float = 30) -> list[bytes]:
-    """USER/PASS, STAT, RETR 1..n, QUIT with Python's poplib."""
-    conn = poplib.POP3(host, port, timeout=timeout)
+                      timeout: float = 30, source: str | None = None) -> list[bytes]:
+    """USER/PASS, STAT, RETR 1..n, QUIT with Python's poplib (from *source*, if given)."""
+    conn = (poplib.POP3(host, port, timeout=timeout) if source is None
+            else _SourcedPOP3(host, port, timeout, source))
     try:
         conn.user(user)
         conn.pass_(password)
@@ -203,7 +215,7 @@ def fetch_with_poplib(host: str, port: int, user: str, password: str, *,
 
 # ------------------------------------------------------------------- curl
 def _curl_argv(curl: str, host: str, port: int, user: str, password: str, path: str,
-               login_options: str | None) -> list[str]:
+               login_options: str | None, source: str | None = None) -> list[str]:
     url_host = f"[{host}]" if ":" in host else host
     argv = [curl, "--disable",  # must be first: ignore any .curlrc
             "--silent", "--show-error", "--fail", "--max-time", str(CLIENT_TIMEOUT),
@@ -211,14 +223,16 @@ def _curl_argv(curl: str, host: str, port: int, user: str, password: str, path: 
             "--user", f"{user}:{password}"]
     if login_options:
         argv += ["--login-options", login_options]
+    if source:
+        argv += ["--interface", source]
     return argv + [f"pop3://{url_host}:{port}/{path}"]
 
 
 def curl_list(host: str, port: int, user: str, password: str, *, home: Path,
-              login_options: str | None = None) -> list[tuple[int, int]]:
+              login_options: str | None = None, source: str | None = None) -> list[tuple[int, int]]:
     """``curl pop3://host:port/`` -> LIST; returns [(msgno, octets), ...]."""
     curl = require_binary("curl")
-    run = _run(_curl_argv(curl, host, port, user, password, "", login_options),
+    run = _run(_curl_argv(curl, host, port, user, password, "", login_options, source),
                env=_private_env(home))
     listing = []
     for line in run.stdout.split(b"\r\n"):
@@ -229,7 +243,7 @@ def curl_list(host: str, port: int, user: str, password: str, *, home: Path,
 
 
 def fetch_with_curl(host: str, port: int, user: str, password: str, *, home: Path,
-                    login_options: str | None = None) -> list[bytes]:
+                    login_options: str | None = None, source: str | None = None) -> list[bytes]:
     """One ``curl pop3://host:port/N`` (LIST first, then RETR N) per message.
 
     curl (7.88) sends CAPA, then ``AUTH PLAIN`` when the server offers SASL
@@ -241,8 +255,8 @@ def fetch_with_curl(host: str, port: int, user: str, password: str, *, home: Pat
     env = _private_env(home)
     out = []
     for num, _size in curl_list(host, port, user, password, home=home,
-                                login_options=login_options):
-        run = _run(_curl_argv(curl, host, port, user, password, str(num), login_options),
+                                login_options=login_options, source=source):
+        run = _run(_curl_argv(curl, host, port, user, password, str(num), login_options, source),
                    env=env)
         out.append(run.stdout)
     return out
