@@ -34,6 +34,9 @@ from pop3shield.realm import MaildirRealm
 
 log = Logger(namespace="pop3shield.server")
 
+#: security event records queued for the event file's writer thread before new ones are dropped
+EVENT_QUEUE_LIMIT = 10000
+
 
 def load_realm(config: Config) -> Any:
     """The configured realm: ``module:attribute`` naming an IRealm or a factory taking the Config."""
@@ -317,7 +320,8 @@ def make_service(config: Config, reactor: Any = None,
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
     backend = build_backend(config, reactor)
     events = EventLog(config.events.path, config.events.rate_limit,
-                      global_rate_limit=config.events.global_rate_limit)
+                      global_rate_limit=config.events.global_rate_limit,
+                      queue_limit=EVENT_QUEUE_LIMIT)  # a writer thread: a slow disk never blocks the reactor
     analyzer = Analyzer(reactor)
     server = config.server
     factory = POP3ServerFactory(
