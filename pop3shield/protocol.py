@@ -38,6 +38,7 @@ from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.limits import ConnectionLimits, FailureDelays
+from pop3shield.metrics import CommandScanner, Metrics
 
 log = Logger(namespace="pop3shield.server")
 
@@ -46,9 +47,10 @@ log = Logger(namespace="pop3shield.server")
 class _ClientStream:
     """The client's transport as a backend's consumer: each write also counts as activity."""
 
-    def __init__(self, transport: Any, on_write: Callable[[], None]) -> None:
+    def __init__(self, transport: Any, on_write: Callable[[], None], metrics: Metrics) -> None:
         self.transport = transport
         self.on_write = on_write
+        self.metrics = metrics
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.transport.registerProducer(producer, streaming)
@@ -58,6 +60,7 @@ class _ClientStream:
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
+        self.metrics.sent_bytes(len(data))
         self.on_write()
 
 
@@ -67,6 +70,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     factory: POP3ServerFactory
     session: Session | None = None
     mailbox: Any = None
+    _mechanism = "other"
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -88,11 +92,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._logins_failed = 0
         self._deleted: int | None = None
         refusal = f.admit(self.client_address)
+        f.metrics.connection_opened(refusal is None)
         if refusal is not None:
             self.transport.write(refusal)
+            f.metrics.sent_bytes(len(refusal))
             self.transport.loseConnection()
             return
         self._admitted = True
+        self._commands_seen = CommandScanner()  # command keywords, for the metrics
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
@@ -122,6 +129,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._octets_in += len(data)
+        self.factory.metrics.received_bytes(len(data))
+        self._commands_seen.feed(data, self.session.state is State.SASL, self.factory.metrics.command)
         self._run(self.session.receive_data(data))
 
     def timeoutConnection(self) -> None:
@@ -142,6 +151,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._greeting.cancel()
         if self._admitted:
             self.factory.release(self.client_address)
+            self.factory.metrics.connection_closed()
         if self.session is None:
             return
         self.session.connection_lost()
@@ -221,6 +231,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_Send(self, action: A.Send) -> None:
         self.transport.write(action.data)
+        self.factory.metrics.sent_bytes(len(action.data))
 
     def _do_Close(self, action: A.Close) -> None:
         if self._ended is None:  # a timeout already said more
@@ -240,7 +251,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_Analyze(self, action: A.Analyze) -> None:
         d = self.factory.analyzer.analyze(action.arguments)
         d.addErrback(self._analysis_error, len(action.arguments))
+        d.addCallback(self._count_verdicts)
         d.addCallback(self._guard(lambda verdicts: self.session.analysis_finished(verdicts)))
+
+    def _count_verdicts(self, verdicts: Any) -> Any:
+        self.factory.metrics.deep_verdicts(verdicts)
+        return verdicts
 
     def _analysis_error(self, failure: Failure, count: int) -> list[None]:
         log.failure("malicious code analysis failed", failure)
@@ -257,6 +273,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_Authenticate(self, action: A.Authenticate) -> None:
         credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
+        self._mechanism = action.mechanism
         ctx = self.ctx
         client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
         d = defer.maybeDeferred(self.factory.backend.login, credentials, client)
@@ -268,12 +285,15 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             mailbox.release()
             return
         self.mailbox = mailbox
+        self.factory.metrics.login(self._mechanism, "ok")
         self.factory.delays.succeeded(self.client_address or "-")
         self._run(self.session.login_succeeded(mailbox.listing))
 
     def _login_error(self, failure: Failure) -> None:
         if self.session is None or self.session.closed:
             return
+        self.factory.metrics.login(self._mechanism, "in-use" if failure.check(MailboxInUse)
+                                   else "auth" if failure.check(LoginRefused) else "unavailable")
         if failure.check(MailboxInUse):
             self._run(self.session.login_failed("IN-USE", "Mailbox is locked by another session."))
             return
@@ -299,7 +319,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
         self._streaming = True
-        consumer = _ClientStream(self.transport, self.resetTimeout)
+        consumer = _ClientStream(self.transport, self.resetTimeout, self.factory.metrics)
         d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
                                 consumer, prefetch=action.prefetch)
         d.addCallbacks(self._stream_done, self._stream_error)
@@ -379,6 +399,7 @@ class POP3ServerFactory(ServerFactory):
         quick_check: Any = None,
         log_rate_limit: int = 60,
         log_global_rate_limit: int | None = 600,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -390,8 +411,12 @@ class POP3ServerFactory(ServerFactory):
         self.greeting_delay = greeting_delay
         self.limits = ConnectionLimits(max_connections, max_connections_per_ip)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
-        #: the detector's fast tier handed to each session; by default the malicious-code detector's
-        self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
+        #: what the connections count (a registry of its own; served only if [metrics] is enabled)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(events=events, analyzer=analyzer)
+        #: the detector's fast tier handed to each session (by default the malicious-code detector's), counted
+        self.quick_check = self.metrics.counting_quick_check(
+            quick_check if quick_check is not None else _detector_quick_check())
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
 
