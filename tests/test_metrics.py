@@ -212,6 +212,48 @@ def test_a_client_chosen_keyword_never_becomes_a_label(shield: Pop3ShieldServer)
         before, "pop3shield_commands_total", command="other")
 
 
+def test_detector_verdicts_of_real_exploits(shield: Pop3ShieldServer) -> None:
+    """Cyrus' USER overflow is decided by tier 0; alphanumeric shellcode in PASS needs tier 1."""
+    import random
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "mcp"))
+    import generators as gen  # tests/mcp/generators.py, the detector's corpus builder
+
+    rng = random.Random(2449)
+    host, port, _ = _metrics_address(shield)
+    before = _wait_closed(host, port)
+    client = Client(shield)
+    client.send(b"USER " + gen.gen_cyrus(rng) + b"\r\n")
+    assert client.line().startswith(b"-ERR")
+    client.close()
+    middle = _wait_closed(host, port)
+    client = Client(shield)
+    client.send(b"USER alice\r\n")
+    assert client.line().startswith(b"+OK")
+    client.send(b"PASS " + gen.gen_alnum(rng)[:240] + b"\r\n")
+    assert client.line().startswith(b"-ERR")
+    client.close()
+    after = _wait_closed(host, port)
+
+    def delta(old: dict, new: dict, name: str, **labels: str) -> float:
+        return value(new, name, **labels) - value(old, name, **labels)
+
+    verdicts = "pop3shield_detector_verdicts_total"
+    assert delta(before, middle, verdicts, tier="0", verdict="malicious") >= 1
+    assert delta(before, middle, verdicts, tier="0", verdict="undecided") == 0
+    assert delta(before, middle, "pop3shield_analysis_queue_seconds_count") == 0  # no tier 1 work
+    undecided = delta(middle, after, verdicts, tier="0", verdict="undecided")
+    deep = {v: delta(middle, after, verdicts, tier="1", verdict=v) for v in ("clean", "malicious", "refused")}
+    assert undecided >= 1
+    assert sum(deep.values()) == undecided  # every undecided argument got exactly one tier 1 verdict
+    assert deep["malicious"] >= 1 and deep["refused"] == 0
+    assert delta(before, after, "pop3shield_security_events_total", protection="malicious_code",
+                 action="prevent") == 2
+    assert delta(middle, after, "pop3shield_analysis_queue_seconds_count") == 1  # one Analyze, timed
+    assert value(after, "pop3shield_analysis_queue_depth") == 0
+
+
 def test_only_metrics_is_served(shield: Pop3ShieldServer) -> None:
     host, port, _ = _metrics_address(shield)
     with pytest.raises(urllib.error.HTTPError) as missing:
@@ -382,3 +424,25 @@ def test_example_documents_the_metrics_keys() -> None:
         data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
         shipped = _parse({"metrics": data["metrics"]}).metrics  # type: ignore[attr-defined]
     assert (shipped.enabled, shipped.listen) == (False, "tcp:9110:interface=127.0.0.1")
+
+
+def test_preflight_warns_when_metrics_listen_everywhere(tmp_path: Path) -> None:
+    from pop3shield.service import preflight
+
+    (tmp_path / "mail").mkdir()
+    passwd = tmp_path / "users"
+    passwd.write_text("alice:{BLF-CRYPT}$2b$04$" + "a" * 53 + "\n")
+    passwd.chmod(0o600)
+
+    def warnings(metrics: dict) -> list[str]:
+        config = parse_config({"auth": {"passwd_file": str(passwd)},
+                               "backend": {"maildir": str(tmp_path / "mail/{user}/Maildir")},
+                               "metrics": metrics}, "p.toml", tmp_path)
+        return [w for w in preflight(config).warnings if "metrics" in w]
+
+    assert warnings({"listen": "tcp:9110"}) == [
+        "p.toml: metrics.listen: 'tcp:9110' serves the metrics on every interface "
+        "(give interface= the address the scraper comes from)"]
+    assert warnings({"listen": "tcp6:9110:interface=\\:\\:"}) != []
+    assert warnings({}) == []
+    assert warnings({"listen": "tcp:9110", "enabled": False}) == []
