@@ -446,3 +446,32 @@ def test_preflight_warns_when_metrics_listen_everywhere(tmp_path: Path) -> None:
     assert warnings({"listen": "tcp6:9110:interface=\\:\\:"}) != []
     assert warnings({}) == []
     assert warnings({"listen": "tcp:9110", "enabled": False}) == []
+
+
+def test_refused_connections_are_counted(tmp_path: Path) -> None:
+    root = tmp_path / "mail"
+    write_maildir(root / "alice" / "Maildir")
+    server = Pop3ShieldServer(server_toml=SERVER + "\nmax_connections = 1\nmax_connections_per_ip = 1",
+                              extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    server.start(tmp_path / "run", {"alice": PASSWORD}, root)
+    try:
+        host, port, _ = _metrics_address(server)
+        before = _wait_closed(host, port)
+        first = Client(server)  # holds the one connection allowed
+        assert first.greeting.startswith(b"+OK")
+        refused = socket.create_connection((server.host, server.port), timeout=10)
+        reply = refused.recv(1024)
+        refused.close()
+        assert reply.startswith(b"-ERR [SYS/TEMP]")
+        during = samples(scrape(host, port))
+        assert value(during, "pop3shield_connections_open") == 1
+        first.send(b"QUIT\r\n")
+        assert first.line().startswith(b"+OK")
+        first.close()
+        after = _wait_closed(host, port)
+        for result, expected in (("accepted", 1), ("refused", 1)):
+            assert (value(after, "pop3shield_connections_total", result=result)
+                    - value(before, "pop3shield_connections_total", result=result)) == expected
+        assert value(after, "pop3shield_connections_open") == 0
+    finally:
+        server.stop()
