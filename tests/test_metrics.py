@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import poplib
 import re
 import socket
@@ -174,6 +175,7 @@ def test_counters_after_real_sessions(shield: Pop3ShieldServer) -> None:
     assert value(after, "pop3shield_threadpool_queue_depth", pool="reactor") == 0
     assert ("pop3shield_threadpool_queue_depth", (("pool", "analysis"),)) in after
     assert value(after, "pop3shield_log_dropped_lines_total", log="events") == 0
+    assert ("pop3shield_log_dropped_lines_total", (("log", "events"),)) in after
     assert ("pop3shield_log_dropped_lines_total", (("log", "server"),)) in after
 
 
@@ -475,3 +477,51 @@ def test_refused_connections_are_counted(tmp_path: Path) -> None:
         assert value(after, "pop3shield_connections_open") == 0
     finally:
         server.stop()
+
+
+def test_a_stalled_event_file_does_not_stall_the_server(tmp_path: Path) -> None:
+    """The event file is a FIFO nobody reads: once the pipe is full, sessions still get answers."""
+    import os
+
+    root = tmp_path / "mail"
+    write_maildir(root / "alice" / "Maildir")
+    run = tmp_path / "run"
+    run.mkdir()
+    os.mkfifo(run / "events.jsonl", 0o600)
+    reader = os.open(run / "events.jsonl", os.O_RDONLY | os.O_NONBLOCK)  # held open, never read (yet)
+    server = Pop3ShieldServer(server_toml=SERVER, events_toml="rate_limit = 100000\nglobal_rate_limit = 100000",
+                              extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    try:
+        server.start(run, {"alice": PASSWORD}, root)
+        host, port, _ = _metrics_address(server)
+        attacks = 300  # ~400 bytes of JSON each: more than a pipe holds
+        started = time.monotonic()
+        for _ in range(attacks):
+            client = Client(server)
+            client.send(b"USER\r\n")
+            assert client.line().startswith(b"-ERR")
+            client.close()
+        assert os.read(reader, 1)  # the pipe did fill...
+        conn = poplib.POP3(server.host, server.port, timeout=10)  # ... and the server still answers
+        conn.user("alice")
+        conn.pass_(PASSWORD)
+        assert conn.stat()[0] == 9
+        conn.quit()
+        assert time.monotonic() - started < 60
+        parsed = _wait_closed(host, port)
+        assert value(parsed, "pop3shield_security_events_total", protection="empty_username",
+                     action="prevent") == attacks
+        assert value(parsed, "pop3shield_log_dropped_lines_total", log="events") == 0  # all queued
+        data = b""
+        deadline = time.monotonic() + 10
+        while data.count(b"\n") < attacks - 1 and time.monotonic() < deadline:
+            try:
+                data += os.read(reader, 65536)
+            except BlockingIOError:
+                time.sleep(0.02)
+        records = [json.loads(line) for line in data.split(b"\n")[1:] if line.strip()]
+        assert len(records) == attacks - 1  # the byte read above was the first record's first byte
+        assert {r["protection"] for r in records} == {"empty_username"}
+    finally:
+        server.stop()
+        os.close(reader)
