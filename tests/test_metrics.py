@@ -525,3 +525,21 @@ def test_a_stalled_event_file_does_not_stall_the_server(tmp_path: Path) -> None:
     finally:
         server.stop()
         os.close(reader)
+
+
+def test_command_scanner_does_not_care_how_the_bytes_are_cut() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=12).map(lambda b: b.replace(b"\n", b"")), max_size=8), st.data())
+    def check(lines: list[bytes], data: st.DataObject) -> None:
+        stream = b"".join(line + b"\r\n" for line in lines)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+        seen: list[bytes] = []
+        scanner = CommandScanner()
+        for start, end in zip([0, *cuts], [*cuts, len(stream)]):
+            scanner.feed(stream[start:end], False, seen.append)
+        assert seen == [line[:5].partition(b" ")[0].rstrip(b"\r") for line in lines]
+
+    check()
