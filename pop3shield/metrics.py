@@ -103,11 +103,16 @@ class _Readings(Collector):
         yield working
         dropped = CounterMetricFamily("pop3shield_log_dropped_lines",
                                       "Lines (or event records) a full writer queue dropped.", labels=["log"])
+        failed = CounterMetricFamily("pop3shield_log_write_errors",
+                                     "Lines (or event records) the writer thread could not write (an OSError, "
+                                     "e.g. a full disk).", labels=["log"])
         for name, get in self.writers:
             writer = get()
             if writer is not None:
                 dropped.add_metric([name], writer.dropped)
+                failed.add_metric([name], writer.errors)
         yield dropped
+        yield failed
 
 
 def _qsize(pool: Any) -> int:

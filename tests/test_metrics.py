@@ -543,3 +543,25 @@ def test_command_scanner_does_not_care_how_the_bytes_are_cut() -> None:
         assert seen == [line[:5].partition(b" ")[0].rstrip(b"\r") for line in lines]
 
     check()
+
+
+def test_log_writer_drops_and_errors_are_read_at_scrape_time() -> None:
+    from pop3shield.logsetup import QueuedWriter
+
+    class Full:
+        def write(self, text: str) -> None:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+    writer = QueuedWriter(Full(), limit=10)  # type: ignore[arg-type]
+    for i in range(4):
+        writer.write(f"{i}\n")
+    assert writer.close(5)
+    m = Metrics()
+    m.watch(writers=[("events", lambda: writer), ("server", lambda: None)])
+    parsed = samples(generate_latest(m.registry).decode())
+    assert value(parsed, "pop3shield_log_write_errors_total", log="events") == 4
+    assert value(parsed, "pop3shield_log_dropped_lines_total", log="events") == 0
+    assert not any(dict(key[1]).get("log") == "server" for key in parsed)  # no writer: no series
