@@ -8,6 +8,7 @@ closed) and reports why.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,6 +35,7 @@ class Analyzer:
         threads: int = 2,
         max_pending: int = 32,
         deep_check: DeepCheck | None = None,
+        observe_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.max_pending = max_pending
@@ -41,6 +43,8 @@ class Analyzer:
         self.refused = 0
         self.deep_check = deep_check if deep_check is not None else _default_deep_check()
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3shield-mcp")
+        #: called in the pool's thread with the seconds an analysis waited for it (the metrics)
+        self.observe_wait = observe_wait
 
     def start(self) -> None:
         self.pool.start()
@@ -54,11 +58,13 @@ class Analyzer:
             self.refused += 1
             return defer.succeed([None] * len(arguments))
         self.pending += 1
-        d = deferToThreadPool(self.reactor, self.pool, self._run, tuple(arguments))
+        d = deferToThreadPool(self.reactor, self.pool, self._run, tuple(arguments), time.monotonic())
         d.addBoth(self._done)
         return d
 
-    def _run(self, arguments: tuple[bytes, ...]) -> list[Any]:
+    def _run(self, arguments: tuple[bytes, ...], queued: float) -> list[Any]:
+        if self.observe_wait is not None:
+            self.observe_wait(time.monotonic() - queued)
         return [self.deep_check(argument) for argument in arguments]
 
     def _done(self, result: Any) -> Any:

@@ -41,6 +41,7 @@ __all__ = [
     "ConfigError",
     "EventsConfig",
     "LoggingConfig",
+    "MetricsConfig",
     "ServerConfig",
     "StateConfig",
     "load_config",
@@ -196,6 +197,19 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus endpoint: on when the ``[metrics]`` table is there, unless ``enabled = false``."""
+
+    enabled: bool = False
+    #: a Twisted endpoint string; loopback by default (metrics tell who logs in how often)
+    listen: str = "tcp:9110:interface=127.0.0.1"
+
+
+#: endpoint types the metrics endpoint may listen on (no haproxy: scrapers connect directly)
+METRICS_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd"})
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -205,6 +219,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
     source: str = DEFAULT_SOURCE
 
@@ -635,6 +650,21 @@ def _parse_logging(ctx: _Context, data: dict[str, Any]) -> LoggingConfig:
     )
 
 
+def _parse_metrics(ctx: _Context, data: dict[str, Any], present: bool) -> MetricsConfig:
+    d = MetricsConfig()
+    t = _Table(ctx, "metrics", data, _field_names(MetricsConfig))
+    enabled = t.boolean("enabled", present)
+    listen: str = t.string("listen", d.listen)
+    if not listen.strip():
+        raise t.error("listen", "must not be empty")
+    _check_control(t, "listen", listen)
+    kind = listen.split(":", 1)[0].strip().lower()
+    if kind not in METRICS_ENDPOINT_TYPES:
+        known = ", ".join(sorted(METRICS_ENDPOINT_TYPES))
+        raise t.error("listen", f"unknown endpoint type {kind!r} (expected one of {known})")
+    return MetricsConfig(enabled=enabled, listen=listen)
+
+
 # --------------------------------------------------------------------------- protections
 
 
@@ -771,6 +801,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "events": EventsConfig,
     "logging": LoggingConfig,
     "state": StateConfig,
+    "metrics": MetricsConfig,
 }
 
 
@@ -797,6 +828,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
         events=_parse_events(ctx, root.table("events")),
         logging=_parse_logging(ctx, root.table("logging")),
         state=_parse_state(ctx, root.table("state")),
+        metrics=_parse_metrics(ctx, root.table("metrics"), "metrics" in data),
         protections=protections,
         source=source,
     )

@@ -3,7 +3,9 @@
 An attacker must not be able to flood the log: the session already reports each protection once
 per connection in ``detect`` mode, and this module adds a per-source and a global rate limit per
 minute, with a summary record when one kicks in and when it ends. Counters per protection and
-action are kept in memory (``EventLog.counters``). :class:`RateLimiter` also limits the
+action are kept in memory (``EventLog.counters``). With ``queue_limit`` the file is written by a
+thread of its own through a bounded queue (:class:`pop3shield.logsetup.QueuedWriter`), so a slow
+disk never blocks the reactor; what a full queue drops is counted and said in the server log. :class:`RateLimiter` also limits the
 per-session lines of the operational log (``pop3shield.protocol``).
 """
 
@@ -20,6 +22,7 @@ from typing import IO, Any, Callable
 from twisted.logger import Logger
 
 from pop3shield.core.protections import SecurityEvent
+from pop3shield.logsetup import DEFAULT_FLUSH_TIMEOUT, QueuedWriter
 
 security_log = Logger(namespace="pop3shield.security")
 
@@ -155,7 +158,7 @@ class EventLog:
     """Writes security events; keeps counters; rate-limits per client address and overall."""
 
     def __init__(self, path: str | None, rate_limit: int = 60, clock: Callable[[], float] = time.time,
-                 global_rate_limit: int | None = 600) -> None:
+                 global_rate_limit: int | None = 600, queue_limit: int | None = None) -> None:
         self.path = path
         self.rate_limit = rate_limit
         self.global_rate_limit = global_rate_limit
@@ -163,8 +166,22 @@ class EventLog:
         self.counters: Counter[tuple[str, str]] = Counter()
         self.limiter = RateLimiter(rate_limit, global_rate_limit)
         self._file: IO[str] | None = None
+        #: the writer thread of the event file (``queue_limit`` given), else None: direct writes
+        self.writer: QueuedWriter | None = None
         if path:
             self._file = self._open(path)
+            if queue_limit is not None:
+                self.writer = QueuedWriter(self._file, limit=queue_limit, name="pop3shield-event-writer",
+                                           on_notice=self._queue_notice)
+
+    @staticmethod
+    def _queue_notice(state: str, count: int) -> None:
+        if state == "started":
+            security_log.warn("event file writer queue full: dropping security event records",
+                              state=state, dropped=count)
+        else:
+            security_log.warn("event file writer queue: {dropped} security event records dropped",
+                              state=state, dropped=count)
 
     @staticmethod
     def _open(path: str) -> IO[str]:
@@ -181,14 +198,26 @@ class EventLog:
             return
         new = self._open(self.path)
         old, self._file = self._file, new
+        if self.writer is not None:
+            self.writer.swap(new)  # in order: what was queued goes to the old file, then it is closed
+            return
         old.close()
 
-    def close(self) -> None:
-        """Write the summaries of limits still dropping records, then close the file."""
+    def close(self, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> None:
+        """Write the summaries of limits still dropping records, then close the file.
+
+        With a writer thread, what is queued is written first, waiting at most ``timeout``
+        seconds; if the disk does not take it by then the file is left to the thread.
+        """
         self._notify(self.limiter.flush())
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            file, self._file = self._file, None
+            if self.writer is not None:
+                drained = self.writer.close(timeout)
+                file = self.writer.stream
+                if not drained:
+                    return
+            file.close()
 
     def emit(self, event: SecurityEvent, ctx: SessionContext) -> None:
         """Count the event; write it unless its source is over the rate limit."""
@@ -280,5 +309,10 @@ class EventLog:
                               state=notice.state, limit=notice.limit, suppressed=notice.suppressed)
 
     def _write(self, record: dict[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n")
+        if self._file is None:
+            return
+        line = json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n"
+        if self.writer is not None:
+            self.writer.write(line)
+        else:
+            self._file.write(line)

@@ -14,12 +14,15 @@ reach the same observers through :class:`TwistedLoggerHandler`.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Mapping
 from typing import IO, Any, Callable
 
@@ -145,39 +148,249 @@ def format_json(event: Mapping[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":")) + "\n"
 
 
+# --------------------------------------------------------------------------- writer thread
+
+#: lines (or records) a writer queue holds before it drops new ones
+DEFAULT_QUEUE_LIMIT = 10000
+#: how long close() waits for a slow disk to take what is queued
+DEFAULT_FLUSH_TIMEOUT = 5.0
+
+
+class QueuedWriter:
+    """Writes text to a stream from one thread of its own, fed through a bounded queue.
+
+    ``write`` never waits for the disk: it appends to the queue and returns, or, when ``limit``
+    lines are already waiting, drops the line and counts it in ``dropped``. The first drop of
+    a run and the end of the run (the next line admitted) are reported: ``on_notice(state,
+    count)`` is called on the writing thread (``"started"``, 0) and (``"ended"``, lines dropped
+    in the run), and ``notice_line(state, count)``, if given, is a line the writer thread
+    writes into the stream itself at that point, so the file says where lines are missing.
+    Lines are written in the order ``write`` was called. ``swap`` hands over a new stream
+    (SIGHUP reopen) through the same queue: what was queued before goes to the old stream,
+    everything after to the new one, and the thread closes the old one. ``close`` waits, at
+    most ``timeout`` seconds, for the queue to drain; writes after it go straight to the stream.
+    """
+
+    def __init__(self, stream: IO[str], *, limit: int = DEFAULT_QUEUE_LIMIT, name: str = "pop3shield-writer",
+                 notice_line: Callable[[str, int], str | None] | None = None,
+                 on_notice: Callable[[str, int], None] | None = None) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.stream = stream
+        self.limit = limit
+        self.notice_line = notice_line
+        self.on_notice = on_notice
+        #: lines dropped because the queue was full, since start
+        self.dropped = 0
+        #: lines (and records) the thread could not write (OSError from the stream)
+        self.errors = 0
+        self._run_dropped = 0
+        self._lines = 0  # lines in the queue (notices and swaps do not count toward the limit)
+        self._items: deque[tuple[str, Any]] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._closing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Lines waiting for the thread."""
+        return self._lines
+
+    def write(self, text: str) -> None:
+        notice: tuple[str, int] | None = None
+        with self._cond:
+            if self._closed:  # the thread is gone: write it here
+                direct = True
+            else:
+                direct = False
+                if self._lines >= self.limit:
+                    self.dropped += 1
+                    self._run_dropped += 1
+                    if self._run_dropped == 1:
+                        notice = ("started", 0)
+                        self._items.append(("notice", notice))
+                        self._cond.notify()
+                else:
+                    if self._run_dropped:
+                        notice = ("ended", self._run_dropped)
+                        self._run_dropped = 0
+                        self._items.append(("notice", notice))
+                    self._items.append(("line", text))
+                    self._lines += 1
+                    self._cond.notify()
+        if direct:
+            self._write_now(text)
+        if notice is not None and self.on_notice is not None:
+            self.on_notice(*notice)
+
+    def swap(self, stream: IO[str]) -> None:
+        """From now on write to ``stream``; the old one is closed once what is queued is in it."""
+        with self._cond:
+            if not self._closed:
+                self._items.append(("swap", stream))
+                self._cond.notify()
+                return
+        old, self.stream = self.stream, stream
+        self._close_stream(old)
+
+    def flush(self, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> bool:
+        """Wait (at most ``timeout`` seconds) until everything queued is written; True if it was."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._items or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> bool:
+        """Write what is queued (waiting at most ``timeout``) and stop the thread; True if drained.
+
+        The stream stays open (its owner closes it); later writes go to it directly.
+        """
+        with self._cond:
+            if self._closed:
+                return True
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._cond:
+            drained = self._closed
+            if drained and self._run_dropped:
+                run, self._run_dropped = self._run_dropped, 0
+            else:
+                run = 0
+        if run:
+            self._write_notice("ended", run)
+            if self.on_notice is not None:
+                self.on_notice("ended", run)
+        return drained
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._items and not self._closing:
+                    self._cond.wait()
+                if not self._items:
+                    self._closed = True
+                    self._cond.notify_all()
+                    return
+                kind, value = self._items.popleft()
+                if kind == "line":
+                    self._lines -= 1
+                self._busy = True
+            try:
+                if kind == "line":
+                    self._write_now(value)
+                elif kind == "notice":
+                    self._write_notice(*value)
+                else:
+                    old, self.stream = self.stream, value
+                    self._close_stream(old)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _write_notice(self, state: str, count: int) -> None:
+        if self.notice_line is None:
+            return
+        line = self.notice_line(state, count)
+        if line:
+            self._write_now(line)
+
+    def _write_now(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # disk full, or closed under us: the line is lost, counted
+            self.errors += 1
+
+    @staticmethod
+    def _close_stream(stream: IO[str]) -> None:
+        if stream in (sys.stderr, sys.stdout):
+            return
+        try:
+            stream.close()
+        except OSError:
+            pass
+
+
 # --------------------------------------------------------------------------- observers
 
 
 @implementer(ILogObserver)
 class LineObserver:
-    """Writes each event as one formatted line; events come from the reactor and from threads."""
+    """Writes each event as one formatted line; events come from the reactor and from threads.
+
+    With ``queue_limit`` the lines go through a :class:`QueuedWriter` (one thread, a bounded
+    queue): a slow disk never blocks the reactor, and a full queue drops lines, counts them
+    (``writer.dropped``) and says so in the log itself. Without it, each line is written at once.
+    """
 
     def __init__(self, stream: IO[str], formatter: Callable[[Mapping[str, Any]], str | None],
-                 path: str | None = None) -> None:
+                 path: str | None = None, queue_limit: int | None = None) -> None:
         self.stream = stream
         self.formatter = formatter
         self.path = path  # the file it writes, to reopen; None for stderr or a given stream
         self._lock = threading.Lock()
+        self.writer: QueuedWriter | None = None
+        if queue_limit is not None:
+            self.writer = QueuedWriter(stream, limit=queue_limit, name="pop3shield-log-writer",
+                                       notice_line=self._notice_line)
+
+    def _notice_line(self, state: str, count: int) -> str | None:
+        text = ("log writer queue full: dropping lines" if state == "started"
+                else "log writer queue: {count} lines dropped")
+        return self.formatter({"log_namespace": "pop3shield.logwriter", "log_level": LogLevel.warn,
+                               "log_format": text, "log_time": time.time(), "count": count,
+                               "state": state})
 
     def reopen(self) -> None:
         """Open ``path`` again (SIGHUP after logrotate renamed it); the old file is closed.
 
         If it cannot be opened the lines keep going to the old file, and the error is raised.
+        With a writer thread, the switch goes through its queue: lines logged before it are in
+        the old file, lines after it in the new one.
         """
         if self.path is None:
             return
         new = open_log(self.path)
+        if self.writer is not None:
+            self.stream = new
+            self.writer.swap(new)
+            return
         with self._lock:
             old, self.stream = self.stream, new
         old.close()
+
+    def close(self, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> bool:
+        """Write what is queued (bounded wait); True if nothing was left behind."""
+        return self.writer.close(timeout) if self.writer is not None else True
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         line = self.formatter(event)
         if not line:
             return
+        if self.writer is not None:
+            self.writer.write(line)
+            return
         with self._lock:
             self.stream.write(line)
             self.stream.flush()
+
+
+#: the observer of :func:`begin_logging` that has a writer thread, for metrics and shutdown
+_queued_observer: LineObserver | None = None
+
+
+def log_writer() -> QueuedWriter | None:
+    """The writer thread of the server log, when :func:`begin_logging` made one."""
+    return _queued_observer.writer if _queued_observer is not None else None
 
 
 #: the observer writing ``logging.path`` (made by :func:`make_observer`), for :func:`reopen_log`
@@ -190,14 +403,20 @@ def reopen_log() -> None:
         _file_observer.reopen()
 
 
-def make_observer(path: str, fmt: str, level: str, stream: IO[str] | None = None) -> ILogObserver:
-    """The observer for ``logging.path/format/level``: the level filter runs before formatting."""
-    global _file_observer
+def make_observer(path: str, fmt: str, level: str, stream: IO[str] | None = None,
+                  queue_limit: int | None = None) -> ILogObserver:
+    """The observer for ``logging.path/format/level``: the level filter runs before formatting.
+
+    ``queue_limit``: write through a writer thread with a queue of that many lines.
+    """
+    global _file_observer, _queued_observer
     line = LineObserver(stream if stream is not None else open_log(path),
                         format_json if fmt == "json" else format_text,
-                        path=path if stream is None and path != "-" else None)
+                        path=path if stream is None and path != "-" else None, queue_limit=queue_limit)
     if line.path is not None:
         _file_observer = line
+    if line.writer is not None:
+        _queued_observer = line
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     return FilteringLogObserver(line, [predicate])
 
@@ -282,7 +501,15 @@ def install_stdlib_bridge(level: str = "info") -> TwistedLoggerHandler:
     return handler
 
 
-def begin_logging(path: str, fmt: str, level: str) -> None:
-    """Send everything logged (twisted.logger and stdlib logging) to the configured place."""
+def begin_logging(path: str, fmt: str, level: str, queue_limit: int | None = DEFAULT_QUEUE_LIMIT) -> None:
+    """Send everything logged (twisted.logger and stdlib logging) to the configured place.
+
+    The lines go through a writer thread (a slow disk or a stalled stderr pipe never blocks the
+    reactor); at exit what is still queued is written, waiting at most
+    :data:`DEFAULT_FLUSH_TIMEOUT` seconds.
+    """
     install_stdlib_bridge(level)
-    globalLogBeginner.beginLoggingTo([make_observer(path, fmt, level)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([make_observer(path, fmt, level, queue_limit=queue_limit)],
+                                     redirectStandardIO=False)
+    if _queued_observer is not None:
+        atexit.register(_queued_observer.close)

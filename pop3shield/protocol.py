@@ -39,6 +39,7 @@ from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.limits import STATE_UNAVAILABLE, TOO_MANY_FROM_ADDRESS, ConnectionLimits, FailureDelays
+from pop3shield.metrics import CommandScanner, Metrics
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
 from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
 
@@ -49,9 +50,10 @@ log = Logger(namespace="pop3shield.server")
 class _ClientStream:
     """The client's transport as a backend's consumer: each write also counts as activity."""
 
-    def __init__(self, transport: Any, on_write: Callable[[], None]) -> None:
+    def __init__(self, transport: Any, on_write: Callable[[], None], metrics: Metrics) -> None:
         self.transport = transport
         self.on_write = on_write
+        self.metrics = metrics
         #: octets the backend wrote: after the first one an -ERR can no longer be the answer
         self.written = 0
 
@@ -64,6 +66,7 @@ class _ClientStream:
     def write(self, data: bytes) -> None:
         self.written += len(data)
         self.transport.write(data)
+        self.metrics.sent_bytes(len(data))
         self.on_write()
 
 
@@ -73,6 +76,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     factory: POP3ServerFactory
     session: Session | None = None
     mailbox: Any = None
+    _mechanism = "other"
 
     def connectionMade(self) -> None:
         f = self.factory
@@ -165,11 +169,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
+        self.factory.metrics.connection_opened(refusal is None)
         if refusal is not None:
             self.transport.write(refusal)
+            self.factory.metrics.sent_bytes(len(refusal))
             self.transport.loseConnection()
             return
         self._admitted = True
+        self._commands_seen = CommandScanner()  # command keywords, for the metrics
         self._start_session(self._early)
         self._early = b""
 
@@ -220,6 +227,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self.resetTimeout()
         self._octets_in += len(data)
+        self.factory.metrics.received_bytes(len(data))
+        self._commands_seen.feed(data, self.session.state is State.SASL, self.factory.metrics.command)
         self._run(self.session.receive_data(data))
 
     def timeoutConnection(self) -> None:
@@ -246,6 +255,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._greeting.cancel()
         if self._admitted:
             self.factory.release(self.client_address, self.session_id, counted=not self._logged_in)
+            self.factory.metrics.connection_closed()
         if self._user_slot is not None:
             self.factory.state.release(self._user_slot, self.session_id)
         if self.session is None:
@@ -327,6 +337,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_Send(self, action: A.Send) -> None:
         self.transport.write(action.data)
+        self.factory.metrics.sent_bytes(len(action.data))
 
     def _do_Close(self, action: A.Close) -> None:
         if self._ended is None:  # a timeout already said more
@@ -346,7 +357,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_Analyze(self, action: A.Analyze) -> None:
         d = self.factory.analyzer.analyze(action.arguments)
         d.addErrback(self._analysis_error, len(action.arguments))
+        d.addCallback(self._count_verdicts)
         d.addCallback(self._guard(lambda verdicts: self.session.analysis_finished(verdicts)))
+
+    def _count_verdicts(self, verdicts: Any) -> Any:
+        self.factory.metrics.deep_verdicts(verdicts)
+        return verdicts
 
     def _analysis_error(self, failure: Failure, count: int) -> list[None]:
         log.failure("malicious code analysis failed", failure)
@@ -367,6 +383,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_Authenticate(self, action: A.Authenticate) -> None:
         credentials = Credentials(action.username, action.secret, action.mechanism, action.challenge)
+        self._mechanism = action.mechanism
         ctx = self.ctx
         client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
         self._login_user = action.username
@@ -411,6 +428,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._run(self.session.login_failed("IN-USE", "Too many sessions for this user from your address."))
             return
         self.mailbox = mailbox
+        self.factory.metrics.login(self._mechanism, "ok")
         # logged in: from now on it counts per (user, address), no longer against its address's limit
         self._logged_in = True
         d = self.factory.state.release(address_key(self.client_address), self.session_id)
@@ -429,6 +447,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _login_error(self, failure: Failure) -> None:
         if self.session is None or self.session.closed:
             return
+        self.factory.metrics.login(self._mechanism, "in-use" if failure.check(MailboxInUse)
+                                   else "auth" if failure.check(LoginRefused) else "unavailable")
         if failure.check(MailboxInUse):
             self._run(self.session.login_failed("IN-USE", "Mailbox is locked by another session."))
             return
@@ -466,7 +486,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
         self._streaming = True
-        consumer = _ClientStream(self.transport, self.resetTimeout)
+        consumer = _ClientStream(self.transport, self.resetTimeout, self.factory.metrics)
         d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
                                 consumer, prefetch=action.prefetch)
         d.addCallbacks(self._stream_done, self._stream_error, errbackArgs=(consumer,))
@@ -554,6 +574,7 @@ class POP3ServerFactory(ServerFactory):
         proxy_protocol_networks: Any = (),
         proxy_protocol_timeout: float = 5.0,
         state: IState | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -569,8 +590,12 @@ class POP3ServerFactory(ServerFactory):
         self.max_connections_per_user_ip = max_connections_per_user_ip
         self.state: IState = state if state is not None else LocalState(reactor.seconds)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
-        #: the detector's fast tier handed to each session; by default the malicious-code detector's
-        self.quick_check = quick_check if quick_check is not None else _detector_quick_check()
+        #: what the connections count (a registry of its own; served only if [metrics] is enabled)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch(events=events, analyzer=analyzer)
+        #: the detector's fast tier handed to each session (by default the malicious-code detector's), counted
+        self.quick_check = self.metrics.counting_quick_check(
+            quick_check if quick_check is not None else _detector_quick_check())
         #: the closing info line of each session, per source address and overall
         self.session_lines = RateLimiter(log_rate_limit, log_global_rate_limit)
         #: peers whose connections start with a PROXY header naming the client, and how long it may take

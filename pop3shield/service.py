@@ -29,11 +29,15 @@ from pop3shield.backends.maildir import MaildirBackend
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.config import Config, ConfigError
 from pop3shield.events import EventLog
+from pop3shield.metrics import Metrics, metrics_site
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
 from pop3shield.state import build_state
 
 log = Logger(namespace="pop3shield.server")
+
+#: security event records queued for the event file's writer thread before new ones are dropped
+EVENT_QUEUE_LIMIT = 10000
 
 
 def load_realm(config: Config) -> Any:
@@ -118,6 +122,9 @@ def preflight(config: Config) -> Preflight:
         if _listens_everywhere(description):
             warn(f"server.listen[{index}]", f"{description!r} listens on every interface "
                                             f"(give interface= the address clients should reach)")
+    if config.metrics.enabled and _listens_everywhere(config.metrics.listen):
+        warn("metrics.listen", f"{config.metrics.listen!r} serves the metrics on every interface "
+                               f"(give interface= the address the scraper comes from)")
     _check_same_files(config, warn)
     return Preflight(users, tuple(warnings))
 
@@ -306,6 +313,18 @@ class ListenService(service.Service):
         return None
 
 
+class MetricsService(ListenService):
+    """The Prometheus endpoint (``[metrics] listen``): a listener like the others, said in the log."""
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        address = port.getHost()
+        text = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}".rstrip(":")
+        log.info("metrics on http://{address}/metrics ({description})", address=text,
+                 description=self.description)
+        return port
+
+
 def _stop_with_error(reactor: Any) -> None:
     reactor.pop3shield_exit_code = 1
     if reactor.running:
@@ -313,7 +332,8 @@ def _stop_with_error(reactor: Any) -> None:
 
 
 class _Lifecycle(service.Service):
-    """Starts and stops the analysis pool and the shared state, and closes the event file with the server."""
+    """Starts and stops the analysis pool and the shared state, and closes the event file with the
+    server (writing what its writer thread still has queued, waiting a bounded time)."""
 
     def __init__(self, analyzer: Analyzer, events: EventLog, state: Any) -> None:
         self.analyzer = analyzer
@@ -348,8 +368,14 @@ def make_service(config: Config, reactor: Any = None,
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
     backend = build_backend(config, reactor)
     events = EventLog(config.events.path, config.events.rate_limit,
-                      global_rate_limit=config.events.global_rate_limit)
-    analyzer = Analyzer(reactor)
+                      global_rate_limit=config.events.global_rate_limit,
+                      queue_limit=EVENT_QUEUE_LIMIT)  # a writer thread: a slow disk never blocks the reactor
+    metrics = Metrics()
+    analyzer = Analyzer(reactor, observe_wait=metrics.analysis_waited)
+    from pop3shield.logsetup import log_writer
+
+    metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],
+                  writers=[("events", lambda: events.writer), ("server", log_writer)])
     state = build_state(config, reactor)
     server = config.server
     factory = POP3ServerFactory(
@@ -363,10 +389,13 @@ def make_service(config: Config, reactor: Any = None,
         quick_check=quick_check(),
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
         proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
+        metrics=metrics,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events, state).setServiceParent(top)
     listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    if config.metrics.enabled:
+        listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
     for listener in listeners:
         listener.setServiceParent(top)
     from pop3shield.sdnotify import ReadyNotifier
@@ -374,4 +403,5 @@ def make_service(config: Config, reactor: Any = None,
     ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
     top.factory = factory  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
+    top.metrics = metrics  # type: ignore[attr-defined]
     return top

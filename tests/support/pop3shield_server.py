@@ -146,12 +146,28 @@ class Pop3ShieldServer(ServerProcess):
                 parts.append(f"--- {label}: {path} (tail) ---\n{tail(path, lines)}")
         return "\n".join(parts)
 
-    def events(self) -> list[dict]:
-        """Parsed lines of the events JSONL file written so far."""
+    def events(self, settle: float = 0.05, limit: float = 3.0) -> list[dict]:
+        """Parsed lines of the events JSONL file written so far.
+
+        A running server writes the file from a writer thread, a moment after it answered the
+        client; so this reads until the file has not changed for ``settle`` seconds (at most
+        ``limit`` seconds in all), and only complete lines.
+        """
         if self.events_path is None or not self.events_path.exists():
             return []
+        data = self.events_path.read_bytes()
+        if self.proc is not None and self.proc.poll() is None:
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline:
+                time.sleep(settle)
+                again = self.events_path.read_bytes()
+                if again == data and (not data or data.endswith(b"\n")):
+                    break
+                data = again
         out = []
-        for line in self.events_path.read_text(encoding="utf-8").splitlines():
+        for line in data.decode("utf-8").splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
             if line.strip():
                 out.append(json.loads(line))
         return out

@@ -1,0 +1,276 @@
+"""Prometheus metrics: what the server counts, and the optional HTTP endpoint that serves them.
+
+Every :class:`Metrics` has a registry of its own (never prometheus_client's global one), so
+tests and several factories in one process do not collide. The protocol calls a few hooks
+(``connection_opened``, ``login``, ``command_line`` ...); the backends get the narrow
+:class:`UpstreamMetrics` part (``observe_upstream``, ``upstream_error``); the rest is read at
+scrape time from what already counts it: the event log's counters, the analysis pool, the
+thread pools' queues, the log writers' drop counters.
+
+Label values are always from fixed sets written here: a command keyword, a SASL mechanism or an
+upstream error reason that is not in its set becomes ``other``, so no client can add label
+values (cardinality) or put text of its own in the exposition (injection).
+
+The endpoint is ``twisted.web`` with prometheus_client's ``MetricsResource`` on the configured
+endpoint string (``[metrics] listen``, loopback by default), at ``/metrics``. It renders in the
+reactor's thread pool, never on the reactor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["COMMAND_KEYWORDS", "LOGIN_MECHANISMS", "LOGIN_RESULTS", "UPSTREAM_ERRORS", "Metrics",
+           "UpstreamMetrics", "metrics_site"]
+
+#: the keywords of RFC 1939, RFC 2449 (CAPA), RFC 2595 (STLS) and RFC 5034 (AUTH); anything else is "other"
+COMMAND_KEYWORDS = frozenset({
+    "USER", "PASS", "APOP", "AUTH", "CAPA", "STLS", "QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP",
+    "RSET", "TOP", "UIDL",
+})
+#: what the session logs in with (``Authenticate.mechanism``)
+LOGIN_MECHANISMS = frozenset({"USER", "APOP", "PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
+LOGIN_RESULTS = ("ok", "auth", "in-use", "unavailable")
+#: why an upstream call failed, as the upstream backend reports it; anything else is "other"
+UPSTREAM_ERRORS = frozenset({"connect", "timeout", "tls", "protocol", "auth", "closed"})
+
+#: seconds: a login to an upstream POP3 server, a message fetched, an analysis waiting
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: a keyword is at most 4 letters; the scanner keeps this many bytes of a line's start
+_KEYWORD_BYTES = 5
+
+
+class UpstreamMetrics:
+    """What a backend that relays to an upstream server may report; passed to its builder."""
+
+    def __init__(self, latency: Histogram, errors: Counter) -> None:
+        self._latency = latency
+        self._errors = errors
+
+    def observe_upstream(self, seconds: float) -> None:
+        """One upstream round trip (connect and login, or a command and its answer) took this long."""
+        self._latency.observe(max(0.0, seconds))
+
+    def upstream_error(self, reason: str) -> None:
+        """An upstream call failed: ``connect``, ``timeout``, ``tls``, ``protocol``, ``auth``, ``closed``."""
+        self._errors.labels(reason if reason in UPSTREAM_ERRORS else "other").inc()
+
+
+class _Readings(Collector):
+    """Values read at scrape time from the objects that already keep them."""
+
+    def __init__(self) -> None:
+        self.events: Any = None  # pop3shield.events.EventLog
+        self.analyzer: Any = None  # pop3shield.analysis.Analyzer
+        self.pools: list[tuple[str, Callable[[], Any]]] = []  # (name, returns a twisted ThreadPool)
+        self.writers: list[tuple[str, Callable[[], Any]]] = []  # (log, returns a QueuedWriter or None)
+
+    def collect(self) -> Iterable[Any]:
+        events = CounterMetricFamily("pop3shield_security_events", "Security events by protection and action "
+                                     "(counted before the event file's rate limit).",
+                                     labels=["protection", "action"])
+        if self.events is not None:
+            for (protection, action), count in sorted(list(self.events.counters.items())):
+                events.add_metric([protection, action], count)
+        yield events
+        depth = GaugeMetricFamily("pop3shield_analysis_queue_depth",
+                                  "Arguments' analyses queued or running in the detector's pool.")
+        refused = CounterMetricFamily("pop3shield_analysis_refused",
+                                      "Analyses refused because the detector's queue was full (fail closed).")
+        if self.analyzer is not None:
+            depth.add_metric([], self.analyzer.pending)
+            refused.add_metric([], self.analyzer.refused)
+        yield depth
+        yield refused
+        queued = GaugeMetricFamily("pop3shield_threadpool_queue_depth", "Work items waiting for a thread.",
+                                   labels=["pool"])
+        working = GaugeMetricFamily("pop3shield_threadpool_working", "Threads busy with a work item.",
+                                    labels=["pool"])
+        for name, get in self.pools:
+            pool = get()
+            if pool is None:
+                continue
+            queued.add_metric([name], _qsize(pool))
+            working.add_metric([name], len(getattr(pool, "working", ())))
+        yield queued
+        yield working
+        dropped = CounterMetricFamily("pop3shield_log_dropped_lines",
+                                      "Lines (or event records) a full writer queue dropped.", labels=["log"])
+        failed = CounterMetricFamily("pop3shield_log_write_errors",
+                                     "Lines (or event records) the writer thread could not write (an OSError, "
+                                     "e.g. a full disk).", labels=["log"])
+        for name, get in self.writers:
+            writer = get()
+            if writer is not None:
+                dropped.add_metric([name], writer.dropped)
+                failed.add_metric([name], writer.errors)
+        yield dropped
+        yield failed
+
+
+def _qsize(pool: Any) -> int:
+    q = getattr(pool, "q", None)  # twisted.python.threadpool.ThreadPool's queue of work
+    try:
+        return int(q.qsize()) if q is not None else 0
+    except Exception:
+        return 0
+
+
+class Metrics:
+    """All of pop3shield's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        disable_created_metrics()  # no *_created series next to every counter (process-wide setting)
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.connections_open = Gauge("pop3shield_connections_open", "Client connections open now.", registry=r)
+        self.connections = Counter("pop3shield_connections", "Client connections, by whether a connection "
+                                   "limit refused them.", ["result"], registry=r)
+        self.logins = Counter("pop3shield_logins", "Login attempts that reached the backend, by mechanism and "
+                              "result.", ["mechanism", "result"], registry=r)
+        self.commands = Counter("pop3shield_commands", "Command lines received, by keyword (other: anything not "
+                                "a POP3 keyword).", ["command"], registry=r)
+        self.sent = Counter("pop3shield_sent_bytes", "Bytes sent to clients.", registry=r)
+        self.received = Counter("pop3shield_received_bytes", "Bytes received from clients.", registry=r)
+        self.verdicts = Counter("pop3shield_detector_verdicts", "Malicious-code detector verdicts per argument: "
+                                "tier 0 clean, malicious or undecided (sent to tier 1); tier 1 clean, "
+                                "malicious or refused (no capacity, or the analysis failed).",
+                                ["tier", "verdict"], registry=r)
+        self.analysis_wait = Histogram("pop3shield_analysis_queue_seconds", "Time an analysis waited in the "
+                                       "detector's queue for a thread.", buckets=_QUEUE_BUCKETS, registry=r)
+        self.upstream_latency = Histogram("pop3shield_upstream_seconds", "Upstream POP3 round trips.",
+                                          buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_errors = Counter("pop3shield_upstream_errors", "Failed upstream calls, by reason.",
+                                       ["reason"], registry=r)
+        for result in ("accepted", "refused"):
+            self.connections.labels(result)
+        self.upstream = UpstreamMetrics(self.upstream_latency, self.upstream_errors)
+        self.readings = _Readings()
+        r.register(self.readings)
+
+    # ------------------------------------------------------------------ what is read at scrape time
+
+    def watch(self, *, events: Any = None, analyzer: Any = None,
+              pools: Sequence[tuple[str, Callable[[], Any]]] = (),
+              writers: Sequence[tuple[str, Callable[[], Any]]] = ()) -> None:
+        """Objects whose own counters the scrape reads (the event log, the analysis pool, ...)."""
+        if events is not None:
+            self.readings.events = events
+        if analyzer is not None:
+            self.readings.analyzer = analyzer
+        self.readings.pools.extend(pools)
+        self.readings.writers.extend(writers)
+
+    # ------------------------------------------------------------------ hooks the protocol calls
+
+    def connection_opened(self, accepted: bool) -> None:
+        self.connections.labels("accepted" if accepted else "refused").inc()
+        if accepted:
+            self.connections_open.inc()
+
+    def connection_closed(self) -> None:
+        self.connections_open.dec()
+
+    def login(self, mechanism: str, result: str) -> None:
+        mechanism = mechanism if mechanism in LOGIN_MECHANISMS else "other"
+        self.logins.labels(mechanism, result if result in LOGIN_RESULTS else "unavailable").inc()
+
+    def command(self, keyword: bytes) -> None:
+        """One command line, by its first word (bytes from the client: only known keywords count)."""
+        try:
+            word = keyword.decode("ascii").upper()
+        except UnicodeDecodeError:
+            word = ""
+        self.commands.labels(word if word in COMMAND_KEYWORDS else "other").inc()
+
+    def sent_bytes(self, count: int) -> None:
+        self.sent.inc(count)
+
+    def received_bytes(self, count: int) -> None:
+        self.received.inc(count)
+
+    def quick_verdict(self, verdict: Any) -> None:
+        """Tier 0's answer for one argument: None means undecided (it goes to tier 1)."""
+        self.verdicts.labels("0", _verdict_name(verdict, "undecided")).inc()
+
+    def deep_verdicts(self, verdicts: Sequence[Any]) -> None:
+        """Tier 1's answers: None means refused (the queue was full, or the analysis failed)."""
+        for verdict in verdicts:
+            self.verdicts.labels("1", _verdict_name(verdict, "refused")).inc()
+
+    def counting_quick_check(self, check: Callable[[bytes, str], Any] | None) -> Callable[[bytes, str], Any] | None:
+        """``check`` (the detector's tier 0) with each verdict counted."""
+        if check is None:
+            return None
+
+        @functools.wraps(check)
+        def quick_check(argument: bytes, field: str) -> Any:
+            verdict = check(argument, field)
+            self.quick_verdict(verdict)
+            return verdict
+
+        return quick_check
+
+    def analysis_waited(self, seconds: float) -> None:
+        """Called from the detector's pool thread when an analysis starts (thread-safe)."""
+        self.analysis_wait.observe(max(0.0, seconds))
+
+
+def _verdict_name(verdict: Any, none: str) -> str:
+    if verdict is None:
+        return none
+    return "malicious" if getattr(verdict, "malicious", False) else "clean"
+
+
+class CommandScanner:
+    """Finds the keyword of each command line in the bytes a client sends, in bounded memory.
+
+    The sans-I/O session does the real parsing; this only needs the first word of each line,
+    so it keeps at most :data:`_KEYWORD_BYTES` bytes of the line being received. Lines received
+    while the session is in a SASL exchange are not commands and are not counted.
+    """
+
+    __slots__ = ("_head", "_started", "_sasl")
+
+    def __init__(self) -> None:
+        self._head = b""
+        self._started = False  # a line has begun
+        self._sasl = False  # ... while the session was in a SASL exchange
+
+    def feed(self, data: bytes, in_sasl: bool, count: Callable[[bytes], None]) -> None:
+        start, size = 0, len(data)
+        while start < size:
+            end = data.find(b"\n", start)
+            stop = size if end < 0 else end
+            if not self._started:
+                self._started, self._sasl = True, in_sasl
+            room = _KEYWORD_BYTES - len(self._head)
+            if room > 0:
+                self._head += data[start:min(stop, start + room)]
+            if end < 0:
+                return
+            if not self._sasl:
+                count(self._head.partition(b" ")[0].rstrip(b"\r"))
+            self._head, self._started = b"", False
+            start = end + 1
+
+
+def metrics_site(metrics: Metrics) -> Any:
+    """The twisted.web site: ``/metrics`` is prometheus_client's MetricsResource, the rest 404."""
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(metrics.registry))
+    site = Site(root)
+    site.noisy = False
+    site.log = lambda request: None  # no access log line per scrape
+    return site
