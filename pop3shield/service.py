@@ -225,12 +225,12 @@ def thread_offload(reactor: Any) -> Callable[..., defer.Deferred[Any]]:
     return offload
 
 
-def _maildir_backend(config: Config, reactor: Any) -> IBackend:
+def _maildir_backend(config: Config, reactor: Any, metrics: Metrics | None = None) -> IBackend:
     """The local Maildir behind the portal (passwd-file checker, configured realm)."""
     return MaildirBackend(build_portal(config, reactor), thread_offload(reactor))
 
 
-def _upstream_backend(config: Config, reactor: Any) -> IBackend:
+def _upstream_backend(config: Config, reactor: Any, metrics: Metrics | None = None) -> IBackend:
     """The relay to an upstream POP3 server; the passwd file, if any, is checked first."""
     from pop3shield.backends.upstream import UpstreamBackend, settings_from_config
 
@@ -239,24 +239,25 @@ def _upstream_backend(config: Config, reactor: Any) -> IBackend:
         checker = PasswdFileChecker(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext,
                                     threadpool=reactor.getThreadPool(), reactor=reactor)
     return UpstreamBackend(settings_from_config(config), reactor, checker=checker,
-                           threadpool=reactor.getThreadPool())
+                           threadpool=reactor.getThreadPool(),
+                           metrics=metrics.upstream if metrics is not None else None)
 
 
-#: ``backend.type`` -> the function that builds that backend from the config
-BACKEND_BUILDERS: dict[str, Callable[[Config, Any], IBackend]] = {
+#: ``backend.type`` -> the function that builds that backend from the config (and the metrics)
+BACKEND_BUILDERS: dict[str, Callable[[Config, Any, Metrics | None], IBackend]] = {
     "maildir": _maildir_backend,
     "upstream": _upstream_backend,
 }
 
 
-def build_backend(config: Config, reactor: Any) -> IBackend:
+def build_backend(config: Config, reactor: Any, metrics: Metrics | None = None) -> IBackend:
     """The configured backend (``backend.type``), the one place a new backend type is added."""
     try:
         builder = BACKEND_BUILDERS[config.backend.type]
     except KeyError:
         raise ConfigError(config.source, "backend.type", f"unknown backend type {config.backend.type!r} "
                                                          f"(known: {', '.join(sorted(BACKEND_BUILDERS))})") from None
-    return builder(config, reactor)
+    return builder(config, reactor, metrics)
 
 
 def quick_check() -> Callable[[bytes, str], Any] | None:
@@ -366,11 +367,11 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
-    backend = build_backend(config, reactor)
+    metrics = Metrics()
+    backend = build_backend(config, reactor, metrics)
     events = EventLog(config.events.path, config.events.rate_limit,
                       global_rate_limit=config.events.global_rate_limit,
                       queue_limit=EVENT_QUEUE_LIMIT)  # a writer thread: a slow disk never blocks the reactor
-    metrics = Metrics()
     analyzer = Analyzer(reactor, observe_wait=metrics.analysis_waited)
     from pop3shield.logsetup import log_writer
 

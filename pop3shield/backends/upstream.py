@@ -141,9 +141,11 @@ class UpstreamBackend:
     """Relays each session to its upstream POP3 server; one instance serves the whole server."""
 
     def __init__(self, settings: UpstreamSettings, reactor: Any, *, checker: Any = None,
-                 threadpool: Any = None) -> None:
+                 threadpool: Any = None, metrics: Any = None) -> None:
         self.settings = settings
         self.reactor = reactor
+        #: ``observe_upstream(seconds)`` / ``upstream_error(reason)`` (pop3shield.metrics.UpstreamMetrics)
+        self.metrics = metrics
         self.checker = checker
         self.threadpool = threadpool if threadpool is not None else reactor.getThreadPool()
         self.routes = RouteMap(settings.endpoint, settings.routes, log=log)
@@ -155,10 +157,44 @@ class UpstreamBackend:
     # -- IBackend --------------------------------------------------------------------------
 
     def login(self, credentials: Credentials, client: ClientInfo) -> defer.Deferred[IMailbox]:
+        started = self.reactor.seconds()
         d = defer.ensureDeferred(self._login(credentials, client))
         d.addTimeout(self.settings.login_timeout, self.reactor)
+        d.addCallback(self._logged_in, started)
         d.addErrback(self._login_failed, credentials, client)
         return d
+
+    def _logged_in(self, mailbox: UpstreamMailbox, started: float) -> UpstreamMailbox:
+        """Connect, login and listing took this long (the upstream's share of a login)."""
+        if self.metrics is not None:
+            self.metrics.observe_upstream(self.reactor.seconds() - started)
+        mailbox.metrics = self.metrics
+        return mailbox
+
+    def _count_error(self, error: BaseException) -> None:
+        """One upstream failure for the metrics, by kind; refusals decided here are not counted."""
+        if self.metrics is None:
+            return
+        text = str(error)
+        if isinstance(error, defer.TimeoutError) or "no connection within" in text or "no login answer" in text:
+            reason = "timeout"
+        elif isinstance(error, UpstreamFailure):
+            reason = "protocol" if error.violation else "closed"
+        elif isinstance(error, LoginRefused):
+            if text != "the upstream refused the credentials":
+                return  # APOP, no route, the local passwd file: the upstream was not asked
+            reason = "auth"
+        elif isinstance(error, MailboxInUse):
+            return
+        elif "cannot connect" in text:
+            reason = "connect"
+        elif "TLS" in text or "certificate" in text.lower():
+            reason = "tls"
+        elif isinstance(error, Unavailable) and error.broken:
+            reason = "protocol"
+        else:
+            reason = "other"
+        self.metrics.upstream_error(reason)
 
     async def _login(self, credentials: Credentials, client: ClientInfo) -> UpstreamMailbox:
         if credentials.mechanism == "APOP":
@@ -222,6 +258,7 @@ class UpstreamBackend:
 
     def _login_failed(self, failure: Any, credentials: Credentials, client: ClientInfo) -> Any:
         error = failure.value
+        self._count_error(error)
         if isinstance(error, defer.TimeoutError):
             error = Unavailable(f"no login answer within {self.settings.login_timeout:g} s")
         elif isinstance(error, UpstreamFailure):
@@ -428,6 +465,8 @@ class UpstreamMailbox:
         self.name = name
         self._sizes = {m.key: m.size for m in self.listing}
         self._released = False
+        #: set by the backend: pop3shield.metrics.UpstreamMetrics, or None
+        self.metrics: Any = None
 
     def send_message(self, key: Hashable, lines: int | None, status: bytes,
                      consumer: Any, prefetch: Hashable | None = None) -> defer.Deferred[int]:
@@ -446,7 +485,11 @@ class UpstreamMailbox:
         started = [False]
         producer = PausingProducer(self.protocol)
 
+        asked = self.protocol.reactor.seconds() if self.metrics is not None else 0.0
+
         def on_status(_status: Any) -> None:
+            if self.metrics is not None:
+                self.metrics.observe_upstream(self.protocol.reactor.seconds() - asked)
             started[0] = True
             consumer.registerProducer(producer, True)
             consumer.write(status)
@@ -475,6 +518,10 @@ class UpstreamMailbox:
                 log.warn("{name}: {command} failed: {reason}", name=self.name, command=command.decode(),
                          reason=failure.getErrorMessage())
             # a broken, hostile or vanished upstream: the client's session cannot go on either
+            if self.metrics is not None:
+                error = failure.value
+                self.metrics.upstream_error("protocol" if getattr(error, "violation", False) else
+                                            "timeout" if "no answer within" in str(error) else "closed")
             self.release()
             raise BackendBroken(f"{self.name}: {command.decode()}: {failure.getErrorMessage()}")
 

@@ -555,3 +555,35 @@ def test_hostile_upstream_mid_session_closes_both_sides_with_an_event(tmp_path, 
     finally:
         shield.stop()
         fake.close()
+
+
+def test_upstream_latency_and_errors_reach_the_metrics(tmp_path) -> None:
+    """The relay's upstream round trips and failures are counted where operators scrape them."""
+    from tests.test_metrics import _metrics_address, samples, scrape
+
+    box = start_relay(tmp_path, extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    try:
+        host, port, _ = _metrics_address(box.server.shield)
+        conn = poplib.POP3(box.host, box.port, timeout=TIMEOUT)
+        conn.user(USER)
+        conn.pass_(PASSWORD)
+        conn.retr(1)
+        conn.quit()
+        wrong = poplib.POP3(box.host, box.port, timeout=TIMEOUT)
+        wrong.user(USER)
+        with pytest.raises(poplib.error_proto):
+            wrong.pass_("not-the-password")
+        wrong.close()
+        box.server.dovecot.stop()
+        down = poplib.POP3(box.host, box.port, timeout=TIMEOUT)
+        down.user(USER)
+        with pytest.raises(poplib.error_proto):
+            down.pass_(PASSWORD)
+        down.close()
+        values = samples(scrape(host, port))
+        # one login and one RETR round trip measured; a refused password and a refused connection counted
+        assert values[("pop3shield_upstream_seconds_count", ())] == 2
+        assert values[("pop3shield_upstream_errors_total", (("reason", "auth"),))] == 1
+        assert values[("pop3shield_upstream_errors_total", (("reason", "connect"),))] == 1
+    finally:
+        box.server.stop()
