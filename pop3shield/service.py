@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from pop3shield.analysis import Analyzer
 from pop3shield.backends import IBackend
 from pop3shield.backends.maildir import MaildirBackend
+from pop3shield.backends.routing import split_endpoint
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.config import Config, ConfigError
 from pop3shield.events import EventLog
@@ -152,20 +153,8 @@ def _other_access(mode: int) -> str:
 
 
 def _endpoint_parts(description: str) -> tuple[list[str], dict[str, str]]:
-    """Twisted's endpoint string syntax: ``:`` separates, ``\\`` escapes, ``key=value`` names."""
-    parts, current, escaped = [], [], False
-    for ch in description:
-        if escaped:
-            current.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == ":":
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    parts.append("".join(current))
+    """Twisted's endpoint string syntax: positional fields and ``key=value`` names."""
+    parts = split_endpoint(description)
     args = [part for part in parts if "=" not in part]
     kwargs = dict(part.split("=", 1) for part in parts if "=" in part)
     return args, kwargs

@@ -56,8 +56,8 @@ class Endpoint:
     host: str | None
 
 
-def _split(description: str) -> list[str]:
-    """Twisted's syntax: ``:`` separates, ``\\`` escapes the next character."""
+def split_endpoint(description: str) -> list[str]:
+    """A Twisted endpoint string's fields: ``:`` separates, ``\\`` escapes the next character."""
     parts, current, escaped = [], [], False
     for ch in description:
         if escaped:
@@ -84,7 +84,7 @@ def parse_endpoint(text: str) -> Endpoint:
         raise EndpointError("must be a Twisted client endpoint string such as 'tcp:host=mail:port=110'")
     if any(unicodedata.category(ch).startswith("C") for ch in text):
         raise EndpointError("must not contain control characters")
-    parts = _split(text)
+    parts = split_endpoint(text)
     kind = parts[0].strip().lower()
     if kind not in (*PLAIN_KINDS, TLS_KIND):
         raise EndpointError(f"unknown endpoint type {parts[0]!r} (expected tcp, tcp6, unix or tls)")
