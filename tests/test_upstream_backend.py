@@ -49,6 +49,7 @@ class Collector:
         self.registered = 0
         self.pauses = 0
         self.pause_every = pause_every
+        self._resumes: list[Any] = []
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         assert streaming and self.producer is None
@@ -63,10 +64,16 @@ class Collector:
         if self.pause_every and self.producer is not None and len(self.data) // self.pause_every > self.pauses:
             self.pauses += 1
             self.producer.pauseProducing()
-            reactor.callLater(0.01, self._resume, self.producer)
+            self._resumes.append(reactor.callLater(0.01, self._resume, self.producer))
 
     def _resume(self, producer: Any) -> None:
         producer.resumeProducing()
+
+    def close(self) -> None:
+        """Cancel a resume still pending when the message is over (the reactor must be clean)."""
+        for call in self._resumes:
+            if call.active():
+                call.cancel()
 
 
 def creds(user: str, password: str | None = None, mechanism: str = "USER") -> Credentials:
@@ -176,6 +183,7 @@ class RelayedSession(_DovecotCase):
             out = Collector(pause_every=64 * 1024)
             await box.send_message(big.key, None, b"+OK\r\n", out)
             self.assertGreater(out.pauses, 5)
+            out.close()
             self.assertEqual(len(unstuffed(b"+OK\r\n" + bytes(out.data)[5:])), big.size)
             box.release()
         return defer.ensureDeferred(run())
