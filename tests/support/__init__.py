@@ -60,3 +60,33 @@ def shared_dir(*parts: str) -> Path:
     if not path.exists():
         skip_or_fail(f"the maintainers' notes are not at {path} (../shared next to the checkout)")
     return path
+
+
+class ChildServer:
+    """A test-owned server process in ``self.proc``: stopped by its PID (SIGTERM, then SIGKILL),
+    and usable as a context manager."""
+
+    proc = None
+
+    def stop(self) -> None:
+        import contextlib
+        import signal
+        import subprocess
+
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

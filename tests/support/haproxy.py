@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from . import require_binary
+from . import ChildServer, require_binary
 from .dovecot import free_port
 
 __all__ = ["HAProxy"]
@@ -41,7 +40,7 @@ backend shields
 """
 
 
-class HAProxy:
+class HAProxy(ChildServer):
     def __init__(self, backends: list[tuple[str, int]], *, send_proxy: str = "send-proxy-v2",
                  host: str = "127.0.0.1", source: str = "127.0.0.9", check: bool = False) -> None:
         assert send_proxy in ("send-proxy", "send-proxy-v2")
@@ -77,23 +76,3 @@ class HAProxy:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError("haproxy did not accept connections")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=5)
-
-    def __enter__(self) -> "HAProxy":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

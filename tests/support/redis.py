@@ -9,15 +9,13 @@ and returns ``(host, port)``. ``stop()`` sends SIGTERM to that PID, then SIGKILL
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-from . import require_binary
+from . import ChildServer, require_binary
 from .dovecot import free_port, tail
 
 __all__ = ["RedisServer"]
@@ -36,7 +34,7 @@ databases 2
 """
 
 
-class RedisServer:
+class RedisServer(ChildServer):
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port: int | None = None
@@ -85,23 +83,3 @@ class RedisServer:
                 return data.split(b"\r\n", 1)[0]
         except OSError:
             return None
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=5)
-
-    def __enter__(self) -> "RedisServer":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
