@@ -35,6 +35,7 @@ from pop3shield.core.settings import (
 )
 
 __all__ = [
+    "AnalysisConfig",
     "AuthConfig",
     "BackendConfig",
     "Config",
@@ -210,6 +211,24 @@ METRICS_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd"})
 
 
 @dataclass(frozen=True)
+class AnalysisConfig:
+    """The malicious-code detector's slow tier: its threads and its queue, shared fairly by source."""
+
+    threads: int = 2
+    #: analyses queued (waiting for a thread) in all
+    max_queue: int = 32
+    #: threads one source may hold at once; unset: max(1, threads // 2)
+    source_threads: int | None = None
+    #: queued analyses one source may hold; unset: max(1, max_queue // 4)
+    source_queue: int | None = None
+    #: seconds an analysis may wait for a thread before its command is refused ([SYS/TEMP])
+    wait: float = 2.0
+    #: a source is the client's address collapsed to this network size
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -220,6 +239,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     state: StateConfig = field(default_factory=StateConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
     source: str = DEFAULT_SOURCE
 
@@ -665,6 +685,22 @@ def _parse_metrics(ctx: _Context, data: dict[str, Any], present: bool) -> Metric
     return MetricsConfig(enabled=enabled, listen=listen)
 
 
+def _parse_analysis(ctx: _Context, data: dict[str, Any]) -> AnalysisConfig:
+    d = AnalysisConfig()
+    t = _Table(ctx, "analysis", data, _field_names(AnalysisConfig))
+    threads = t.integer("threads", d.threads, 1, 64)
+    max_queue = t.integer("max_queue", d.max_queue, 1, 100_000)
+    source_threads = t.integer("source_threads", max(1, threads // 2), 1, threads)
+    source_queue = t.integer("source_queue", max(1, max_queue // 4), 1, max_queue)
+    wait = t.number("wait", d.wait, 0.0, above=True)
+    if wait > 60.0:
+        raise t.error("wait", f"must be at most 60 seconds (the client waits that long), got {wait:g}")
+    return AnalysisConfig(threads=threads, max_queue=max_queue, source_threads=source_threads,
+                          source_queue=source_queue, wait=wait,
+                          ipv4_prefix=t.integer("ipv4_prefix", d.ipv4_prefix, 0, 32),
+                          ipv6_prefix=t.integer("ipv6_prefix", d.ipv6_prefix, 0, 128))
+
+
 # --------------------------------------------------------------------------- protections
 
 
@@ -802,6 +838,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "logging": LoggingConfig,
     "state": StateConfig,
     "metrics": MetricsConfig,
+    "analysis": AnalysisConfig,
 }
 
 
@@ -829,6 +866,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
         logging=_parse_logging(ctx, root.table("logging")),
         state=_parse_state(ctx, root.table("state")),
         metrics=_parse_metrics(ctx, root.table("metrics"), "metrics" in data),
+        analysis=_parse_analysis(ctx, root.table("analysis")),
         protections=protections,
         source=source,
     )

@@ -84,11 +84,18 @@ class _Readings(Collector):
                                   "Arguments' analyses queued or running in the detector's pool.")
         refused = CounterMetricFamily("pop3shield_analysis_refused",
                                       "Analyses refused because the detector's queue was full (fail closed).")
+        reasons = CounterMetricFamily("pop3shield_analysis_refusals",
+                                      "Analyses refused for capacity, by reason: share (the source's share of "
+                                      "the queue was full), full (the queue was full), wait (no worker within "
+                                      "the wait).", labels=["reason"])
         if self.analyzer is not None:
             depth.add_metric([], self.analyzer.pending)
             refused.add_metric([], self.analyzer.refused)
+            for reason, count in sorted(getattr(self.analyzer, "refused_by", {}).items()):
+                reasons.add_metric([reason], count)
         yield depth
         yield refused
+        yield reasons
         queued = GaugeMetricFamily("pop3shield_threadpool_queue_depth", "Work items waiting for a thread.",
                                    labels=["pool"])
         working = GaugeMetricFamily("pop3shield_threadpool_working", "Threads busy with a work item.",

@@ -253,6 +253,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._proxy_deadline.cancel()
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
+        if self._analysis is not None:
+            self._analysis.cancel()  # a queued analysis of a client that left is dropped
         if self._admitted:
             self.factory.release(self.client_address, self.session_id, counted=not self._logged_in)
             self.factory.metrics.connection_closed()
@@ -354,17 +356,29 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                   session=self.session_id, user=action.username, mechanism=action.mechanism,
                   messages=action.messages, octets=action.octets)
 
+    _analysis: Any = None
+
     def _do_Analyze(self, action: A.Analyze) -> None:
-        d = self.factory.analyzer.analyze(action.arguments)
+        # shared fairly by source network: a flood from one network cannot starve the others
+        d = self._analysis = self.factory.analyzer.analyze(action.arguments, self.client_address)
+        d.addBoth(self._analysis_over)
         d.addErrback(self._analysis_error, len(action.arguments))
         d.addCallback(self._count_verdicts)
         d.addCallback(self._guard(lambda verdicts: self.session.analysis_finished(verdicts)))
 
     def _count_verdicts(self, verdicts: Any) -> Any:
+        if verdicts is None:
+            return None
         self.factory.metrics.deep_verdicts(verdicts)
         return verdicts
 
+    def _analysis_over(self, result: Any) -> Any:
+        self._analysis = None
+        return result
+
     def _analysis_error(self, failure: Failure, count: int) -> list[None]:
+        if failure.check(defer.CancelledError):
+            return None  # cancelled: the client left, nobody waits for it
         log.failure("malicious code analysis failed", failure)
         return [None] * count
 

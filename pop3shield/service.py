@@ -361,7 +361,11 @@ def make_service(config: Config, reactor: Any = None,
     events = EventLog(config.events.path, config.events.rate_limit,
                       global_rate_limit=config.events.global_rate_limit,
                       queue_limit=EVENT_QUEUE_LIMIT)  # a writer thread: a slow disk never blocks the reactor
-    analyzer = Analyzer(reactor, observe_wait=metrics.analysis_waited)
+    analysis = config.analysis
+    analyzer = Analyzer(reactor, threads=analysis.threads, max_pending=analysis.max_queue,
+                        source_running=analysis.source_threads, source_queue=analysis.source_queue,
+                        wait=analysis.wait, ipv4_prefix=analysis.ipv4_prefix, ipv6_prefix=analysis.ipv6_prefix,
+                        observe_wait=metrics.analysis_waited)
     from pop3shield.logsetup import log_writer
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],

@@ -258,7 +258,7 @@ class Clean:
 
 
 class NoAnalysis:
-    def analyze(self, arguments):  # noqa: ANN001
+    def analyze(self, arguments, source=None):  # noqa: ANN001
         return defer.succeed([Clean() for _ in arguments])
 
 

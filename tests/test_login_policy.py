@@ -94,7 +94,7 @@ class _Clean:
 
 
 class _NoAnalysis:
-    def analyze(self, arguments):
+    def analyze(self, arguments, source=None):
         return defer.succeed([_Clean() for _ in arguments])
 
 

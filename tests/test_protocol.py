@@ -44,7 +44,7 @@ class SyncFactory(POP3ServerFactory):
 
 
 class NoAnalysis:
-    def analyze(self, arguments):
+    def analyze(self, arguments, source=None):
         return defer.succeed([Clean() for _ in arguments])
 
 

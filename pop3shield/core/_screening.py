@@ -196,11 +196,6 @@ class Screening:
         trigger = self.engine.trigger("malicious_code", self._sample_of(line), reasons=reasons)
         return Finding(trigger, "Command refused.")
 
-    def _mcp_unavailable(self, line: Line | Overlong) -> Finding:
-        """Fail closed: no capacity for the analysis means the command does not run."""
-        trigger = self.engine.trigger("malicious_code", self._sample_of(line), reasons=["analysis capacity exhausted"])
-        return Finding(trigger, "Server busy, try again later.", "SYS/TEMP")
-
     def _sample_of(self, line: Line | Overlong) -> Callable[[], str]:
         return self._sample(line.content if isinstance(line, Line) else line.head)
 

@@ -179,10 +179,10 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         pending, self._pending = self._pending, None
         assert pending is not None  # Screening asks for Analyze only with a pending line
         findings = list(pending.findings)
+        # no capacity (a flood elsewhere): the command is refused with [SYS/TEMP], and that is no
+        # security event against whoever sent it; the I/O layer counts and logs the refusal
         refuse = any(v is None for v in verdicts)
-        if refuse:
-            findings.insert(pending.lead, self._mcp_unavailable(pending.line))
-        elif any(v.malicious for v in verdicts):
+        if not refuse and any(v.malicious for v in verdicts):
             reasons = sorted({r for v in verdicts if v.malicious for r in v.reasons})
             findings.insert(pending.lead, self._mcp_trigger(pending.line, reasons))
         self._resume(replace(pending, findings=tuple(findings)), refuse)

@@ -1648,6 +1648,8 @@ def test_mcp_slow_tier_clean(make_driver: Any, kit: Any) -> None:
 
 @pytest.mark.parametrize("action", ALL_ACTIONS)
 def test_mcp_fails_closed_without_capacity(make_driver: Any, kit: Any, action: Action) -> None:
+    """No capacity for the slow tier: the command does not run and gets [SYS/TEMP], but that is no
+    security event in the name of the user who arrived during a flood (issue 10), whatever the action."""
     d = make_driver(settings_with(malicious_code=action), quick_check=kit.marker_check,
                     auto=(A.Authenticate,))
     d.send(b"USER bob\r\nPASS SLOWPATH" + PASSWORD + b"\r\n")
@@ -1658,14 +1660,9 @@ def test_mcp_fails_closed_without_capacity(make_driver: Any, kit: Any, action: A
     out = d.call("analysis_finished", [None])
     assert out == b"-ERR [SYS/TEMP] Server busy, try again later.\r\n"
     assert d.logins == []
-    [event] = d.reports
-    assert_event(event, "malicious_code", action)
-    assert event.detail == {"reasons": ["analysis capacity exhausted"]}
-    assert event.command.startswith("PASS <hidden")
-    if action is Action.PREVENT:
-        assert d.closes == [A.Close("prevented:malicious_code")]
-    else:
-        assert not d.closed
+    assert d.reports == []
+    assert not d.closed
+    assert d.send(b"CAPA\r\n").startswith(b"+OK")
 
 
 def test_mcp_inactive_never_asks(make_driver: Any) -> None:
