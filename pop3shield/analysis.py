@@ -8,7 +8,7 @@ pool, and the queue in front of it is this module's, not the pool's:
   IPv4, ``/64`` for IPv6 by default: one host, one home, one small office), and the sources
   are served round-robin, not first come first served;
 * one source holds at most ``source_running`` workers (default ``max(1, threads // 2)``) and
-  ``source_queue`` queued requests (default a quarter of ``max_pending``); past its share its
+  ``source_queue`` queued requests (default half of ``max_pending``: the simultaneous logins of a NAT fit); past its share its
   new requests are refused at once;
 * when the whole queue (``max_pending``) is full, a newcomer takes the place of the newest
   request of the source with the most queued, if that source holds more than the newcomer's
@@ -98,7 +98,7 @@ class Analyzer:
         self.threads = threads
         self.max_pending = max_pending
         self.source_running = source_running if source_running is not None else max(1, threads // 2)
-        self.source_queue = source_queue if source_queue is not None else max(1, max_pending // 4)
+        self.source_queue = source_queue if source_queue is not None else max(1, max_pending // 2)
         self.wait = wait
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix

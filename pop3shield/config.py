@@ -219,7 +219,7 @@ class AnalysisConfig:
     max_queue: int = 32
     #: threads one source may hold at once; unset: max(1, threads // 2)
     source_threads: int | None = None
-    #: queued analyses one source may hold; unset: max(1, max_queue // 4)
+    #: queued analyses one source may hold; unset: max(1, max_queue // 2)
     source_queue: int | None = None
     #: seconds an analysis may wait for a thread before its command is refused ([SYS/TEMP])
     wait: float = 2.0
@@ -691,7 +691,7 @@ def _parse_analysis(ctx: _Context, data: dict[str, Any]) -> AnalysisConfig:
     threads = t.integer("threads", d.threads, 1, 64)
     max_queue = t.integer("max_queue", d.max_queue, 1, 100_000)
     source_threads = t.integer("source_threads", max(1, threads // 2), 1, threads)
-    source_queue = t.integer("source_queue", max(1, max_queue // 4), 1, max_queue)
+    source_queue = t.integer("source_queue", max(1, max_queue // 2), 1, max_queue)
     wait = t.number("wait", d.wait, 0.0, above=True)
     if wait > 60.0:
         raise t.error("wait", f"must be at most 60 seconds (the client waits that long), got {wait:g}")
