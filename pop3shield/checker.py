@@ -161,8 +161,10 @@ class PasswdFileChecker:
         self._reload_if_changed()
         entries, dummy = self._state
         entry = entries.get(user) if user is not None else None
+        # one path for every kind of entry: the dummy's hash is paid by unknown, hashed and
+        # {PLAIN} entries alike, so the cost of an APOP says nothing about the account
+        verify_password(dummy, b"")
         if entry is None or entry.scheme != PLAIN:
-            verify_password(dummy, b"")  # the same cost whatever the reason for failing
             return None
         try:
             matched = bool(credentials.checkPassword(entry.hash.encode("utf-8")))

@@ -112,6 +112,11 @@ class ServerConfig:
     greeting_delay: float = 0.0
     auth_failure_delay: float = 2.0
     auth_failure_delay_max: float = 15.0
+    #: failures counted for the address, the user name, the pair, from which a login is refused without
+    #: checking the password (0: always checked); a NAT's address sees many users' typos
+    auth_unchecked_address: int = 100
+    auth_unchecked_user: int = 20
+    auth_unchecked_pair: int = 5
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
     #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
@@ -470,6 +475,9 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         greeting_delay=_greeting_delay(t, d.greeting_delay),
         auth_failure_delay=delay,
         auth_failure_delay_max=_delay_max(t, delay, d.auth_failure_delay_max),
+        auth_unchecked_address=t.integer("auth_unchecked_address", d.auth_unchecked_address, 0),
+        auth_unchecked_user=t.integer("auth_unchecked_user", d.auth_unchecked_user, 0),
+        auth_unchecked_pair=t.integer("auth_unchecked_pair", d.auth_unchecked_pair, 0),
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
         thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in

@@ -401,16 +401,32 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         ctx = self.ctx
         client = ClientInfo(ctx.session, ctx.client_address, ctx.client_port, ctx.server_address, ctx.server_port)
         self._login_user = action.username
+        # a failed login is answered at a deadline fixed now, from the command's arrival, whatever
+        # the hash costs (so its time says nothing about the account); until the penalty is read,
+        # the longest delay
+        self._login_arrived = self.factory.reactor.seconds()
+        self._login_deadline = self._login_arrived + self.factory.delays.ceiling
         # the shared penalty is read first: with the state unreachable and fail-closed, no login is checked
-        d = self.factory.state.penalty(self.client_address or "-", action.username)
+        d = self.factory.state.counts(self.client_address or "-", action.username)
         d.addCallback(self._check_login, credentials, client)
         d.addCallbacks(self._login_ok, self._login_error)
         d.addErrback(self._log_failure, "login")
 
-    def _check_login(self, _level: int, credentials: Credentials, client: ClientInfo) -> Any:
+    _login_arrived = 0.0
+    _login_deadline = 0.0
+
+    def _check_login(self, counts: tuple[int, int, int], credentials: Credentials, client: ClientInfo) -> Any:
         if self.session is None or self.session.closed:
             return None  # the client left while the state answered: no hashing for nobody
-        return self.factory.backend.login(credentials, client)
+        f = self.factory
+        self._login_deadline = self._login_arrived + f.delays.delay(max(counts) + 1)
+        if any(limit and count >= limit for count, limit in zip(counts, f.penalty_thresholds)):
+            # an active penalty (address, user or pair): refused at the deadline unchecked, so no
+            # thread hashes for a guesser (a right password is refused too, until it is forgotten)
+            log.debug("session {session} login not checked: failures address={address} user={user} pair={pair}",
+                      session=self.session_id, address=counts[0], user=counts[1], pair=counts[2])
+            raise LoginRefused("penalty")
+        return f.backend.login(credentials, client)
 
     def _login_ok(self, mailbox: Any) -> None:
         if mailbox is None:
@@ -473,16 +489,19 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                       user=self.session.user)
             args = ("AUTH", refused.reason) if refused.reason else ()
             d = self.factory.state.failed(self.client_address or "-", self._login_user)
-            d.addCallback(self.factory.delays.delay)
+            d.addCallback(lambda _level: self._login_deadline)
 
             def unknown(failure: Failure) -> float:  # the count is lost: the longest delay, to be safe
                 self._state_error(failure, "recording a failed login")
-                return self.factory.delays.ceiling
+                return self._login_arrived + self.factory.delays.ceiling
             d.addErrback(unknown)
             if refused.nodelay:
                 d.addCallback(lambda _: 0.0)  # e.g. nologin + nodelay (after a verified password): answered at once
-            d.addCallback(lambda delay: self.factory.reactor.callLater(
-                delay, self._guard(lambda _: self.session.login_failed(*args)), None))
+            # at the deadline fixed on arrival (or at once, when the hash took even longer); a
+            # timer on the reactor: no thread waits
+            d.addCallback(lambda deadline: self.factory.reactor.callLater(
+                max(0.0, deadline - self.factory.reactor.seconds()),
+                self._guard(lambda _: self.session.login_failed(*args)), None))
             d.addErrback(self._log_failure, "login")
             return
         if failure.check(StateUnavailable):
@@ -582,6 +601,7 @@ class POP3ServerFactory(ServerFactory):
         max_connections_per_user_ip: int = 10,
         auth_failure_delay: float = 2.0,
         auth_failure_delay_max: float = 15.0,
+        auth_penalty_thresholds: tuple[int, int, int] = (100, 20, 5),
         quick_check: Any = None,
         log_rate_limit: int = 60,
         log_global_rate_limit: int | None = 600,
@@ -604,6 +624,8 @@ class POP3ServerFactory(ServerFactory):
         self.max_connections_per_user_ip = max_connections_per_user_ip
         self.state: IState = state if state is not None else LocalState(reactor.seconds)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
+        #: failures of the address, the user, the pair from which passwords are not checked (0: always checked)
+        self.penalty_thresholds = auth_penalty_thresholds
         #: what the connections count (a registry of its own; served only if [metrics] is enabled)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(events=events, analyzer=analyzer)

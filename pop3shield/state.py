@@ -63,6 +63,9 @@ class IState(Interface):
     def penalty(address: str, user: str | None) -> defer.Deferred[int]:
         """The penalty level a login attempt would meet now (0: none)."""
 
+    def counts(address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+        """The failure counts of the address, the user name and the pair (0 where there is none)."""
+
     def succeeded(address: str, user: str) -> defer.Deferred[None]:
         """A valid login: forget the failures of this (address, user) pair, and only those."""
 
@@ -142,6 +145,14 @@ class LocalState:
     def penalty_now(self, address: str, user: str | None) -> int:
         now = self.clock()
         return max(self._count(key, now) for key in failure_keys(address, user))
+
+    def counts_now(self, address: str, user: str | None) -> tuple[int, int, int]:
+        now = self.clock()
+        found = [self._count(key, now) for key in failure_keys(address, user)]
+        return (found[0], found[1], found[2]) if user is not None else (found[0], 0, 0)
+
+    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+        return defer.succeed(self.counts_now(address, user))
 
     def succeeded_now(self, address: str, user: str) -> None:
         now = self.clock()
@@ -309,6 +320,13 @@ class RedisState:
     def penalty_blocking(self, address: str, user: str | None) -> int:
         return max(int(v or 0) for v in self.client.mget(self._keys(failure_keys(address, user))))
 
+    def counts_blocking(self, address: str, user: str | None) -> tuple[int, int, int]:
+        found = [int(v or 0) for v in self.client.mget(self._keys(failure_keys(address, user)))]
+        return (found[0], found[1], found[2]) if user is not None else (found[0], 0, 0)
+
+    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+        return self._call(self.counts_blocking, address, user)
+
     def succeeded_blocking(self, address: str, user: str) -> None:
         self._scripts["succeeded"](keys=self._keys(failure_keys(address, user)))
 
@@ -428,6 +446,9 @@ class Failover:
 
     def penalty(self, address: str, user: str | None) -> defer.Deferred[int]:
         return self._run("penalty", address, user)
+
+    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+        return self._run("counts", address, user)
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:
         return self._run("succeeded", address, user)

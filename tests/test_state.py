@@ -217,6 +217,9 @@ class SlowState(LocalState):
     def penalty(self, address, user):
         return self._later(super().penalty(address, user))
 
+    def counts(self, address, user):
+        return self._later(super().counts(address, user))
+
     def answer(self):
         held, self.held = self.held, []
         for d, value in held:
