@@ -119,6 +119,8 @@ class ServerConfig:
     auth_unchecked_pair: int = 5
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
+    #: threads that verify password hashes, apart from thread_pool_size's mailbox I/O
+    hash_threads: int = 4
     #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()
     #: seconds a trusted proxy has to send that header
@@ -480,6 +482,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         auth_unchecked_pair=t.integer("auth_unchecked_pair", d.auth_unchecked_pair, 0),
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
         thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
+        hash_threads=t.integer("hash_threads", d.hash_threads, 1, 256),
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),

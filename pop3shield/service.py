@@ -22,6 +22,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from pop3shield.analysis import Analyzer
 from pop3shield.backends import IBackend
@@ -197,12 +198,22 @@ def _check_same_files(config: Config, warn: Callable[[str, str], None]) -> None:
                 warn(key, f"{resolved} is also {other}")
 
 
+def hash_pool(reactor: Any) -> ThreadPool:
+    """The threads that verify password hashes, apart from the mailbox I/O ones (``server.hash_threads``).
+
+    A login flood fills this pool's queue, never the reactor's pool that reads messages, so the
+    sessions already logged in keep streaming. Made by :func:`make_service`; without it
+    (a test building a backend alone) the reactor's pool is used.
+    """
+    return getattr(reactor, "pop3shield_hash_pool", None) or reactor.getThreadPool()
+
+
 def build_portal(config: Config, reactor: Any) -> Portal:
     """A portal with the configured realm and the passwd-file checker (verifying in threads)."""
     portal = Portal(load_realm(config))
     if config.auth.passwd_file:
         checker = PasswdFileChecker(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext,
-                                    threadpool=reactor.getThreadPool(), reactor=reactor)
+                                    threadpool=hash_pool(reactor), reactor=reactor)
         portal.registerChecker(checker)
     return portal
 
@@ -226,7 +237,7 @@ def _upstream_backend(config: Config, reactor: Any, metrics: Metrics | None = No
     checker = None
     if config.auth.passwd_file:
         checker = PasswdFileChecker(config.auth.passwd_file, allow_plaintext=config.auth.allow_plaintext,
-                                    threadpool=reactor.getThreadPool(), reactor=reactor)
+                                    threadpool=hash_pool(reactor), reactor=reactor)
     return UpstreamBackend(settings_from_config(config), reactor, checker=checker,
                            threadpool=reactor.getThreadPool(),
                            metrics=metrics.upstream if metrics is not None else None)
@@ -325,18 +336,23 @@ class _Lifecycle(service.Service):
     """Starts and stops the analysis pool and the shared state, and closes the event file with the
     server (writing what its writer thread still has queued, waiting a bounded time)."""
 
-    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any) -> None:
+    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any, pools: tuple[Any, ...] = ()) -> None:
         self.analyzer = analyzer
         self.events = events
         self.state = state
+        self.pools = pools
 
     def startService(self) -> None:
         super().startService()
+        for pool in self.pools:
+            pool.start()
         self.analyzer.start()
         self.state.start()
 
     def stopService(self) -> None:
         super().stopService()
+        for pool in self.pools:
+            pool.stop()
         self.analyzer.stop()
         self.state.stop()
         self.events.close()
@@ -356,6 +372,8 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
+    hashing = ThreadPool(minthreads=0, maxthreads=config.server.hash_threads, name="pop3shield-hash")
+    reactor.pop3shield_hash_pool = hashing  # the checkers built below verify in it
     metrics = Metrics()
     backend = build_backend(config, reactor, metrics)
     events = EventLog(config.events.path, config.events.rate_limit,
@@ -368,7 +386,8 @@ def make_service(config: Config, reactor: Any = None,
                         observe_wait=metrics.analysis_waited)
     from pop3shield.logsetup import log_writer
 
-    metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],
+    metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool),
+                         ("hash", lambda: hashing)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     state = build_state(config, reactor)
     server = config.server
@@ -388,7 +407,7 @@ def make_service(config: Config, reactor: Any = None,
         metrics=metrics,
     )
     top = service.MultiService()
-    _Lifecycle(analyzer, events, state).setServiceParent(top)
+    _Lifecycle(analyzer, events, state, (hashing,)).setServiceParent(top)
     listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
     if config.metrics.enabled:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
