@@ -108,6 +108,8 @@ class ServerConfig:
     #: sessions logged in as one user from one address (Dovecot's mail_max_userip_connections)
     max_connections_per_user_ip: int = 10
     login_timeout: float = 60.0
+    #: seconds from the connection to a login, however busy the client (Dovecot: 180); 0 = none
+    login_deadline: float = 180.0
     idle_timeout: float = 600.0
     greeting_delay: float = 0.0
     auth_failure_delay: float = 2.0
@@ -473,6 +475,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
         max_connections_per_user_ip=t.integer("max_connections_per_user_ip", d.max_connections_per_user_ip, 1),
         login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
+        login_deadline=t.number("login_deadline", d.login_deadline, 0.0),
         idle_timeout=t.number("idle_timeout", d.idle_timeout, RFC1939_MIN_IDLE),
         greeting_delay=_greeting_delay(t, d.greeting_delay),
         auth_failure_delay=delay,

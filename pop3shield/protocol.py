@@ -188,6 +188,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                                quick_check=f.quick_check)
         log.debug("session {session} connect from {address}:{port}", session=self.session_id,
                   address=self.ctx.client_address, port=self.ctx.client_port)
+        if f.login_deadline:
+            # absolute, unlike the idle timeout that each byte restarts: one byte a second buys nothing
+            self._prelogin_timer = f.reactor.callLater(f.login_deadline, self._login_deadline_reached)
         if f.greeting_delay > 0:
             self._greeting = f.reactor.callLater(f.greeting_delay, self._greet)
             self.setTimeout(f.login_timeout)
@@ -197,6 +200,18 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.dataReceived(early)
 
     _greeting: Any = None
+    _prelogin_timer: Any = None
+
+    def _login_deadline_reached(self) -> None:
+        """``server.login_deadline`` after the connection, still not logged in: dropped (Dovecot's 180 s)."""
+        self._prelogin_timer = None
+        if self.session is None or self.session.closed or self._logged_in:
+            return
+        self._ended = "login deadline"
+        log.info("session {session} from {address}:{port} not logged in within {deadline:g} s: disconnected",
+                 session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port,
+                 deadline=self.factory.login_deadline)
+        self._run(self.session.timed_out())
 
     def _greet(self) -> None:
         """Send the greeting; input that arrived before it makes the session refuse the client."""
@@ -253,6 +268,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._proxy_deadline.cancel()
         if self._greeting is not None and self._greeting.active():
             self._greeting.cancel()
+        if self._prelogin_timer is not None and self._prelogin_timer.active():
+            self._prelogin_timer.cancel()
         if self._analysis is not None:
             self._analysis.cancel()  # a queued analysis of a client that left is dropped
         if self._admitted:
@@ -461,6 +478,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.factory.metrics.login(self._mechanism, "ok")
         # logged in: from now on it counts per (user, address), no longer against its address's limit
         self._logged_in = True
+        if self._prelogin_timer is not None and self._prelogin_timer.active():
+            self._prelogin_timer.cancel()
+        self._prelogin_timer = None
         d = self.factory.state.release(address_key(self.client_address), self.session_id)
         d.addErrback(self._state_error, "releasing the address's count")
         self._run(self.session.login_succeeded(mailbox.listing))
@@ -594,6 +614,7 @@ class POP3ServerFactory(ServerFactory):
         reactor: Any,
         analyzer: Any,
         login_timeout: float = 60.0,
+        login_deadline: float = 180.0,
         idle_timeout: float = 600.0,
         greeting_delay: float = 0.0,
         max_connections: int = 1000,
@@ -616,6 +637,8 @@ class POP3ServerFactory(ServerFactory):
         self.reactor = reactor
         self.analyzer = analyzer
         self.login_timeout = login_timeout
+        #: seconds from admission to a login, whatever the client sends meanwhile (0: none)
+        self.login_deadline = login_deadline
         self.idle_timeout = idle_timeout
         self.greeting_delay = greeting_delay
         #: this process's total; per address and per (user, address) are in the (maybe shared) state

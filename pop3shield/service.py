@@ -394,7 +394,7 @@ def make_service(config: Config, reactor: Any = None,
     factory = POP3ServerFactory(
         config.session_settings(), backend, events,
         reactor=reactor, analyzer=analyzer,
-        login_timeout=server.login_timeout, idle_timeout=server.idle_timeout,
+        login_timeout=server.login_timeout, login_deadline=server.login_deadline, idle_timeout=server.idle_timeout,
         greeting_delay=server.greeting_delay,
         max_connections=server.max_connections, max_connections_per_ip=server.max_connections_per_ip,
         max_connections_per_user_ip=server.max_connections_per_user_ip, state=state,
