@@ -38,6 +38,7 @@ __all__ = [
     "AnalysisConfig",
     "AuthConfig",
     "BackendConfig",
+    "ConnectionLimitOverride",
     "Config",
     "ConfigError",
     "EventsConfig",
@@ -96,6 +97,16 @@ def _one_line(text: str) -> str:
 
 
 @dataclass(frozen=True)
+class ConnectionLimitOverride:
+    """``server.connection_limits`` entry: other per-address limits for addresses in these networks."""
+
+    networks: tuple[IPNetwork, ...]
+    max_connections_per_ip: int | None = None
+    new_connections_per_ip: float | None = None
+    new_connections_burst: int | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Listening, greeting and resource limits of the front-end."""
 
@@ -104,7 +115,13 @@ class ServerConfig:
     implementation: str | None = None
     apop: bool = False
     max_connections: int = 1000
-    max_connections_per_ip: int = 20
+    #: connections from one address not logged in yet: a NAT of a few hundred users logging in
+    max_connections_per_ip: int = 300
+    #: new connections a second from one address (a token bucket), and its burst; 0 = no limit
+    new_connections_per_ip: float = 30.0
+    new_connections_burst: int = 300
+    #: per-network overrides of the three above, first match wins
+    connection_limits: tuple[ConnectionLimitOverride, ...] = ()
     #: sessions logged in as one user from one address (Dovecot's mail_max_userip_connections)
     max_connections_per_user_ip: int = 10
     login_timeout: float = 60.0
@@ -473,6 +490,9 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         apop=t.boolean("apop", d.apop),
         max_connections=t.integer("max_connections", d.max_connections, 1),
         max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        new_connections_per_ip=t.number("new_connections_per_ip", d.new_connections_per_ip, 0.0),
+        new_connections_burst=t.integer("new_connections_burst", d.new_connections_burst, 1),
+        connection_limits=_connection_limits(t),
         max_connections_per_user_ip=t.integer("max_connections_per_user_ip", d.max_connections_per_user_ip, 1),
         login_timeout=t.number("login_timeout", d.login_timeout, 0.0, above=True),
         login_deadline=t.number("login_deadline", d.login_deadline, 0.0),
@@ -502,6 +522,33 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
             f"got {config.max_connections_per_ip}",
         )
     return config
+
+
+def _connection_limits(table: _Table) -> tuple[ConnectionLimitOverride, ...]:
+    """``[{ networks = ["10.0.0.0/8"], max_connections_per_ip = 2000, new_connections_per_ip = 100 }]``."""
+    result = []
+    for index, item in enumerate(table.array("connection_limits", [])):
+        key = table.key(f"connection_limits[{index}]")
+        if not isinstance(item, dict):
+            raise table.ctx.error(key, _expected("table", item))
+        names = ("networks", "max_connections_per_ip", "new_connections_per_ip", "new_connections_burst")
+        sub = _Table(table.ctx, key, item, names)
+        networks = sub.array("networks")
+        if not networks:
+            raise sub.error("networks", "must list at least one network")
+        if len(item) == 1:
+            raise sub.error("networks", "the entry sets no limit (max_connections_per_ip, new_connections_per_ip "
+                                        "or new_connections_burst)")
+        result.append(ConnectionLimitOverride(
+            networks=tuple(_network(sub, f"networks[{i}]", text) for i, text in enumerate(networks)),
+            max_connections_per_ip=sub.integer("max_connections_per_ip", None, 1)
+            if "max_connections_per_ip" in item else None,
+            new_connections_per_ip=sub.number("new_connections_per_ip", 0.0, 0.0)
+            if "new_connections_per_ip" in item else None,
+            new_connections_burst=sub.integer("new_connections_burst", 1, 1)
+            if "new_connections_burst" in item else None,
+        ))
+    return tuple(result)
 
 
 def _proxy_timeout(table: _Table, default: float) -> float:

@@ -8,10 +8,16 @@ left here is policy and this process's own total.
 
 from __future__ import annotations
 
-__all__ = ["ConnectionLimits", "FailureDelays"]
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AddressLimits", "ConnectionLimits", "ConnectionPolicy", "FailureDelays"]
 
 TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 TOO_MANY_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+TOO_FAST_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many new connections from your address, try again later.\r\n"
 STATE_UNAVAILABLE = b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
 
 
@@ -50,3 +56,36 @@ class ConnectionLimits:
     def release(self) -> None:
         """An admitted connection ended."""
         self.connections -= 1
+
+
+@dataclass(frozen=True)
+class AddressLimits:
+    """What one client address may hold before login: connections at once, and new ones per second."""
+
+    max_connections: int
+    #: new connections per second (a token bucket refilled at this rate); 0: not limited
+    rate: float
+    #: the bucket's size: that many new connections at once after a quiet spell
+    burst: int
+
+
+class ConnectionPolicy:
+    """The per-address limits, with per-network overrides (``server.connection_limits``), first match wins."""
+
+    def __init__(self, default: AddressLimits, overrides: Iterable[tuple[tuple[Any, ...], AddressLimits]] = ()) -> None:
+        self.default = default
+        self.overrides = tuple(overrides)
+
+    def for_address(self, address: str | None) -> AddressLimits:
+        if not self.overrides or not address:
+            return self.default
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return self.default
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        for networks, limits in self.overrides:
+            if any(net.version == ip.version and ip in net for net in networks):
+                return limits
+        return self.default

@@ -37,6 +37,8 @@ COMMAND_KEYWORDS = frozenset({
 #: what the session logs in with (``Authenticate.mechanism``)
 LOGIN_MECHANISMS = frozenset({"USER", "APOP", "PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
 LOGIN_RESULTS = ("ok", "auth", "in-use", "unavailable")
+#: which limit refused a connection
+CONNECTION_REFUSALS = ("total", "address", "rate", "state")
 #: why an upstream call failed, as the upstream backend reports it; anything else is "other"
 UPSTREAM_ERRORS = frozenset({"connect", "timeout", "tls", "protocol", "auth", "closed"})
 
@@ -156,8 +158,14 @@ class Metrics:
                                           buckets=_LATENCY_BUCKETS, registry=r)
         self.upstream_errors = Counter("pop3shield_upstream_errors", "Failed upstream calls, by reason.",
                                        ["reason"], registry=r)
+        self.refusals = Counter("pop3shield_connections_refused", "Client connections refused, by limit: total "
+                                "(max_connections), address (connections of one address before login), rate (new "
+                                "connections a second of one address), state (the shared state unreachable).",
+                                ["reason"], registry=r)
         for result in ("accepted", "refused"):
             self.connections.labels(result)
+        for reason in CONNECTION_REFUSALS:
+            self.refusals.labels(reason)
         self.upstream = UpstreamMetrics(self.upstream_latency, self.upstream_errors)
         self.readings = _Readings()
         r.register(self.readings)
@@ -181,6 +189,10 @@ class Metrics:
         self.connections.labels("accepted" if accepted else "refused").inc()
         if accepted:
             self.connections_open.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        """A connection limit said no: ``total``, ``address``, ``rate``, ``state``."""
+        self.refusals.labels(reason if reason in CONNECTION_REFUSALS else "total").inc()
 
     def connection_closed(self) -> None:
         self.connections_open.dec()

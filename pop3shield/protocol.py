@@ -38,7 +38,15 @@ from pop3shield.core import actions as A
 from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
-from pop3shield.limits import STATE_UNAVAILABLE, TOO_MANY_FROM_ADDRESS, ConnectionLimits, FailureDelays
+from pop3shield.limits import (
+    STATE_UNAVAILABLE,
+    TOO_FAST_FROM_ADDRESS,
+    TOO_MANY_FROM_ADDRESS,
+    AddressLimits,
+    ConnectionLimits,
+    ConnectionPolicy,
+    FailureDelays,
+)
 from pop3shield.metrics import CommandScanner, Metrics
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
 from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
@@ -618,7 +626,10 @@ class POP3ServerFactory(ServerFactory):
         idle_timeout: float = 600.0,
         greeting_delay: float = 0.0,
         max_connections: int = 1000,
-        max_connections_per_ip: int = 20,
+        max_connections_per_ip: int = 300,
+        new_connections_per_ip: float = 0.0,
+        new_connections_burst: int = 60,
+        connection_limits: Any = (),
         max_connections_per_user_ip: int = 10,
         auth_failure_delay: float = 2.0,
         auth_failure_delay_max: float = 15.0,
@@ -644,6 +655,14 @@ class POP3ServerFactory(ServerFactory):
         #: this process's total; per address and per (user, address) are in the (maybe shared) state
         self.limits = ConnectionLimits(max_connections)
         self.max_connections_per_ip = max_connections_per_ip
+        #: per address before login: connections at once and new ones a second, overridable per network
+        default = AddressLimits(max_connections_per_ip, new_connections_per_ip, new_connections_burst)
+        self.policy = ConnectionPolicy(default, [
+            (o.networks, AddressLimits(
+                o.max_connections_per_ip if o.max_connections_per_ip is not None else default.max_connections,
+                o.new_connections_per_ip if o.new_connections_per_ip is not None else default.rate,
+                o.new_connections_burst if o.new_connections_burst is not None else default.burst))
+            for o in connection_limits])
         self.max_connections_per_user_ip = max_connections_per_user_ip
         self.state: IState = state if state is not None else LocalState(reactor.seconds)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
@@ -675,20 +694,36 @@ class POP3ServerFactory(ServerFactory):
         """
         refusal = self.limits.admit()
         if refusal is not None:
+            self.metrics.connection_refused("total")
             return defer.succeed(refusal)
-        d = self.state.acquire(address_key(address), member, self.max_connections_per_ip)
+        limits = self.policy.for_address(address)
+        if limits.rate > 0:  # new connections a second from the address, shared like the counts
+            d = self.state.take(address_key(address), limits.rate, limits.burst)
+        else:
+            d = defer.succeed(True)
 
-        def decided(admitted: bool) -> bytes | None:
-            if admitted:
+        def rate_decided(fast_enough: bool) -> Any:
+            if not fast_enough:
+                return "rate"
+            return self.state.acquire(address_key(address), member, limits.max_connections)
+
+        def decided(admitted: Any) -> bytes | None:
+            if admitted is True:
                 return None
             self.limits.release()
+            if admitted == "rate":
+                self.metrics.connection_refused("rate")
+                return TOO_FAST_FROM_ADDRESS
+            self.metrics.connection_refused("address")
             return TOO_MANY_FROM_ADDRESS
+        d.addCallback(rate_decided)
 
         def unavailable(failure: Failure) -> bytes:
             self.limits.release()
             failure.trap(StateUnavailable)
             log.error("connection from {address} refused: shared state unavailable: {error}", address=address,
                       error=failure.getErrorMessage())
+            self.metrics.connection_refused("state")
             return STATE_UNAVAILABLE
         d.addCallbacks(decided, unavailable)
         return d

@@ -69,6 +69,9 @@ class IState(Interface):
     def succeeded(address: str, user: str) -> defer.Deferred[None]:
         """A valid login: forget the failures of this (address, user) pair, and only those."""
 
+    def take(key: str, rate: float, burst: int) -> defer.Deferred[bool]:
+        """Take a token from the bucket ``key`` (refilled at ``rate`` a second, ``burst`` at most); False if empty."""
+
     def acquire(key: str, member: str, limit: int) -> defer.Deferred[bool]:
         """Add ``member`` to the set ``key`` unless it already holds ``limit`` live members."""
 
@@ -114,6 +117,9 @@ class LocalState:
         self.max_entries = max_entries
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._sets: dict[str, set[str]] = {}
+        #: token buckets: key -> (tokens, time); least recently used evicted in O(1) (a full bucket
+        #: is what a forgotten one would be, so eviction only ever forgives)
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def _count(self, key: str, now: float) -> int:
         entry = self._failures.get(key)
@@ -175,6 +181,22 @@ class LocalState:
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:
         self.succeeded_now(address, user)
         return defer.succeed(None)
+
+    def take_now(self, key: str, rate: float, burst: int) -> bool:
+        now = self.clock()
+        tokens, last = self._buckets.pop(key, (float(burst), now))
+        tokens = min(float(burst), tokens + max(0.0, now - last) * rate)
+        taken = tokens >= 1.0
+        if taken:
+            tokens -= 1.0
+        if tokens < burst:  # a full bucket need not be kept
+            self._buckets[key] = (tokens, now)
+            while len(self._buckets) > self.max_entries:
+                self._buckets.popitem(last=False)
+        return taken
+
+    def take(self, key: str, rate: float, burst: int) -> defer.Deferred[bool]:
+        return defer.succeed(self.take_now(key, rate, burst))
 
     def acquire(self, key: str, member: str, limit: int) -> defer.Deferred[bool]:
         members = self._sets.setdefault(key, set())
@@ -249,6 +271,22 @@ return #KEYS
 """
 
 
+# KEYS[1]: the bucket (a hash: tokens, ms); ARGV: rate per second, burst. 1 if a token was taken.
+_TAKE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 'tokens', 'ms')
+local tokens, last = tonumber(v[1]) or burst, tonumber(v[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+local taken = 0
+if tokens >= 1 then tokens = tokens - 1; taken = 1 end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ms', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return taken
+"""
+
+
 @implementer(IState)
 class RedisState:
     """The shared state in Redis, every command bounded in time and never on the reactor."""
@@ -271,7 +309,7 @@ class RedisState:
         self._errors = (redis.RedisError, OSError)
         self._scripts = {name: self.client.register_script(text) for name, text in
                          (("failed", _FAILED), ("succeeded", _SUCCEEDED), ("acquire", _ACQUIRE),
-                          ("renew", _RENEW))}
+                          ("renew", _RENEW), ("take", _TAKE))}
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="pop3shield-state")
         self.pending = 0
         #: (key, member) of the live connections of this process, renewed every third of the TTL
@@ -333,6 +371,12 @@ class RedisState:
     def acquire_blocking(self, key: str, member: str, limit: int) -> bool:
         ttl = int(self.connection_ttl * 1000)
         return bool(self._scripts["acquire"](keys=[self.prefix + "conn:" + key], args=[member, limit, ttl]))
+
+    def take_blocking(self, key: str, rate: float, burst: int) -> bool:
+        return bool(self._scripts["take"](keys=[self.prefix + "rate:" + key], args=[repr(float(rate)), burst]))
+
+    def take(self, key: str, rate: float, burst: int) -> defer.Deferred[bool]:
+        return self._call(self.take_blocking, key, rate, burst)
 
     def failed(self, address: str, user: str | None) -> defer.Deferred[int]:
         return self._call(self.failed_blocking, address, user)
@@ -452,6 +496,9 @@ class Failover:
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:
         return self._run("succeeded", address, user)
+
+    def take(self, key: str, rate: float, burst: int) -> defer.Deferred[bool]:
+        return self._run("take", key, rate, burst)
 
     def acquire(self, key: str, member: str, limit: int) -> defer.Deferred[bool]:
         return self._run("acquire", key, member, limit)

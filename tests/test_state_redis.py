@@ -83,3 +83,21 @@ def test_the_url_is_logged_without_its_password(redis_url: str) -> None:
     state = RedisState(redis_url.replace("redis://", "redis://:hunter2@"), reactor=None)
     assert "hunter2" not in state.describe() and state.describe() == redis_url
     state.client.close()
+
+
+def test_the_token_bucket_is_shared_and_refills(state) -> None:
+    """The new-connection rate per address (issue 10) in Redis: one bucket for every process."""
+    import time
+
+    assert [state.take_blocking("addr:192.0.2.1", 4.0, 2) for _ in range(3)] == [True, True, False]
+    assert state.take_blocking("addr:192.0.2.2", 4.0, 2)  # another address, another bucket
+    time.sleep(0.4)  # 4 a second: at least one token back
+    assert state.take_blocking("addr:192.0.2.1", 4.0, 2)
+
+
+def test_failure_counts_of_address_user_and_pair(state) -> None:
+    state.failed_blocking("192.0.2.1", "bob")
+    state.failed_blocking("192.0.2.1", "carol")
+    assert state.counts_blocking("192.0.2.1", "bob") == (2, 1, 1)
+    assert state.counts_blocking("192.0.2.9", "bob") == (0, 1, 0)
+    assert state.counts_blocking("192.0.2.1", None) == (2, 0, 0)

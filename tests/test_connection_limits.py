@@ -1,0 +1,136 @@
+"""Issue 10, "Connection limits": per address before login (with per-network overrides) and a
+per-address rate of new connections, each answered with one -ERR line, closed, and counted.
+
+A real server, real sockets bound to addresses of 127.0.0.0/8, the counter read from the
+Prometheus endpoint. The counts go through the shared-state interface (LocalState here; the
+Redis implementation runs the same token bucket in test_state_redis.py).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from twisted.internet.task import Clock
+
+from pop3shield.config import ConfigError, parse_config
+from pop3shield.limits import AddressLimits, ConnectionPolicy
+from pop3shield.state import LocalState
+from tests.support.pop3shield_server import Pop3ShieldServer
+from tests.test_metrics import _metrics_address, samples, scrape, value
+
+TOO_FAST = b"-ERR [SYS/TEMP] Too many new connections from your address, try again later.\r\n"
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
+
+
+def _open(host: str, port: int, source: str) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    return sock, sock.makefile("rb").readline()
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.settimeout(5)
+    try:
+        return sock.recv(1) == b""
+    except OSError:
+        return True
+
+
+def test_rate_and_per_network_limits_over_real_sockets(tmp_path: Path) -> None:
+    server = Pop3ShieldServer(
+        server_toml="new_connections_per_ip = 2.0\nnew_connections_burst = 3\nmax_connections_per_ip = 50\n"
+                    'connection_limits = [{ networks = ["127.0.2.0/24"], max_connections_per_ip = 1 },\n'
+                    '  { networks = ["127.0.3.0/24"], new_connections_per_ip = 1000.0, new_connections_burst = 1000 }]',
+        extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    host, port = server.start(tmp_path / "srv", {"alice": "alice-secret"}, tmp_path / "mail")
+    held: list[socket.socket] = []
+    try:
+        mhost, mport, _ = _metrics_address(server)
+        # a burst of 3 from one address, then the 4th too soon: refused and closed
+        for _ in range(3):
+            sock, greeting = _open(host, port, "127.0.1.1")
+            held.append(sock)
+            assert greeting.startswith(b"+OK"), greeting
+        sock, answer = _open(host, port, "127.0.1.1")
+        assert answer == TOO_FAST and _closed(sock)
+        sock.close()
+        time.sleep(0.8)  # 2 a second: a token is back
+        sock, greeting = _open(host, port, "127.0.1.1")
+        held.append(sock)
+        assert greeting.startswith(b"+OK")
+        # another address has its own bucket
+        sock, greeting = _open(host, port, "127.0.1.2")
+        held.append(sock)
+        assert greeting.startswith(b"+OK")
+        # an override: one connection at a time for 127.0.2.0/24, the next refused and closed
+        sock, greeting = _open(host, port, "127.0.2.5")
+        held.append(sock)
+        assert greeting.startswith(b"+OK")
+        sock, answer = _open(host, port, "127.0.2.5")
+        assert answer == TOO_MANY and _closed(sock)
+        sock.close()
+        # an override raising the rate: a NAT's burst of 20 is served
+        for _ in range(20):
+            sock, greeting = _open(host, port, "127.0.3.9")
+            held.append(sock)
+            assert greeting.startswith(b"+OK"), greeting
+        parsed = samples(scrape(mhost, mport))
+        assert value(parsed, "pop3shield_connections_refused_total", reason="rate") == 1
+        assert value(parsed, "pop3shield_connections_refused_total", reason="address") == 1
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_the_token_bucket_refills_at_its_rate_and_is_bounded() -> None:
+    clock = Clock()
+    state = LocalState(clock.seconds, max_entries=2)
+    assert [state.take_now("addr:a", 1.0, 2) for _ in range(3)] == [True, True, False]
+    clock.advance(0.5)
+    assert not state.take_now("addr:a", 1.0, 2)
+    clock.advance(0.5)
+    assert state.take_now("addr:a", 1.0, 2)
+    clock.advance(100)
+    assert [state.take_now("addr:a", 1.0, 2) for _ in range(3)] == [True, True, False]  # never above the burst
+    for name in ("b", "c", "d"):
+        state.take_now(f"addr:{name}", 1.0, 2)
+    assert len(state._buckets) == 2  # least recently used evicted (a full bucket: it only forgives)
+
+
+def test_the_policy_matches_the_first_network_and_ipv4_mapped_addresses() -> None:
+    import ipaddress
+
+    default = AddressLimits(300, 30.0, 300)
+    nat = AddressLimits(2000, 100.0, 2000)
+    policy = ConnectionPolicy(default, [((ipaddress.ip_network("10.0.0.0/8"),), nat)])
+    assert policy.for_address("10.1.2.3") is nat
+    assert policy.for_address("::ffff:10.1.2.3") is nat
+    assert policy.for_address("192.0.2.1") is default
+    assert policy.for_address(None) is default
+
+
+AUTH = {"auth": {"realm": "a:b"}}
+
+
+def test_connection_limit_config() -> None:
+    server = parse_config({"server": {"connection_limits": [
+        {"networks": ["10.0.0.0/8"], "max_connections_per_ip": 2000}]}, **AUTH}, "p.toml", ".").server
+    assert server.max_connections_per_ip == 300 and server.new_connections_per_ip == 30.0
+    [override] = server.connection_limits
+    assert override.max_connections_per_ip == 2000 and override.new_connections_per_ip is None
+
+
+@pytest.mark.parametrize("limits, message", [
+    ([{"networks": ["10.0.0.1/8"], "max_connections_per_ip": 5}],
+     "p.toml: server.connection_limits[0].networks[0]: '10.0.0.1/8' has host bits set"),
+    ([{"networks": ["10.0.0.0/8"]}], "p.toml: server.connection_limits[0].networks: the entry sets no limit"),
+    ([{"networks": ["10.0.0.0/8"], "max": 5}], "p.toml: server.connection_limits[0].max: unknown key"),
+    ([{"networks": [], "max_connections_per_ip": 5}], "p.toml: server.connection_limits[0].networks: must list"),
+])
+def test_connection_limit_config_errors(limits: list, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"connection_limits": limits}, **AUTH}, "p.toml", ".")
+    assert str(info.value).startswith(message)
