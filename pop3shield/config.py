@@ -244,9 +244,9 @@ class AnalysisConfig:
     #: analyses queued (waiting for a thread) in all
     max_queue: int = 32
     #: threads one source may hold at once; unset: max(1, threads // 2)
-    source_threads: int | None = None
+    source_threads: int = 1
     #: queued analyses one source may hold; unset: max(1, max_queue // 2)
-    source_queue: int | None = None
+    source_queue: int = 16
     #: seconds an analysis may wait for a thread before its command is refused ([SYS/TEMP])
     wait: float = 2.0
     #: a source is the client's address collapsed to this network size

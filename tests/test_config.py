@@ -16,6 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pop3shield.config import (
+    AnalysisConfig,
     AuthConfig,
     BackendConfig,
     Config,
@@ -75,6 +76,7 @@ def test_defaults(base: dict[str, Any], passwd: Path) -> None:
     assert config.backend == BackendConfig()
     assert config.events == EventsConfig()
     assert config.logging == LoggingConfig()
+    assert config.analysis == AnalysisConfig()
     assert config.protections == ProtectionsConfig()
     assert config.source == SOURCE
 
@@ -85,7 +87,7 @@ def test_default_values_match_the_brief() -> None:
     assert server.hostname == "localhost"
     assert server.implementation is None
     assert server.apop is False
-    assert (server.max_connections, server.max_connections_per_ip) == (1000, 20)
+    assert (server.max_connections, server.max_connections_per_ip) == (1000, 300)  # issue 10: a NAT
     assert (server.login_timeout, server.idle_timeout) == (60.0, 600.0)
     assert (server.auth_failure_delay, server.auth_failure_delay_max) == (2.0, 15.0)
     assert (server.input_buffer_limit, server.thread_pool_size) == (65536, 10)
@@ -579,6 +581,7 @@ def test_example_config_loads_with_defaults(tmp_path: Path, passwd: Path) -> Non
     assert config.backend == BackendConfig()
     assert config.events == EventsConfig()
     assert config.logging == LoggingConfig()
+    assert config.analysis == AnalysisConfig()
     assert config.protections == ProtectionsConfig()
 
 
@@ -592,7 +595,7 @@ def _documented_keys(text: str) -> set[str]:
         if header:
             section = header.group(1)
             continue
-        match = re.match(r"([a-z_]+) = ", stripped)
+        match = re.match(r"([a-z][a-z0-9_]*) = ", stripped)
         if match and not line.startswith("#   "):
             keys.add(f"{section}.{match.group(1)}")
     return keys
@@ -607,6 +610,7 @@ def test_example_documents_every_key() -> None:
         ("backend", BackendConfig),
         ("events", EventsConfig),
         ("logging", LoggingConfig),
+        ("analysis", AnalysisConfig),
     ]:
         expected |= {f"{section}.{f.name}" for f in dataclasses.fields(kind)}
     expected.add("protections.action")
