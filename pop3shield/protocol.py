@@ -628,7 +628,7 @@ class POP3ServerFactory(ServerFactory):
         max_connections: int = 1000,
         max_connections_per_ip: int = 300,
         new_connections_per_ip: float = 0.0,
-        new_connections_burst: int = 60,
+        new_connections_burst: int = 300,
         connection_limits: Any = (),
         max_connections_per_user_ip: int = 10,
         auth_failure_delay: float = 2.0,
@@ -666,8 +666,9 @@ class POP3ServerFactory(ServerFactory):
         self.max_connections_per_user_ip = max_connections_per_user_ip
         self.state: IState = state if state is not None else LocalState(reactor.seconds)
         self.delays = FailureDelays(auth_failure_delay, auth_failure_delay_max)
-        #: failures of the address, the user, the pair from which passwords are not checked (0: always checked)
-        self.penalty_thresholds = auth_penalty_thresholds
+        #: failures of the address, the user, the pair from which passwords are not checked (0: always
+        #: checked); part of the brute-force brake, so without a failure delay there is none
+        self.penalty_thresholds = auth_penalty_thresholds if auth_failure_delay > 0 else (0, 0, 0)
         #: what the connections count (a registry of its own; served only if [metrics] is enabled)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch(events=events, analyzer=analyzer)

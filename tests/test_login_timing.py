@@ -91,7 +91,7 @@ def test_during_a_penalty_the_password_is_not_checked(mailroot: Path) -> None:
 
 # --------------------------------------------------------------------------- over a real socket
 
-DEADLINE = 1.0
+DEADLINE = 3.0  # well above a bcrypt cost 12 verification, even on a loaded machine
 
 
 def _passwd(path: Path) -> dict[str, str]:
@@ -133,16 +133,17 @@ def test_unknown_users_and_wrong_passwords_of_every_hash_kind_take_the_same_time
                               server_toml=f"apop = true\nauth_failure_delay = {DEADLINE}\n"
                                           f"auth_failure_delay_max = {DEADLINE}\nauth_unchecked_address = 0\n"
                                           "auth_unchecked_user = 0\nauth_unchecked_pair = 0\n"
-                                          "max_connections_per_ip = 100")
+                                          "max_connections_per_ip = 100\nhash_threads = 8")
     host, port = server.start(tmp_path / "srv", users, tmp_path / "mail")
     try:
         kinds = [("unknown", "nobody", False), ("plain", "plain", False), ("argon", "argon", False),
                  ("bcrypt", "bcrypt", False), ("apop-plain", "plain", True), ("apop-bcrypt", "bcrypt", True),
                  ("apop-unknown", "nobody", True)]
-        jobs = [(kind, user, apop) for _ in range(3) for kind, user, apop in kinds]
+        answers = []
         with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
-            answers = list(pool.map(lambda job: (job[0], *_timed_failure(host, port, job[1], "wrong-pw", job[2])),
-                                    jobs))
+            for _ in range(3):  # three rounds of every kind at once
+                answers += list(pool.map(
+                    lambda job: (job[0], *_timed_failure(host, port, job[1], "wrong-pw", job[2])), kinds))
         for kind, user, secret in (("plain", "plain", users["plain"]), ("bcrypt", "bcrypt", users["bcrypt"])):
             with socket.create_connection((host, port), timeout=30) as sock:  # right passwords still work
                 reader = sock.makefile("rb")
@@ -162,3 +163,18 @@ def test_unknown_users_and_wrong_passwords_of_every_hash_kind_take_the_same_time
     medians = {kind: statistics.median(t) for kind, t in times.items()}
     spread = max(medians.values()) - min(medians.values())
     assert spread < max(0.1, bcrypt_cost / 2), (spread, bcrypt_cost, medians)
+
+
+def test_without_a_failure_delay_passwords_are_always_checked(mailroot: Path) -> None:
+    """auth_failure_delay = 0 turns the brake off, the unchecked penalty with it."""
+    clock = Clock()
+    factory = make_factory(mailroot, clock, auth_failure_delay=0.0, auth_failure_delay_max=0.0,
+                           auth_penalty_thresholds=(1, 1, 1))
+    proto, transport = connect(factory)
+    take(transport)
+    for _ in range(3):
+        proto.dataReceived(b"USER alice\r\nPASS typo\r\n")
+        clock.advance(0)
+        assert take(transport) == b"+OK\r\n" + FAILED
+    proto.dataReceived(b"USER alice\r\nPASS secret-pw\r\n")
+    assert take(transport).endswith(b"+OK Logged in, 2 messages (58 octets).\r\n")
