@@ -1,8 +1,9 @@
 """A ``twisted.cred`` checker backed by a Dovecot passwd file.
 
 Hash verification is slow on purpose, so it runs in a thread pool and never on the reactor
-thread.  Unknown users are verified against a dummy entry of the same cost, so the reply time
-does not reveal which accounts exist.  The file is re-read when it changes (cheap ``os.stat`` per
+thread.  Unknown users are verified against a dummy entry as costly as the file's costliest
+kind, and the protocol answers every failed login at a deadline fixed on arrival, so the reply
+time does not reveal which accounts exist.  The file is re-read when it changes (cheap ``os.stat`` per
 request, in the worker thread); a broken new version is logged and the last good one kept, so a
 half-saved file cannot lock everybody out or let anybody in.
 
@@ -34,7 +35,7 @@ from pop3shield.passwd import (
     PLAIN,
     PasswdEntry,
     PasswdError,
-    dummy_entry_like,
+    dummy_entry_costliest,
     load_passwd,
     verify_password,
 )
@@ -200,7 +201,8 @@ class PasswdFileChecker:
         if disabled or restricted:
             self.log.info("{path}: {disabled} users with nologin, {restricted} with allow_nets",
                           path=self.path, disabled=disabled, restricted=restricted)
-        self._state = (entries, dummy_entry_like(entries.values()))
+        # the costliest kind of the file (a failed login's deadline hides the rest of the timing)
+        self._state = (entries, dummy_entry_costliest(entries.values()))
         self._loaded_stamp = stamp
         self._failed_stamp = None
 

@@ -53,6 +53,7 @@ import hmac
 import ipaddress
 import os
 import re
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -67,6 +68,7 @@ __all__ = [
     "LOCAL",
     "PasswdEntry",
     "PasswdError",
+    "dummy_entry_costliest",
     "dummy_entry_like",
     "format_entry",
     "hash_password",
@@ -503,6 +505,33 @@ def dummy_entry_like(entries: Iterable[PasswdEntry]) -> PasswdEntry:
         sample = next(entry for entry in entries if _cost_key(entry) == key)
         _DUMMIES[key] = _make_dummy(sample)
     return _DUMMIES[key]
+
+
+#: seconds one verification against each cached dummy took (measured once, when it was made)
+_DUMMY_COSTS: dict[tuple[str, str], float] = {}
+
+
+def dummy_entry_costliest(entries: Iterable[PasswdEntry]) -> PasswdEntry:
+    """A dummy whose verification costs what the file's costliest kind of entry costs.
+
+    In a file that is mostly ``{PLAIN}`` with some argon2id and bcrypt users (a migration in
+    progress), the most common kind would answer unknown users without hashing. Each kind
+    (scheme and cost parameters) gets a dummy, timed once; the slowest is used. BLOCKING the
+    first time a kind is seen (it hashes and verifies once).
+    """
+    samples: dict[tuple[str, str], PasswdEntry] = {}
+    for entry in entries:
+        samples.setdefault(_cost_key(entry), entry)
+    if not samples:
+        return DUMMY_ENTRY
+    for key, sample in samples.items():
+        if key not in _DUMMIES:
+            _DUMMIES[key] = _make_dummy(sample)
+        if key not in _DUMMY_COSTS:
+            started = time.perf_counter()
+            verify_password(_DUMMIES[key], _random_secret())
+            _DUMMY_COSTS[key] = time.perf_counter() - started
+    return _DUMMIES[max(samples, key=lambda key: _DUMMY_COSTS[key])]
 
 
 def _make_dummy(sample: PasswdEntry) -> PasswdEntry:

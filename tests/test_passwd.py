@@ -17,6 +17,7 @@ from pop3shield.passwd import (
     DUMMY_ENTRY,
     PasswdEntry,
     PasswdError,
+    dummy_entry_costliest,
     dummy_entry_like,
     format_entry,
     hash_password,
@@ -385,6 +386,19 @@ def test_dummy_like_bcrypt_and_plain() -> None:
     plain = dummy_entry_like([PasswdEntry("a", "PLAIN", "x")])
     assert plain.scheme == "PLAIN" and len(plain.hash) == 64
     assert dummy_entry_like([]) is DUMMY_ENTRY
+
+
+def test_dummy_costliest_is_the_slowest_kind_not_the_most_common() -> None:
+    """Issue 10: mostly {PLAIN} with a few bcrypt users (a migration): unknown users must not be
+    answered without hashing; the dummy is the costliest kind present."""
+    entries = [PasswdEntry(f"p{i}", "PLAIN", f"pw{i}") for i in range(20)]
+    entries.append(PasswdEntry("b", "BLF-CRYPT", bcrypt.hashpw(b"x", bcrypt.gensalt(10)).decode()))
+    entries.append(PasswdEntry("a", "ARGON2ID", FAST_ARGON2.hash("z")))
+    assert dummy_entry_like(entries).scheme == "PLAIN"
+    dummy = dummy_entry_costliest(entries)
+    assert dummy.scheme == "BLF-CRYPT" and dummy.hash.startswith("$2b$10$")
+    assert dummy_entry_costliest(iter(entries)) is dummy  # cached
+    assert dummy_entry_costliest([]) is DUMMY_ENTRY
 
 
 def test_no_twisted_import() -> None:
