@@ -134,8 +134,8 @@ class ServerConfig:
     #: failures counted for the address, the user name, the pair, from which a login is refused without
     #: checking the password (0: always checked); a NAT's address sees many users' typos
     auth_unchecked_address: int = 100
-    auth_unchecked_user: int = 20
-    auth_unchecked_pair: int = 5
+    auth_unchecked_user: int = 30
+    auth_unchecked_pair: int = 10
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
     #: threads that verify password hashes, apart from thread_pool_size's mailbox I/O

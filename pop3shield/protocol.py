@@ -633,7 +633,7 @@ class POP3ServerFactory(ServerFactory):
         max_connections_per_user_ip: int = 10,
         auth_failure_delay: float = 2.0,
         auth_failure_delay_max: float = 15.0,
-        auth_penalty_thresholds: tuple[int, int, int] = (100, 20, 5),
+        auth_penalty_thresholds: tuple[int, int, int] = (100, 30, 10),
         quick_check: Any = None,
         log_rate_limit: int = 60,
         log_global_rate_limit: int | None = 600,
