@@ -178,3 +178,28 @@ class AnalyzerTests(unittest.TestCase):
 ])
 def test_source_key_collapses_to_the_network(address: Any, v4: int, v6: int, key: str) -> None:
     assert source_key(address, v4, v6) == key
+
+
+def test_refusals_by_reason_reach_the_metrics() -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pop3shield.metrics import Metrics
+
+    clock = task.Clock()
+    analyzer = Analyzer(clock, threads=1, max_pending=2, source_queue=1, wait=1.0, deep_check=Gate())
+    analyzer._start = lambda job: None  # type: ignore[method-assign]  # admission only
+    analyzer.running = 1
+    analyzer.analyze([b"q"], "192.0.2.1")
+    analyzer.analyze([b"x"], "192.0.2.1")  # past its share
+    clock.advance(1.5)  # the queued one waited too long
+    metrics = Metrics()
+    metrics.watch(analyzer=analyzer)
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(generate_latest(metrics.registry).decode())
+             for s in family.samples}
+    assert found[("pop3shield_analysis_refusals_total", (("reason", "share"),))] == 1
+    assert found[("pop3shield_analysis_refusals_total", (("reason", "wait"),))] == 1
+    assert found[("pop3shield_analysis_refusals_total", (("reason", "full"),))] == 0
+    assert found[("pop3shield_analysis_refused_total", ())] == 2
+    assert found[("pop3shield_analysis_queue_depth", ())] == 1  # the one "running"
