@@ -489,7 +489,10 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         implementation=_implementation(t, "implementation"),
         apop=t.boolean("apop", d.apop),
         max_connections=t.integer("max_connections", d.max_connections, 1),
-        max_connections_per_ip=t.integer("max_connections_per_ip", d.max_connections_per_ip, 1),
+        # unset: 300, or max_connections when that is lower (a small server need not say it twice)
+        max_connections_per_ip=t.integer("max_connections_per_ip", min(d.max_connections_per_ip,
+                                                                       t.integer("max_connections",
+                                                                                 d.max_connections, 1)), 1),
         new_connections_per_ip=t.number("new_connections_per_ip", d.new_connections_per_ip, 0.0),
         new_connections_burst=t.integer("new_connections_burst", d.new_connections_burst, 1),
         connection_limits=_connection_limits(t),

@@ -40,7 +40,7 @@ def _closed(sock: socket.socket) -> bool:
 
 def test_rate_and_per_network_limits_over_real_sockets(tmp_path: Path) -> None:
     server = Pop3ShieldServer(
-        server_toml="new_connections_per_ip = 2.0\nnew_connections_burst = 3\nmax_connections_per_ip = 50\n"
+        server_toml="new_connections_per_ip = 0.5\nnew_connections_burst = 3\nmax_connections_per_ip = 50\n"
                     'connection_limits = [{ networks = ["127.0.2.0/24"], max_connections_per_ip = 1 },\n'
                     '  { networks = ["127.0.3.0/24"], new_connections_per_ip = 1000.0, new_connections_burst = 1000 }]',
         extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
@@ -56,7 +56,7 @@ def test_rate_and_per_network_limits_over_real_sockets(tmp_path: Path) -> None:
         sock, answer = _open(host, port, "127.0.1.1")
         assert answer == TOO_FAST and _closed(sock)
         sock.close()
-        time.sleep(0.8)  # 2 a second: a token is back
+        time.sleep(2.5)  # one every 2 s: a token is back
         sock, greeting = _open(host, port, "127.0.1.1")
         held.append(sock)
         assert greeting.startswith(b"+OK")
@@ -134,3 +134,12 @@ def test_connection_limit_config_errors(limits: list, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config({"server": {"connection_limits": limits}, **AUTH}, "p.toml", ".")
     assert str(info.value).startswith(message)
+
+
+def test_a_small_max_connections_lowers_the_unset_per_address_default() -> None:
+    server = parse_config({"server": {"max_connections": 100}, **AUTH}, "p.toml", ".").server
+    assert server.max_connections_per_ip == 100
+    with pytest.raises(ConfigError) as info:
+        parse_config({"server": {"max_connections": 100, "max_connections_per_ip": 200}, **AUTH}, "p.toml", ".")
+    assert str(info.value) == ("p.toml: server.max_connections_per_ip: must not exceed server.max_connections "
+                               "(100), got 200")

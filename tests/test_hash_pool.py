@@ -79,6 +79,6 @@ def test_retr_goes_on_while_the_hash_pool_is_saturated(tmp_path: Path) -> None:
     assert body == BODY + b".\r\n"
     assert len(answered) == FLOOD
     # the flood needs about FLOOD x cost of hashing on its one thread; the RETR did not wait for it
-    assert max(answered) - flood_start > FLOOD * cost * 0.6, (answered, cost)
+    assert max(answered) - flood_start > FLOOD * cost * 0.3, (answered, cost)
     assert sum(1 for t in answered if t > retr_done) >= FLOOD // 3, (retr_done, answered)
     assert retr_done - retr_start < FLOOD * cost / 4, (retr_done - retr_start, cost)
