@@ -389,7 +389,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         d.addBoth(self._analysis_over)
         d.addErrback(self._analysis_error, len(action.arguments))
         d.addCallback(self._count_verdicts)
-        d.addCallback(self._guard(lambda verdicts: self.session.analysis_finished(verdicts)))
+        d.addCallback(self._guard(lambda verdicts: [] if verdicts is None  # cancelled: the client left
+                                  else self.session.analysis_finished(verdicts)))
 
     def _count_verdicts(self, verdicts: Any) -> Any:
         if verdicts is None:

@@ -203,3 +203,35 @@ def test_refusals_by_reason_reach_the_metrics() -> None:
     assert found[("pop3shield_analysis_refusals_total", (("reason", "full"),))] == 0
     assert found[("pop3shield_analysis_refused_total", ())] == 2
     assert found[("pop3shield_analysis_queue_depth", ())] == 1  # the one "running"
+
+
+def test_a_client_that_leaves_gives_up_its_queued_analysis(tmp_path: Any) -> None:
+    """The protocol cancels the analysis of a connection that is gone: it leaves the queue, and its
+    place goes to the next client; nothing is logged as a failure and nothing answers the dead session."""
+    from tests.test_protocol import connect, make_factory, take
+
+    clock = task.Clock()
+    analyzer = Analyzer(clock, threads=1, max_pending=4, source_queue=4, deep_check=Gate())
+    analyzer._start = lambda job: None  # type: ignore[method-assign]  # the worker stays busy
+    analyzer.running = 1
+    (tmp_path / "mail").mkdir()
+    factory = make_factory(tmp_path, clock, auth_failure_delay=0.0, auth_failure_delay_max=0.0)
+    factory.analyzer = analyzer
+    factory.quick_check = lambda argument, field: None  # everything goes to the slow tier
+    from twisted.logger import globalLogPublisher
+
+    failures: list[dict[str, Any]] = []
+    observer = lambda event: failures.append(event) if "log_failure" in event else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        proto, transport = connect(factory)
+        take(transport)
+        proto.dataReceived(b"USER alice\r\n")
+        assert analyzer.queued == 1 and take(transport) == b""
+        proto.connectionLost(None)
+        assert analyzer.queued == 0 and analyzer.refused == 0
+        clock.advance(10)  # no wait-refusal for it later either
+        assert analyzer.refused == 0 and transport.value() == b""
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert failures == []
