@@ -178,12 +178,11 @@ class Analyzer:
         now = self.reactor.seconds()
         self._logged_refusals += 1
         if now - self._last_log >= REFUSAL_LOG_INTERVAL:
-            log.warn("malicious-code analysis at capacity: {count} requests refused in {seconds:g} s "
-                     "(latest: {reason}, source {source}; {threads} workers, queue {max_pending}, "
+            log.warn("malicious-code analysis at capacity: {count} commands refused [SYS/TEMP] since the "
+                     "last such line (latest: {reason}, source {source}; {threads} threads, queue {max_pending}, "
                      "{source_queue} per source)",
-                     count=self._logged_refusals, seconds=min(now - self._last_log, REFUSAL_LOG_INTERVAL),
-                     reason=reason, source=source, threads=self.threads, max_pending=self.max_pending,
-                     source_queue=self.source_queue)
+                     count=self._logged_refusals, reason=reason, source=source, threads=self.threads,
+                     max_pending=self.max_pending, source_queue=self.source_queue)
             self._last_log = now
             self._logged_refusals = 0
 
