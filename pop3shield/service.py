@@ -127,7 +127,27 @@ def preflight(config: Config) -> Preflight:
         warn("metrics.listen", f"{config.metrics.listen!r} serves the metrics on every interface "
                                f"(give interface= the address the scraper comes from)")
     _check_same_files(config, warn)
+    if config.tls.certificate is not None:
+        load_tls(config)
+        if config.protections.stls.action.value == "prevent" and not config.protections.stls.overrides:
+            warn("protections.stls.action", "prevent: STLS is never offered, the tls.certificate is unused "
+                                            "(set it to detect or inactive)")
+    if config.auth.disable_plaintext_auth and config.tls.certificate is None and not any(
+            item.split(":", 1)[0].strip().lower() == "ssl" for item in config.server.listen):
+        warn("auth.disable_plaintext_auth", "no tls.certificate and no ssl: listener: only loopback clients "
+                                            "can log in" if config.auth.plaintext_auth_loopback
+                                            else "no tls.certificate and no ssl: listener: nobody can log in")
     return Preflight(users, tuple(warnings))
+
+
+def load_tls(config: Config) -> Any:
+    """The STLS certificate (``[tls]``), read and checked now; a problem is a ConfigError naming its key."""
+    from pop3shield.tls import CertificateError, ServerTLS
+
+    try:
+        return ServerTLS(config.tls)
+    except CertificateError as exc:
+        raise ConfigError(config.source, exc.key, exc.problem) from None
 
 
 def _try_open(config: Config, key: str, path: str, opener: Callable[[str], Any]) -> None:
@@ -323,20 +343,36 @@ def _stop_with_error(reactor: Any) -> None:
 
 class _Lifecycle(service.Service):
     """Starts and stops the analysis pool and the shared state, and closes the event file with the
-    server (writing what its writer thread still has queued, waiting a bounded time)."""
+    server (writing what its writer thread still has queued, waiting a bounded time).
 
-    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any) -> None:
+    Stopping waits first for the sessions (``server.shutdown_grace``, see :mod:`pop3shield.lifecycle`),
+    which still need the pool, the state and the event file; the listeners stop at once beside it.
+    """
+
+    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any, connections: Any = None,
+                 grace: float = 0.0, signals: Any = None) -> None:
         self.analyzer = analyzer
         self.events = events
         self.state = state
+        self.connections = connections
+        self.grace = grace
+        self.signals = signals
 
     def startService(self) -> None:
         super().startService()
         self.analyzer.start()
         self.state.start()
+        if self.signals is not None:
+            self.signals.install()
 
-    def stopService(self) -> None:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()  # the signal handlers stay: a 2nd SIGTERM ends the grace, a HUP still reloads
+        d: defer.Deferred[None] = (self.connections.drain(self.grace) if self.connections is not None
+                                   else defer.succeed(None))
+        d.addCallback(lambda _: self._stop())
+        return d
+
+    def _stop(self) -> None:
         self.analyzer.stop()
         self.state.stop()
         self.events.close()
@@ -348,9 +384,22 @@ def log_warnings(report: Preflight) -> None:
         log.warn("config warning: {warning}", warning=warning)
 
 
+def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
+    """The passwd-file checkers and routing maps a backend reads, which SIGHUP re-reads."""
+    checkers = list(getattr(getattr(backend, "portal", None), "checkers", {}).values())
+    if getattr(backend, "checker", None) is not None:
+        checkers.append(backend.checker)
+    routes = [backend.routes] if getattr(backend, "routes", None) is not None else []
+    return [c for c in dict.fromkeys(checkers) if hasattr(c, "reload")], routes
+
+
 def make_service(config: Config, reactor: Any = None,
-                 announce: Callable[[str], None] | None = None) -> service.MultiService:
-    """Everything the server runs, as one Twisted service."""
+                 announce: Callable[[str], None] | None = None, *, signals: bool = False) -> service.MultiService:
+    """Everything the server runs, as one Twisted service.
+
+    ``signals``: the service installs the SIGHUP (reload) and SIGTERM (grace period) handlers when it
+    starts (``pop3shield run`` and the twistd plugin; not for a server embedded in a test).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -367,6 +416,7 @@ def make_service(config: Config, reactor: Any = None,
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     state = build_state(config, reactor)
+    tls = load_tls(config) if config.tls.certificate is not None else None
     server = config.server
     factory = POP3ServerFactory(
         config.session_settings(), backend, events,
@@ -379,10 +429,18 @@ def make_service(config: Config, reactor: Any = None,
         quick_check=quick_check(),
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
         proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
-        metrics=metrics,
+        metrics=metrics, tls=tls,
     )
     top = service.MultiService()
-    _Lifecycle(analyzer, events, state).setServiceParent(top)
+    from pop3shield.lifecycle import Reloader, SignalHandlers
+    from pop3shield.logsetup import reopen_log
+
+    checkers, routes = _reloadables(backend)
+    reloader = Reloader(reactor, config, events=events, checkers=checkers, routes=routes, tls=tls,
+                        reopen_log=reopen_log)
+    handlers = SignalHandlers(reactor, reloader, factory.connections) if signals else None
+    _Lifecycle(analyzer, events, state, factory.connections, server.shutdown_grace,
+               handlers).setServiceParent(top)
     listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
     if config.metrics.enabled:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
@@ -394,4 +452,5 @@ def make_service(config: Config, reactor: Any = None,
     top.factory = factory  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     top.metrics = metrics  # type: ignore[attr-defined]
+    top.reloader = reloader  # type: ignore[attr-defined]  # what SIGHUP runs
     return top
