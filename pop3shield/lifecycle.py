@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -222,7 +223,20 @@ class SignalHandlers:
         self.connections = connections
 
     def install(self) -> None:
-        """Replaces the reactor's SIGTERM handler (which only stops it) for the rest of the process."""
+        """Replaces the reactor's SIGTERM handler (which only stops it) for the rest of the process.
+
+        The reactor installs its own handlers when it starts running: twistd starts the services
+        before that, so the handlers go in once the reactor runs.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            log.warn("not in the main thread: no SIGHUP reload, SIGTERM stops without a grace period")
+            return
+        if not self.reactor.running:
+            self.reactor.callWhenRunning(self._install)
+            return
+        self._install()
+
+    def _install(self) -> None:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)

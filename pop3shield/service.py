@@ -394,11 +394,12 @@ def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
 
 
 def make_service(config: Config, reactor: Any = None,
-                 announce: Callable[[str], None] | None = None, *, signals: bool = False) -> service.MultiService:
+                 announce: Callable[[str], None] | None = None, *, signals: bool = True) -> service.MultiService:
     """Everything the server runs, as one Twisted service.
 
     ``signals``: the service installs the SIGHUP (reload) and SIGTERM (grace period) handlers when it
-    starts (``pop3shield run`` and the twistd plugin; not for a server embedded in a test).
+    starts in the main thread (``pop3shield run``, the twistd plugin); False for a server embedded
+    in another program.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
