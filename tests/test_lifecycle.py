@@ -192,3 +192,22 @@ def test_sighup_rereads_the_certificate_and_keeps_the_old_one_when_the_new_is_br
         assert _fingerprint(server, ca) == second
     finally:
         server.stop()
+
+
+def test_sighup_rereads_the_routing_map(tmp_path: Path) -> None:
+    routes = tmp_path / "routes"
+    routes.write_text("alice@example.test tcp:host=127.0.0.1:port=1\n")
+    server = Pop3ShieldServer(local_passwd=False, backend_toml=f'[backend]\ntype = "upstream"\nroutes = "{routes}"\n')
+    server.start(tmp_path / "run", {}, tmp_path / "mail")
+    try:
+        routes.write_text("alice@example.test tcp:host=127.0.0.1:port=1\n@example.org tcp:host=127.0.0.1:port=2\n")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert _wait_for(lambda: f"routing map {routes} reloaded (2 routes)" in server.log_path.read_text()), \
+            server.diagnostics()
+        routes.write_text("@example.org nonsense\n")
+        os.kill(server.proc.pid, signal.SIGHUP)
+        assert _wait_for(lambda: "SIGHUP: routing map not reloaded, keeping the previous routes: "
+                                 f"{routes}:1:" in server.log_path.read_text()), server.diagnostics()
+        assert server.proc.poll() is None
+    finally:
+        server.stop()
