@@ -363,7 +363,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _do_StartTLS(self, action: A.StartTLS) -> None:
         """The +OK is written (in plaintext, first); from here every byte read goes through TLS."""
         self._tls_pending = True
-        self.transport.startTLS(self.factory.tls.options)
+        self.transport.startTLS(self.factory.tls)  # the certificate current now (SIGHUP may replace it)
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: the STLS handshake is done (also called for an ssl: listener's own)."""

@@ -129,7 +129,8 @@ def preflight(config: Config) -> Preflight:
     _check_same_files(config, warn)
     if config.tls.certificate is not None:
         load_tls(config)
-        if config.protections.stls.action.value == "prevent" and not config.protections.stls.overrides:
+        if (config.protections.stls.action.value == "prevent" and not config.protections.stls.overrides
+                and not any(uses_tls_section(item) for item in config.server.listen)):
             warn("protections.stls.action", "prevent: STLS is never offered, the tls.certificate is unused "
                                             "(set it to detect or inactive)")
     if config.auth.disable_plaintext_auth and config.tls.certificate is None and not any(
@@ -280,9 +281,11 @@ class ListenService(service.Service):
     """Listens on one endpoint string; reports the real address (port 0 picks a free one)."""
 
     def __init__(self, description: str, factory: Any, reactor: Any,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, tls: Any = None) -> None:
         self.description = description
         self.factory = factory
+        #: ``[tls]``'s certificate, for an ``ssl:`` endpoint that names no key file of its own
+        self.tls = tls
         self.reactor = reactor
         self.announce = announce
         self.port: Any = None
@@ -291,8 +294,16 @@ class ListenService(service.Service):
     def startService(self) -> None:
         super().startService()
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-            self.listening = endpoint.listen(self.factory)
+            factory = self.factory
+            description = self.description
+            if self.tls is not None and uses_tls_section(description):
+                # implicit TLS with [tls]'s certificate, re-read on SIGHUP like STLS's
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                description = "tcp:" + description.split(":", 1)[1]
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            endpoint = serverFromString(self.reactor, description)
+            self.listening = endpoint.listen(factory)
         except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
             if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
                 exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
@@ -321,6 +332,15 @@ class ListenService(service.Service):
             port, self.port = self.port, None
             return defer.maybeDeferred(port.stopListening)
         return None
+
+
+def uses_tls_section(description: str) -> bool:
+    """An ``ssl:`` endpoint without ``privateKey=``/``certKey=``/``extraCertChain=``: it takes ``[tls]``."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind != "ssl":
+        return False
+    _, kwargs = _endpoint_parts(description)
+    return not {"privateKey", "certKey", "extraCertChain"} & set(kwargs)
 
 
 class MetricsService(ListenService):
@@ -442,7 +462,7 @@ def make_service(config: Config, reactor: Any = None,
     handlers = SignalHandlers(reactor, reloader, factory.connections) if signals else None
     _Lifecycle(analyzer, events, state, factory.connections, server.shutdown_grace,
                handlers).setServiceParent(top)
-    listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    listeners = [ListenService(description, factory, reactor, announce, tls) for description in server.listen]
     if config.metrics.enabled:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
     for listener in listeners:

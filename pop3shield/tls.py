@@ -15,6 +15,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
 from pop3shield.config import TLSConfig
 
@@ -70,12 +72,21 @@ def load_options(config: TLSConfig) -> ssl.CertificateOptions:
     return options
 
 
+@implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """The current options for STLS; :meth:`replace` swaps in a reloaded set (on the reactor)."""
+    """The current options; :meth:`replace` swaps in a reloaded set (on the reactor).
+
+    It is itself the connection creator handed to ``startTLS`` and to the implicit-TLS listeners
+    that use ``[tls]``, so each new handshake takes the options current at that moment.
+    """
 
     def __init__(self, config: TLSConfig, options: Any | None = None) -> None:
         self.config = config
         self.options = options if options is not None else load_options(config)
+
+    def serverConnectionForTLS(self, protocol: Any) -> Any:
+        """IOpenSSLServerConnectionCreator: a connection from the current options."""
+        return self.options.serverConnectionForTLS(protocol)
 
     def replace(self, options: Any) -> None:
         """New handshakes use ``options``; sessions already in TLS keep theirs."""

@@ -86,3 +86,37 @@ def test_sighup_and_sigterm_under_twistd(tmp_path: Path) -> None:
     finally:
         stop(proc)
     assert len(list((tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir())) == 1  # nothing deleted
+
+
+def _served_fingerprint(port: int, ca: trustme.CA) -> str:
+    import hashlib
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.recv(100) == b"+OK cli.test POP3 ready.\r\n"
+            return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def test_an_ssl_listener_without_a_key_of_its_own_uses_tls_and_rereads_it_on_sighup(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    conf = good_config(tmp_path, listen="ssl:0:interface=127.0.0.1")
+    conf.write_text(conf.read_text() + f'[tls]\ncertificate = "{cert}"\n')
+    out = tmp_path / "out.txt"
+    with open(out, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "pop3shield", "run", "--config", str(conf)], stdout=handle,
+                                stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
+    try:
+        port = int(wait_for_line(out, r"listening on 127\.0\.0\.1:(\d+)", proc).group(1))
+        first = _served_fingerprint(port, ca)
+        ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        assert _served_fingerprint(port, ca) == first
+        proc.send_signal(signal.SIGHUP)
+        wait_for_line(out, rf"TLS certificate {cert} reloaded", proc)
+        assert _served_fingerprint(port, ca) != first
+        assert "warning" not in out.read_text()  # the certificate is used: no "unused" warning
+    finally:
+        stop(proc)
