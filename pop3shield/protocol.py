@@ -376,7 +376,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def shut_down(self) -> None:
         """The shutdown grace is over: say so if the session can still speak, and close, without UPDATE.
 
-        A session in UPDATE (QUIT's deletions under way) is left to finish; one sending a message is cut.
+        A session in UPDATE (QUIT's deletions under way) is left alone here (the drain's final abort
+        ends its connection; the deletions themselves finish in their thread); one sending a message is cut.
         """
         if self._committing:
             return

@@ -8,6 +8,7 @@ injection, Dovecot's plaintext-auth refusal, and a protection applying inside TL
 from __future__ import annotations
 
 import poplib
+import sys
 import socket
 import ssl
 from pathlib import Path
@@ -39,7 +40,9 @@ def ca() -> trustme.CA:
 def tls_files(ca: trustme.CA, directory: Path, name: str = "server") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.pem"
-    ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(path))
+    # a CN besides the SANs: fetchmail checks the subject's CN
+    ca.issue_cert("127.0.0.1", "localhost", common_name="localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(path))
     return path
 
 
@@ -358,3 +361,34 @@ def test_safe_defaults(tmp_path: Path, ca: trustme.CA) -> None:
     with pytest.raises(CertificateError) as info:
         load_options(TLSConfig(certificate=str(cert), private_key=str(key)))
     assert info.value.key == "tls.private_key" and "does not fit" in info.value.problem
+
+
+def test_fetchmail_negotiates_stls(tmp_path: Path, ca: trustme.CA) -> None:
+    """fetchmail's default (``sslproto auto``) uses STLS when CAPA offers it; the CA via ``sslcertfile``."""
+    from tests.support.clients import _MDA_SCRIPT, _local_user
+
+    fetchmail = require_binary("fetchmail")
+    server = start(tmp_path, ca, auth_toml="disable_plaintext_auth = true\nplaintext_auth_loopback = false")
+    home = tmp_path / "fetchmail"
+    (home / "fm").mkdir(parents=True, mode=0o700)
+    outdir = home / "delivered"
+    outdir.mkdir()
+    mda = home / "mda.py"
+    mda.write_text(_MDA_SCRIPT.format(python=sys.executable))
+    mda.chmod(0o700)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    rc = _write_private(home / "fetchmailrc", (
+        "set no syslog\nset invisible\n"
+        f"poll 127.0.0.1 with proto POP3 port {server.port}\n"
+        f"  user \"alice\" there with password \"{PASSWORD}\" is \"{_local_user()}\" here\n"
+        f"  options keep fetchall no rewrite sslcertck sslcertfile \"{ca_file}\" sslcommonname localhost\n"
+        f"  mda \"{mda} {outdir}\"\n"))
+    try:
+        run = _run([fetchmail, "--nodetach", "--fetchmailrc", str(rc), "-v", "--pidfile", str(home / "fm" / "pid")],
+                   env=_private_env(home, FETCHMAILHOME=str(home / "fm")))
+        assert b"STLS" in run.stdout + run.stderr
+        got = [lf_to_crlf(p.read_bytes()) for p in sorted(outdir.glob("*.eml"))]
+        assert got == [expected_wire(m) for m in MESSAGES[:3]]
+    finally:
+        server.stop()
