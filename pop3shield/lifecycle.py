@@ -215,7 +215,8 @@ class Reloader:
 
 
 class SignalHandlers:
-    """SIGHUP -> :class:`Reloader`; SIGTERM -> ``reactor.stop`` (the drain), a second one ends the grace."""
+    """SIGHUP -> :class:`Reloader`; SIGTERM (and SIGINT) -> ``reactor.stop`` (the drain), a second one
+    ends the grace."""
 
     def __init__(self, reactor: Any, reloader: Reloader, connections: Connections) -> None:
         self.reactor = reactor
@@ -240,18 +241,19 @@ class SignalHandlers:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)  # Ctrl-C the same: a second one ends the grace
 
     def _on_hup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reloader.reload)
 
     def _on_term(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._terminate)
+        self.reactor.callFromThread(self._terminate, signal.Signals(signum).name)
 
-    def _terminate(self) -> None:
+    def _terminate(self, name: str = "SIGTERM") -> None:
         if self.connections.draining:
-            log.info("SIGTERM again: ending the shutdown grace now")
+            log.info("{signal} again: ending the shutdown grace now", signal=name)
             self.connections.expire()
             return
-        log.info("SIGTERM: stopping")
+        log.info("{signal}: stopping", signal=name)
         if self.reactor.running:
             self.reactor.stop()

@@ -109,6 +109,21 @@ def test_sigterm_without_sessions_stops_at_once_and_a_second_one_ends_the_grace(
     assert _messages(root / "alice" / "Maildir") == 3
     assert "SIGTERM again: ending the shutdown grace now" in server.log_path.read_text()
 
+    ctrl_c = Pop3ShieldServer(shutdown_grace=60.0, stop_timeout=20.0)  # Ctrl-C twice, the same way
+    ctrl_c.start(tmp_path / "run3", {"alice": PASSWORD}, root)
+    try:
+        client = _login(ctrl_c, "alice")
+        os.kill(ctrl_c.proc.pid, signal.SIGINT)
+        assert _wait_for(lambda: "have 60 s to finish" in ctrl_c.log_path.read_text(), 10.0)
+        started = time.monotonic()
+        os.kill(ctrl_c.proc.pid, signal.SIGINT)
+        assert client.line() == SHUTTING_DOWN
+        ctrl_c.proc.wait(15)
+        assert time.monotonic() - started < 10
+    finally:
+        ctrl_c.stop()
+    assert "SIGINT again: ending the shutdown grace now" in ctrl_c.log_path.read_text()
+
     idle = Pop3ShieldServer(shutdown_grace=60.0)
     idle.start(tmp_path / "run2", {"alice": PASSWORD}, root)
     started = time.monotonic()
