@@ -144,7 +144,11 @@ class PasswdFileChecker:
         """
         with self._lock:
             stamp = _stamp_or_error(self.path)
-            entries = load_passwd(self.path, allow_plaintext=self._allow_plaintext)
+            try:
+                entries = load_passwd(self.path, allow_plaintext=self._allow_plaintext)
+            except PasswdError:
+                self._failed_stamp = stamp  # reported by the caller: the next login does not log it again
+                raise
             self._install(entries, stamp)
         return len(entries)
 

@@ -131,8 +131,7 @@ class Reloader:
         self._running: defer.Deferred[str] | None = None
 
     def reload(self) -> defer.Deferred[str]:
-        if self._running is not None:  # a HUP while one is under way: that one reads the files anyway
-            return self._running
+        """Reopen the log files now (every HUP: logrotate may have renamed them again), then the rest."""
         done: list[str] = []
         reopen = [("log file", self.reopen_log), ("event file", self.events.reopen if self.events else None)]
         for what, action in reopen:
@@ -144,6 +143,8 @@ class Reloader:
                 log.error("cannot reopen the {what}, still writing the old one: {error}", what=what,
                           error=exc.strerror or str(exc))
         done.append("log and event files reopened")
+        if self._running is not None:  # a HUP while one is under way: that one reads the files anyway
+            return self._running
         pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()
         d = threads.deferToThreadPool(self.reactor, pool, self._read_files)
         d.addCallback(self._apply, done)

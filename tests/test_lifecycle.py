@@ -162,7 +162,10 @@ def test_sighup_reloads_the_passwd_file_and_names_settings_that_need_a_restart(t
         os.kill(server.proc.pid, signal.SIGHUP)
         assert _wait_for(lambda: "SIGHUP: passwd file not reloaded, keeping the previous users: "
                                  f"{server.passwd_path}:1:" in server.log_path.read_text()), server.diagnostics()
-        _login(server, "carol").close()
+        closed = server.log_path.read_text().count(" closed (")
+        _login(server, "carol").close()  # the previous users still serve
+        assert _wait_for(lambda: server.log_path.read_text().count(" closed (") > closed)
+        assert server.log_path.read_text().count("passwd file not reloaded") == 1  # the login does not repeat it
         assert server.proc.poll() is None
     finally:
         server.stop()
