@@ -167,3 +167,24 @@ def test_tls_started_without_stls_is_misuse(make_driver: Any) -> None:
     d = driver(make_driver, settings())
     with pytest.raises(SessionMisuse):
         d.session.tls_started()
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(tail=st.binary(min_size=1, max_size=600), non_compliant=st.sampled_from([Action.PREVENT, Action.DETECT]))
+def test_nothing_pipelined_after_stls_ever_runs(kit: Any, tail: bytes, non_compliant: Action) -> None:
+    """Any bytes after the STLS line, in the same read: one answer (+OK or the refusal), no other."""
+    config = settings(Action.INACTIVE, non_compliant=non_compliant)
+    d = kit.Driver(settings=config)
+    d.session = Session(config, "192.0.2.10", quick_check=d.quick_check)
+    d.start()
+    out = d.send(b"STLS\r\n" + tail)
+    if non_compliant is Action.PREVENT:
+        assert out == b"-ERR Protocol violation.\r\n" and d.closed
+        assert not any(isinstance(a, (A.StartTLS, A.Authenticate)) for a in d.actions)
+    else:
+        assert out == BEGIN and d.session.buffered == 0
+        assert d.call("tls_started") == b""
+        assert not d.logins
