@@ -9,6 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from pop3shield.core import actions as A
 from pop3shield.core.session import Session, State
@@ -168,8 +171,6 @@ def test_tls_started_without_stls_is_misuse(make_driver: Any) -> None:
     with pytest.raises(SessionMisuse):
         d.session.tls_started()
 
-
-from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
 
 
 @hsettings(max_examples=300, deadline=None)
