@@ -138,6 +138,21 @@ class PasswdFileChecker:
         d.addCallback(self._result, address)
         return d
 
+    def reload(self) -> int:
+        """BLOCKING (call it in a thread): re-read the file now, changed or not (SIGHUP); the user count.
+
+        A broken file raises PasswdError and the previous users stay.
+        """
+        with self._lock:
+            stamp = _stamp_or_error(self.path)
+            try:
+                entries = load_passwd(self.path, allow_plaintext=self._allow_plaintext)
+            except PasswdError:
+                self._failed_stamp = stamp  # reported by the caller: the next login does not log it again
+                raise
+            self._install(entries, stamp)
+        return len(entries)
+
     @property
     def users(self) -> frozenset[str]:
         """The user names currently loaded (for diagnostics; never exposes hashes)."""

@@ -59,35 +59,11 @@ def _serve(config: object, demo_password: str | None, report: object) -> int:
 
     begin_logging(config.logging.path, config.logging.format, config.logging.level)  # type: ignore[attr-defined]
     log_warnings(report)  # type: ignore[arg-type]
-    top = make_service(config, reactor, announce)  # type: ignore[arg-type]
-    _reopen_on_sighup(reactor, top)
+    top = make_service(config, reactor, announce, signals=True)  # type: ignore[arg-type]  # SIGHUP, SIGTERM
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     return int(getattr(reactor, "pop3shield_exit_code", 0))
-
-
-def _reopen_on_sighup(reactor: object, top: object) -> None:
-    """SIGHUP (``systemctl reload``, logrotate's postrotate) reopens the log and the event file."""
-    import signal
-
-    from twisted.logger import Logger
-
-    from pop3shield.logsetup import reopen_log
-
-    log = Logger(namespace="pop3shield.server")
-
-    def reopen() -> None:
-        for what, action in (("log file", reopen_log), ("event file", top.events.reopen)):  # type: ignore[attr-defined]
-            try:
-                action()
-            except OSError as exc:
-                log.error("cannot reopen the {what}, still writing the old one: {error}", what=what,
-                          error=exc.strerror or str(exc))
-        log.info("SIGHUP: log and event files reopened")
-
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(reopen))  # type: ignore[attr-defined]
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -46,6 +46,7 @@ __all__ = [
     "MetricsConfig",
     "ServerConfig",
     "StateConfig",
+    "TLSConfig",
     "load_config",
     "parse_config",
 ]
@@ -144,6 +145,8 @@ class ServerConfig:
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()
     #: seconds a trusted proxy has to send that header
     proxy_protocol_timeout: float = 5.0
+    #: seconds SIGTERM lets sessions finish before it closes them (without UPDATE)
+    shutdown_grace: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,10 @@ class AuthConfig:
     passwd_file: str | None = None
     allow_plaintext: bool = False
     realm: str | None = None
+    #: Dovecot's disable_plaintext_auth: USER/PASS, APOP and AUTH refused before TLS
+    disable_plaintext_auth: bool = False
+    #: with disable_plaintext_auth, loopback and unix-socket clients may still log in without TLS
+    plaintext_auth_loopback: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,21 @@ class MetricsConfig:
     listen: str = "tcp:9110:interface=127.0.0.1"
 
 
+TLS_VERSIONS = ("1.2", "1.3")
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """The certificate STLS uses (re-read on SIGHUP); without ``certificate`` STLS is never offered."""
+
+    #: PEM file: the server certificate, then its chain (intermediates), leaf first
+    certificate: str | None = None
+    #: PEM file of the private key; unset: the key is in the certificate file too
+    private_key: str | None = None
+    #: lowest TLS version accepted
+    min_version: str = "1.2"
+
+
 #: endpoint types the metrics endpoint may listen on (no haproxy: scrapers connect directly)
 METRICS_ENDPOINT_TYPES = frozenset({"tcp", "tcp6", "ssl", "unix", "systemd"})
 
@@ -268,6 +290,7 @@ class Config:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
     source: str = DEFAULT_SOURCE
+    tls: TLSConfig = field(default_factory=TLSConfig)
 
     def session_settings(self) -> SessionSettings:
         """The per-session view the sans-I/O core runs on."""
@@ -279,6 +302,9 @@ class Config:
             protections=self.protections,
             sasl_mechanisms=("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER") if self.backend.oauth
             else ("PLAIN", "LOGIN"),
+            stls_available=self.tls.certificate is not None,
+            disable_plaintext_auth=self.auth.disable_plaintext_auth,
+            plaintext_auth_loopback=self.auth.plaintext_auth_loopback,
         )
 
 
@@ -512,6 +538,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
+        shutdown_grace=_shutdown_grace(t, d.shutdown_grace),
     )
     if config.proxy_protocol_networks:
         for index, item in enumerate(config.listen):
@@ -562,6 +589,14 @@ def _proxy_timeout(table: _Table, default: float) -> float:
     return value
 
 
+def _shutdown_grace(table: _Table, default: float) -> float:
+    """Seconds sessions get to finish after SIGTERM; systemd's TimeoutStopSec must be longer."""
+    value = table.number("shutdown_grace", default, 0.0)
+    if value > 3600.0:
+        raise table.error("shutdown_grace", f"must be at most 3600 seconds, got {value:g}")
+    return value
+
+
 def _greeting_delay(table: _Table, default: float) -> float:
     """Seconds to hold the greeting; a client that talks first is not a POP3 client."""
     value = table.number("greeting_delay", default, 0.0)
@@ -598,6 +633,8 @@ def _parse_auth(ctx: _Context, data: dict[str, Any], upstream: bool = False) -> 
         passwd_file=passwd,
         allow_plaintext=t.boolean("allow_plaintext", False),
         realm=realm,
+        disable_plaintext_auth=t.boolean("disable_plaintext_auth", AuthConfig.disable_plaintext_auth),
+        plaintext_auth_loopback=t.boolean("plaintext_auth_loopback", AuthConfig.plaintext_auth_loopback),
     )
 
 
@@ -685,6 +722,23 @@ def _maildir(table: _Table, name: str, default: str) -> str:
     if "{" in rest or "}" in rest:
         raise table.error(name, "'{user}' is the only placeholder allowed; no other braces")
     return resolved
+
+
+def _parse_tls(ctx: _Context, data: dict[str, Any]) -> TLSConfig:
+    """Paths and the version here; the PEM contents are checked by start-up's preflight."""
+    d = TLSConfig()
+    t = _Table(ctx, "tls", data, _field_names(TLSConfig))
+    paths: dict[str, str | None] = {}
+    for name in ("certificate", "private_key"):
+        value: str | None = t.string(name, None)
+        if value is not None:
+            value = _resolve_path(t, name, value)
+            _check_readable(t, name, value)
+        paths[name] = value
+    if paths["private_key"] is not None and paths["certificate"] is None:
+        raise t.error("private_key", "needs tls.certificate")
+    return TLSConfig(certificate=paths["certificate"], private_key=paths["private_key"],
+                     min_version=t.string("min_version", d.min_version, TLS_VERSIONS))
 
 
 def _parse_events(ctx: _Context, data: dict[str, Any]) -> EventsConfig:
@@ -903,6 +957,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "state": StateConfig,
     "metrics": MetricsConfig,
     "analysis": AnalysisConfig,
+    "tls": TLSConfig,
 }
 
 
@@ -933,6 +988,7 @@ def parse_config(data: Mapping[str, Any], source: str, base_dir: Path | str) -> 
         analysis=_parse_analysis(ctx, root.table("analysis")),
         protections=protections,
         source=source,
+        tls=_parse_tls(ctx, root.table("tls")),
     )
 
 

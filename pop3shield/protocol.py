@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
@@ -38,6 +38,7 @@ from pop3shield.core import actions as A
 from pop3shield.core.session import Session, State
 from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
+from pop3shield.lifecycle import Connections
 from pop3shield.limits import (
     STATE_UNAVAILABLE,
     TOO_FAST_FROM_ADDRESS,
@@ -78,6 +79,7 @@ class _ClientStream:
         self.on_write()
 
 
+@implementer(IHandshakeListener)
 class POP3ServerProtocol(Protocol, TimeoutMixin):
     """One client connection."""
 
@@ -104,6 +106,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._octets_in = 0
         self._logins_failed = 0
         self._deleted: int | None = None
+        f.connections.add(self)  # SIGTERM's drain waits for it (lifecycle.Connections)
         if self.client_address in f.trusted_proxies:
             # the client's address comes in the PROXY header: until then no byte goes out, nothing is decided
             self._proxy_reader = HeaderReader()
@@ -192,8 +195,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         f = self.factory
         if hasattr(self.transport, "setTcpNoDelay"):
             self.transport.setTcpNoDelay(True)
+        tls = ISSLTransport.providedBy(self.transport)  # an implicit-TLS (ssl:) listener
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
-                               quick_check=f.quick_check)
+                               quick_check=f.quick_check, tls=tls,
+                               can_starttls=f.tls is not None and not tls and ITLSTransport.providedBy(self.transport))
         log.debug("session {session} connect from {address}:{port}", session=self.session_id,
                   address=self.ctx.client_address, port=self.ctx.client_port)
         if f.login_deadline:
@@ -269,6 +274,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     _gone = False
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        try:
+            self._connection_lost(reason)
+        finally:
+            self.factory.connections.discard(self)  # last: it may let the shutdown go on
+
+    def _connection_lost(self, reason: Failure | None) -> None:
         self._gone = True
         self.setTimeout(None)
         self._proxy_reader = None
@@ -371,6 +382,39 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self._ended = action.reason
         log.debug("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
         self.transport.loseConnection()
+
+    # ------------------------------------------------------------------ STLS and shutdown
+
+    _tls_pending = False
+
+    def _do_StartTLS(self, action: A.StartTLS) -> None:
+        """The +OK is written (in plaintext, first); from here every byte read goes through TLS."""
+        self._tls_pending = True
+        self.transport.startTLS(self.factory.tls)  # the certificate current now (SIGHUP may replace it)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the STLS handshake is done (also called for an ssl: listener's own)."""
+        if not self._tls_pending:
+            return
+        self._tls_pending = False
+        log.debug("session {session} STLS: TLS started", session=self.session_id)
+        self._guard(lambda _: self.session.tls_started())(None)
+
+    def shut_down(self) -> None:
+        """The shutdown grace is over: say so if the session can still speak, and close, without UPDATE.
+
+        A session in UPDATE (QUIT's deletions under way) is left alone here (the drain's final abort
+        ends its connection; the deletions themselves finish in their thread); one sending a message is cut.
+        """
+        if self._committing:
+            return
+        self._ended = "server shutdown"
+        if self.session is None or self.session.closed or self._streaming or self._tls_pending:
+            if self.session is not None:
+                self.session.connection_lost()
+            self.transport.abortConnection()
+            return
+        self._run(self.session.shutting_down())
 
     def _do_Report(self, action: A.Report) -> None:
         self.factory.events.emit(action.event, self._context())
@@ -642,6 +686,7 @@ class POP3ServerFactory(ServerFactory):
         proxy_protocol_timeout: float = 5.0,
         state: IState | None = None,
         metrics: Metrics | None = None,
+        tls: Any = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -681,6 +726,10 @@ class POP3ServerFactory(ServerFactory):
         #: peers whose connections start with a PROXY header naming the client, and how long it may take
         self.trusted_proxies = TrustedProxies(proxy_protocol_networks)
         self.proxy_timeout = proxy_protocol_timeout
+        #: the STLS certificate (pop3shield.tls.ServerTLS, re-read on SIGHUP); None: no STLS
+        self.tls = tls
+        #: the open connections, which SIGTERM's grace period waits for
+        self.connections = Connections(reactor)
 
     def challenge(self) -> bytes | None:
         """The APOP timestamp for the greeting, only when APOP is enabled."""

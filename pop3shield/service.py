@@ -128,7 +128,28 @@ def preflight(config: Config) -> Preflight:
         warn("metrics.listen", f"{config.metrics.listen!r} serves the metrics on every interface "
                                f"(give interface= the address the scraper comes from)")
     _check_same_files(config, warn)
+    if config.tls.certificate is not None:
+        load_tls(config)
+        if (config.protections.stls.action.value == "prevent" and not config.protections.stls.overrides
+                and not any(uses_tls_section(item) for item in config.server.listen)):
+            warn("protections.stls.action", "prevent: STLS is never offered, the tls.certificate is unused "
+                                            "(set it to detect or inactive)")
+    if config.auth.disable_plaintext_auth and config.tls.certificate is None and not any(
+            item.split(":", 1)[0].strip().lower() == "ssl" for item in config.server.listen):
+        warn("auth.disable_plaintext_auth", "no tls.certificate and no ssl: listener: only loopback clients "
+                                            "can log in" if config.auth.plaintext_auth_loopback
+                                            else "no tls.certificate and no ssl: listener: nobody can log in")
     return Preflight(users, tuple(warnings))
+
+
+def load_tls(config: Config) -> Any:
+    """The STLS certificate (``[tls]``), read and checked now; a problem is a ConfigError naming its key."""
+    from pop3shield.tls import CertificateError, ServerTLS
+
+    try:
+        return ServerTLS(config.tls)
+    except CertificateError as exc:
+        raise ConfigError(config.source, exc.key, exc.problem) from None
 
 
 def _try_open(config: Config, key: str, path: str, opener: Callable[[str], Any]) -> None:
@@ -271,9 +292,11 @@ class ListenService(service.Service):
     """Listens on one endpoint string; reports the real address (port 0 picks a free one)."""
 
     def __init__(self, description: str, factory: Any, reactor: Any,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None, tls: Any = None) -> None:
         self.description = description
         self.factory = factory
+        #: ``[tls]``'s certificate, for an ``ssl:`` endpoint that names no key file of its own
+        self.tls = tls
         self.reactor = reactor
         self.announce = announce
         self.port: Any = None
@@ -282,8 +305,16 @@ class ListenService(service.Service):
     def startService(self) -> None:
         super().startService()
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-            self.listening = endpoint.listen(self.factory)
+            factory = self.factory
+            description = self.description
+            if self.tls is not None and uses_tls_section(description):
+                # implicit TLS with [tls]'s certificate, re-read on SIGHUP like STLS's
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+
+                description = "tcp:" + description.split(":", 1)[1]
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            endpoint = serverFromString(self.reactor, description)
+            self.listening = endpoint.listen(factory)
         except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
             if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
                 exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
@@ -314,6 +345,15 @@ class ListenService(service.Service):
         return None
 
 
+def uses_tls_section(description: str) -> bool:
+    """An ``ssl:`` endpoint without ``privateKey=``/``certKey=``/``extraCertChain=``: it takes ``[tls]``."""
+    kind = description.split(":", 1)[0].strip().lower()
+    if kind != "ssl":
+        return False
+    _, kwargs = _endpoint_parts(description)
+    return not {"privateKey", "certKey", "extraCertChain"} & set(kwargs)
+
+
 class MetricsService(ListenService):
     """The Prometheus endpoint (``[metrics] listen``): a listener like the others, said in the log."""
 
@@ -334,13 +374,21 @@ def _stop_with_error(reactor: Any) -> None:
 
 class _Lifecycle(service.Service):
     """Starts and stops the analysis pool and the shared state, and closes the event file with the
-    server (writing what its writer thread still has queued, waiting a bounded time)."""
+    server (writing what its writer thread still has queued, waiting a bounded time).
 
-    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any, pools: tuple[Any, ...] = ()) -> None:
+    Stopping waits first for the sessions (``server.shutdown_grace``, see :mod:`pop3shield.lifecycle`),
+    which still need the pools, the state and the event file; the listeners stop at once beside it.
+    """
+
+    def __init__(self, analyzer: Analyzer, events: EventLog, state: Any, pools: tuple[Any, ...] = (),
+                 connections: Any = None, grace: float = 0.0, signals: Any = None) -> None:
         self.analyzer = analyzer
         self.events = events
         self.state = state
         self.pools = pools
+        self.connections = connections
+        self.grace = grace
+        self.signals = signals
 
     def startService(self) -> None:
         super().startService()
@@ -348,9 +396,17 @@ class _Lifecycle(service.Service):
             pool.start()
         self.analyzer.start()
         self.state.start()
+        if self.signals is not None:
+            self.signals.install()
 
-    def stopService(self) -> None:
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()  # the signal handlers stay: a 2nd SIGTERM ends the grace, a HUP still reloads
+        d: defer.Deferred[None] = (self.connections.drain(self.grace) if self.connections is not None
+                                   else defer.succeed(None))
+        d.addCallback(lambda _: self._stop())
+        return d
+
+    def _stop(self) -> None:
         for pool in self.pools:
             pool.stop()
         self.analyzer.stop()
@@ -364,9 +420,23 @@ def log_warnings(report: Preflight) -> None:
         log.warn("config warning: {warning}", warning=warning)
 
 
+def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
+    """The passwd-file checkers and routing maps a backend reads, which SIGHUP re-reads."""
+    checkers = list(getattr(getattr(backend, "portal", None), "checkers", {}).values())
+    if getattr(backend, "checker", None) is not None:
+        checkers.append(backend.checker)
+    routes = [backend.routes] if getattr(backend, "routes", None) is not None else []
+    return [c for c in dict.fromkeys(checkers) if hasattr(c, "reload")], routes
+
+
 def make_service(config: Config, reactor: Any = None,
-                 announce: Callable[[str], None] | None = None) -> service.MultiService:
-    """Everything the server runs, as one Twisted service."""
+                 announce: Callable[[str], None] | None = None, *, signals: bool = True) -> service.MultiService:
+    """Everything the server runs, as one Twisted service.
+
+    ``signals``: the service installs the SIGHUP (reload) and SIGTERM (grace period) handlers when it
+    starts in the main thread (``pop3shield run``, the twistd plugin); False for a server embedded
+    in another program.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -390,6 +460,7 @@ def make_service(config: Config, reactor: Any = None,
                          ("hash", lambda: hashing)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     state = build_state(config, reactor)
+    tls = load_tls(config) if config.tls.certificate is not None else None
     server = config.server
     factory = POP3ServerFactory(
         config.session_settings(), backend, events,
@@ -406,11 +477,19 @@ def make_service(config: Config, reactor: Any = None,
         quick_check=quick_check(),
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
         proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
-        metrics=metrics,
+        metrics=metrics, tls=tls,
     )
     top = service.MultiService()
-    _Lifecycle(analyzer, events, state, (hashing,)).setServiceParent(top)
-    listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    from pop3shield.lifecycle import Reloader, SignalHandlers
+    from pop3shield.logsetup import reopen_log
+
+    checkers, routes = _reloadables(backend)
+    reloader = Reloader(reactor, config, events=events, checkers=checkers, routes=routes, tls=tls,
+                        reopen_log=reopen_log)
+    handlers = SignalHandlers(reactor, reloader, factory.connections) if signals else None
+    _Lifecycle(analyzer, events, state, (hashing,), factory.connections, server.shutdown_grace,
+               handlers).setServiceParent(top)
+    listeners = [ListenService(description, factory, reactor, announce, tls) for description in server.listen]
     if config.metrics.enabled:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
     for listener in listeners:
@@ -421,4 +500,5 @@ def make_service(config: Config, reactor: Any = None,
     top.factory = factory  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     top.metrics = metrics  # type: ignore[attr-defined]
+    top.reloader = reloader  # type: ignore[attr-defined]  # what SIGHUP runs
     return top

@@ -184,6 +184,23 @@ class RouteMap:
             return routes[f"@{domain.lower()}"]
         return self.default
 
+    def reload(self) -> int:
+        """BLOCKING (call it in a thread): re-read the map now, changed or not (SIGHUP); the route count.
+
+        A broken map raises RouteMapError and the previous routes stay.
+        """
+        if self.path is None:
+            return 0
+        with self._lock:
+            try:
+                stamp = _stamp(self.path)
+                with open(self.path, "rb") as handle:
+                    routes = parse_routes(self.path, handle.read())
+            except OSError as exc:
+                raise RouteMapError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
+            self._routes, self._stamp, self._bad_stamp = routes, stamp, None
+        return len(routes)
+
     def _reload_if_changed(self) -> None:
         if self.path is None:
             return

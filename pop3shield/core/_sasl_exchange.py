@@ -17,6 +17,8 @@ class SaslExchange:
     _sasl_user: bytes | None
 
     def _cmd_auth(self, args: tuple[bytes, ...]) -> None:
+        if self._refuse_plaintext():  # Authorization's, in the Session
+            return
         if not args:
             mechs = [m.encode("ascii") for m in self.settings.sasl_mechanisms]
             self._send(responses.multiline(responses.ok("Supported mechanisms follow"), mechs))

@@ -88,4 +88,13 @@ class LoggedIn:
     octets: int
 
 
-Action = Send | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn
+@dataclass(frozen=True)
+class StartTLS:
+    """Start the TLS handshake now (the ``+OK`` before it is already sent); answer with tls_started.
+
+    Everything the client sent after the STLS line is already discarded (CVE-2011-0411): the
+    next bytes the session sees must come through TLS.
+    """
+
+
+Action = Send | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn | StartTLS

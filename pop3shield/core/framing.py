@@ -114,6 +114,22 @@ class LineFramer:
         content = event.content
         return Overlong(content[:WINDOW], content[-WINDOW:], event.length, terminated=True)
 
+    def discard_all(self) -> int:
+        """Drop everything held (complete lines, the partial line); returns how many octets (at least).
+
+        After STLS nothing sent in plaintext may be read as a command (CVE-2011-0411).
+        """
+        dropped = self.buffered + self._discarded + (1 if self._broken else 0)  # an overflow held more
+        self._broken = False
+        self._events.clear()
+        self._partial = bytearray()
+        self._pending_bytes = 0
+        self._discarding = False
+        self._head = bytearray()
+        self._tail = bytearray()
+        self._discarded = 0
+        return dropped
+
     def _add_partial(self, data: bytes, start: int, end: int) -> None:
         """Append data[start:end] to the unterminated line, switching to discard past the cap."""
         if start >= end:

@@ -28,7 +28,7 @@ from pop3shield.core._transaction import Transaction
 from pop3shield.core.errors import SessionMisuse
 from pop3shield.core.framing import Line, LineFramer
 from pop3shield.core.protections import ProtectionEngine
-from pop3shield.core.settings import SessionSettings
+from pop3shield.core.settings import SessionSettings, _normalise_address
 
 __all__ = ["COMMANDS", "HARD_LINE_LIMIT", "MessageEntry", "QuickCheck", "Session", "SessionMisuse", "State"]
 
@@ -43,8 +43,16 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         *,
         challenge: bytes | None = None,
         quick_check: QuickCheck | None = None,
+        tls: bool = False,
+        can_starttls: bool = True,
     ) -> None:
         self.settings = settings
+        #: the connection is encrypted: an implicit-TLS listener, or after STLS
+        self.tls = tls
+        #: the transport can start TLS (STLS is offered only then, and only before TLS)
+        self._can_starttls = can_starttls
+        #: with disable_plaintext_auth: this peer may log in without TLS (loopback, no IP address)
+        self._secure_peer = settings.plaintext_auth_loopback and _is_local(client_address)
         self.limits = settings.protections
         self.engine = ProtectionEngine(settings.protections, client_address)
         self.state = State.AUTHORIZATION
@@ -189,6 +197,23 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         self._process()
         return self._flush()
 
+    def tls_started(self) -> list[A.Action]:
+        """The STLS handshake completed: from here on the session is encrypted (RFC 2595 section 4)."""
+        if not self._answer("tls_started", A.StartTLS):
+            return []
+        self.tls = True
+        self.user = None  # RFC 2595: forget what the client said before TLS
+        self._process()
+        return self._flush()
+
+    def shutting_down(self) -> list[A.Action]:
+        """The server stops and the grace period is over: say so and close (no UPDATE, nothing deleted)."""
+        if self.state is State.CLOSED:
+            return []
+        self._send(responses.err("Server shutting down.", "SYS/TEMP"))
+        self._close("shutdown")
+        return self._flush()
+
     def timed_out(self) -> list[A.Action]:
         """The inactivity timer fired (RFC 1939: an autologout deletes nothing)."""
         if self.state is State.CLOSED:
@@ -310,6 +335,14 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
 
     def _handler(self, keyword: str) -> Callable[[Session, tuple[bytes, ...]], None] | None:
         return COMMANDS.get((self.state, keyword))
+
+
+def _is_local(address: str | None) -> bool:
+    """Loopback, or no IP address at all (a unix socket): Dovecot's "secured" connections."""
+    if not address:
+        return True
+    ip = _normalise_address(address)
+    return ip is not None and ip.is_loopback
 
 
 Handler = Callable[[Session, tuple[bytes, ...]], None]

@@ -134,3 +134,9 @@ class SessionSettings:
     #: hard cap on buffered, not yet processed input (always on, whatever the protections say)
     input_buffer_limit: int = 65536
     protections: ProtectionsConfig = field(default_factory=ProtectionsConfig)
+    #: a certificate is configured: STLS may be offered (when the ``stls`` protection allows it)
+    stls_available: bool = False
+    #: Dovecot's disable_plaintext_auth: USER/PASS, APOP and AUTH only over TLS
+    disable_plaintext_auth: bool = False
+    #: with disable_plaintext_auth, loopback (and connections without an IP address) count as secure
+    plaintext_auth_loopback: bool = True

@@ -7,7 +7,8 @@
   ``passwd_file`` is given;
 * ``<tmp>/pop3shield.toml`` -- see :data:`CONFIG_TEMPLATE`, plus any extra
   TOML text passed as ``extra_toml`` (appended verbatim, e.g. more sections);
-  ``server_toml``, ``auth_toml`` and ``events_toml`` add lines to those tables;
+  ``server_toml``, ``auth_toml`` and ``events_toml`` add lines to those tables
+  (``shutdown_grace`` is a parameter, default 1 s, so that ``stop`` is quick);
   ``backend_toml`` replaces the ``[backend]`` table (e.g. ``type = "upstream"``);
 
 then runs ``sys.executable -m pop3shield run --config <tmp>/pop3shield.toml``
@@ -50,6 +51,7 @@ CONFIG_TEMPLATE = """\
 [server]
 listen = [{listen}]
 hostname = "test.invalid"
+shutdown_grace = {shutdown_grace}
 {server_extra}
 [auth]
 {passwd_line}
@@ -102,6 +104,7 @@ class Pop3ShieldServer(ServerProcess):
                  auth_toml: str = "", passwd_file: os.PathLike | str | None = None,
                  backend_toml: str | None = None, local_passwd: bool = True,
                  listen: str = "tcp:0:interface=127.0.0.1",
+                 shutdown_grace: float = 1.0,
                  startup_timeout: float = 30.0,
                  stop_timeout: float = 10.0, python: str = sys.executable,
                  extra_args: tuple[str, ...] = ()):
@@ -118,6 +121,8 @@ class Pop3ShieldServer(ServerProcess):
         self.passwd_file = passwd_file
         #: the one endpoint string (keep it on loopback)
         self.listen = listen
+        #: seconds SIGTERM leaves open sessions (short: stop() must not wait long for a test's clients)
+        self.shutdown_grace = shutdown_grace
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.python = python
@@ -199,7 +204,7 @@ class Pop3ShieldServer(ServerProcess):
             + _toml_str(f"{self.maildir_root}/{{user}}/Maildir"),
             events=_toml_str(self.events_path), log=_toml_str(self.log_path),
             server_extra=self.server_toml.strip("\n"), events_extra=self.events_toml.strip("\n"),
-            auth_extra=self.auth_toml.strip("\n"))
+            auth_extra=self.auth_toml.strip("\n"), shutdown_grace=float(self.shutdown_grace))
         if self.extra_toml:
             conf += "\n" + self.extra_toml.strip("\n") + "\n"
         self.conf_path.write_text(conf, encoding="utf-8")

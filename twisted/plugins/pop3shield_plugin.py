@@ -39,14 +39,15 @@ class Pop3ShieldServiceMaker:
     def makeService(self, options: Options):  # type: ignore[no-untyped-def]
         """twistd owns the log observers (--logfile); stdlib logging is bridged into them, every
         event's text fields are escaped before they reach them, and the preflight warnings are
-        logged (twistd replays them once its log starts)."""
+        logged (twistd replays them once its log starts). SIGHUP and SIGTERM are the server's own, as
+        under ``pop3shield run``."""
         from pop3shield.logsetup import install_field_escaper, install_stdlib_bridge
         from pop3shield.service import log_warnings, make_service
 
         install_stdlib_bridge(options["loaded"].logging.level)
         install_field_escaper()
         log_warnings(options["preflight"])
-        return make_service(options["loaded"])
+        return make_service(options["loaded"], signals=True)  # SIGHUP reloads, SIGTERM's grace period
 
 
 serviceMaker = Pop3ShieldServiceMaker()
