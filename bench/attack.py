@@ -481,7 +481,9 @@ async def _attack_main(conn, name: str, port: int, scale: Scale, honest: list[st
             break
     attack.stats["slots not ended"] = len(pending)
     cpu = (ended.user + ended.system) - (ready_at.user + ready_at.system)
-    conn.send(("done", dict(attack.stats), cpu, (ready_at.user + ready_at.system) - (before.user + before.system)))
+    with contextlib.suppress(OSError):  # the parent may be gone (an interrupted run)
+        conn.send(("done", dict(attack.stats), cpu,
+                   (ready_at.user + ready_at.system) - (before.user + before.system)))
 
 
 def _attack_child(conn, name, port, scale, honest, accounts) -> None:
@@ -662,14 +664,14 @@ class Bench:
             asyncio.run(self._measure(server, result, conn))
             result.honest_events = self._honest_events(server)
         finally:
+            if conn is not None:
+                conn.close()  # an attack still running (an interrupted run) sees EOF and stops
             if child is not None:
                 child.join(10)
                 if child.is_alive() and child.pid:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(child.pid, signal.SIGKILL)
                     child.join(5)
-            if conn is not None:
-                conn.close()
             server.stop()
         return result
 
