@@ -8,12 +8,13 @@ ships, except what a bench must set (port, paths, passwd file; ``auth.allow_plai
 passwd file is a migration in progress: mostly ``{PLAIN}``, some ``{ARGON2ID}`` and ``{BLF-CRYPT}``).
 A steady stream of honest sessions (4 concurrent clients, each its own user and its own loopback
 address 127.0.0.11-14, two of them with 48-character passwords; each session greeting, USER, PASS,
-STAT, RETR 1, QUIT, every reply checked, 0.5 s apart per client) measures success and latency, first with no attack
-(baseline), then for each scenario while the attack runs from a separate process (so the load
-generator's CPU is its own, and measured):
+STAT, RETR 1, QUIT, every reply checked, 0.5 s apart per client) measures success and latency,
+first with no attack (baseline), then for each scenario while the attack runs from a separate
+process (so the load generator's CPU is its own, and measured), and once more with no attack at the
+end (baseline-end: how much the machine's own load moved the figures):
 
   brute-one     brute force with wrong passwords from one address (20 connections)
-  brute-many    brute force from 250 addresses (127.0.2.x), one connection each
+  brute-many    brute force from 250 addresses in 250 /24s (127.2.x.1), one connection each
   slowloris     1,000 half-open connections (greeting read, "USER " sent, no CRLF) from 10 addresses
   detector      40 connections (one /24) sending long random-letter USER lines (the detector's slow tier)
   pipeline      10 logged-in clients pipelining 600 RETR (200 messages of 60 KiB, 3 times), never reading
@@ -27,7 +28,7 @@ peak RSS, its CPU, the attack's own counters, the bench's CPU, the seconds the f
 took after the attack stopped, and PASS/FAIL for the targets of issue 10: honest success 100%,
 p99 <= 2x baseline p99, memory bounded (peak RSS <= baseline peak + ``--rss-margin`` MiB), no wrong
 password accepted (every ``+OK`` to an attacker's PASS is counted). Everything is bounded in count and
-time (about 5 minutes in all; ``--quick`` is a smoke run of seconds per scenario), loopback only, and
+time (about 6 minutes in all; ``--quick`` is a smoke run of seconds per scenario), loopback only, and
 every process and socket the bench starts is stopped by the bench (the server and the attack process
 by PID).
 """
@@ -334,7 +335,8 @@ class Attack:
 
     async def brute_many(self) -> list:
         self.ready.set()
-        return [self.slot(f"127.0.2.{1 + n % 250}", self.brute_body) for n in range(self.scale.brute_many)]
+        # one address in each of 250 /24 networks: no grouping by network makes them one source
+        return [self.slot(f"127.2.{1 + n % 250}.1", self.brute_body) for n in range(self.scale.brute_many)]
 
     # -- slowloris: half a command, then nothing
     async def slowloris_body(self, reader, writer) -> None:
