@@ -384,9 +384,9 @@ def start_servers(work: Path, accounts: dict[str, str], idle: int, workers: int 
     os.chmod(plain, 0o600)
 
     shield_server = (f"max_connections = {idle + 1000}\nmax_connections_per_ip = 1000\n"
-                     f"login_timeout = 600\n" + (f"workers = {workers}\n" if workers is not None else ""))
+                     f"login_timeout = 600\n")
     shield = Pop3ShieldServer(passwd_file=plain, auth_toml="allow_plaintext = true", server_toml=shield_server,
-                              startup_timeout=60)
+                              startup_timeout=60, workers=workers)
     started.append(shield)
     host, port = shield.start(work / "pop3shield", accounts, work / "pop3shield-mail")
     targets["pop3shield"] = Target("pop3shield", host, port, [shield.proc.pid])
@@ -416,7 +416,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--idle", type=int, default=2000, help="idle connections held (50000: raise the limits)")
-    parser.add_argument("--workers", type=int, default=None, help="pop3shield server.workers (default: its own)")
+    parser.add_argument("--workers", type=int, default=None, help="pop3shield server.workers (default: its own default, the number of cores)")
     parser.add_argument("--only", default="", help="comma-separated servers to measure (default: all)")
     args = parser.parse_args()
 

@@ -117,6 +117,8 @@ class ServerConfig:
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()
     #: seconds a trusted proxy has to send that header
     proxy_protocol_timeout: float = 5.0
+    #: worker processes sharing the listening sockets (1: one process, as before); default: the cores
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -455,6 +457,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
+        workers=t.integer("workers", d.workers, 1, 256),
     )
     if config.proxy_protocol_networks:
         for index, item in enumerate(config.listen):

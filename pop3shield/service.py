@@ -260,19 +260,27 @@ class ListenService(service.Service):
     """Listens on one endpoint string; reports the real address (port 0 picks a free one)."""
 
     def __init__(self, description: str, factory: Any, reactor: Any,
-                 announce: Callable[[str], None] | None = None) -> None:
+                 announce: Callable[[str], None] | None = None,
+                 adopt: tuple[int, int] | None = None) -> None:
         self.description = description
         self.factory = factory
         self.reactor = reactor
         self.announce = announce
+        #: (descriptor, address family) of a listening socket inherited from the supervisor
+        self.adopt = adopt
         self.port: Any = None
         self.listening: defer.Deferred[Any] | None = None
 
     def startService(self) -> None:
         super().startService()
         try:
-            endpoint = serverFromString(self.reactor, self.description)
-            self.listening = endpoint.listen(self.factory)
+            if self.adopt is not None:
+                from pop3shield.workers import adopt_port
+
+                self.listening = defer.succeed(adopt_port(self.reactor, self.description, *self.adopt, self.factory))
+            else:
+                endpoint = serverFromString(self.reactor, self.description)
+                self.listening = endpoint.listen(self.factory)
         except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
             if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
                 exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
@@ -349,8 +357,14 @@ def log_warnings(report: Preflight) -> None:
 
 
 def make_service(config: Config, reactor: Any = None,
-                 announce: Callable[[str], None] | None = None) -> service.MultiService:
-    """Everything the server runs, as one Twisted service."""
+                 announce: Callable[[str], None] | None = None, *, state: Any = None,
+                 adopted: Any = None) -> service.MultiService:
+    """Everything the server runs, as one Twisted service.
+
+    A worker of :mod:`pop3shield.workers` passes the supervisor's ``state`` and the listening
+    sockets it inherited (``adopted``: endpoint string, descriptor, family per listener); then
+    the supervisor serves the metrics and tells systemd, not the worker.
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
@@ -366,7 +380,8 @@ def make_service(config: Config, reactor: Any = None,
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
-    state = build_state(config, reactor)
+    if state is None:
+        state = build_state(config, reactor)
     server = config.server
     factory = POP3ServerFactory(
         config.session_settings(), backend, events,
@@ -383,14 +398,20 @@ def make_service(config: Config, reactor: Any = None,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events, state).setServiceParent(top)
-    listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
-    if config.metrics.enabled:
+    if adopted is not None:
+        listeners = [ListenService(description, factory, reactor, adopt=(fd, family))
+                     for description, fd, family in adopted]
+    else:
+        listeners = [ListenService(description, factory, reactor, announce) for description in server.listen]
+    if config.metrics.enabled and adopted is None:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
     for listener in listeners:
         listener.setServiceParent(top)
-    from pop3shield.sdnotify import ReadyNotifier
+    if adopted is None:
+        from pop3shield.sdnotify import ReadyNotifier
 
-    ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
+        ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
+    top.listeners = listeners  # type: ignore[attr-defined]
     top.factory = factory  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     top.metrics = metrics  # type: ignore[attr-defined]
