@@ -380,6 +380,9 @@ def make_service(config: Config, reactor: Any = None,
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
+    if config.server.workers > 1 and adopted is None:  # twistd (pop3shield run starts a supervisor instead)
+        log.info("twistd runs one process: server.workers = {workers} is ignored (pop3shield run starts workers)",
+                 workers=config.server.workers)
     if state is None:
         state = build_state(config, reactor)
     server = config.server

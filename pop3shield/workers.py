@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.application import service
@@ -604,11 +604,6 @@ def run_supervisor(config: Any, announce: Callable[[str], None] | None = None) -
     reactor.addSystemEventTrigger("before", "shutdown", supervisor.stopService)
     reactor.run()
     return int(getattr(reactor, "pop3shield_exit_code", 0))
-
-
-def single_process(config: Any) -> Any:
-    """The config with ``server.workers = 1`` (twistd, and the supervisor's own view)."""
-    return replace(config, server=replace(config.server, workers=1))
 
 
 if __name__ == "__main__":

@@ -283,3 +283,44 @@ def test_ready_once_when_both_workers_listen(tmp_path: Path, start) -> None:
         server.stop()
         listener.settimeout(10)
         assert listener.recv(4096) == b"STOPPING=1"
+
+
+@pytest.mark.skipif(__import__("shutil").which("twistd") is None, reason="needs twistd")
+def test_twistd_runs_one_process_and_says_so(tmp_path: Path) -> None:
+    """The plugin of this checkout (PYTHONPATH): twistd daemonizes one process, so workers is ignored."""
+    import subprocess
+
+    from tests.support.pop3shield_server import REPO_ROOT
+
+    maildir = tmp_path / "mail" / "alice" / "Maildir"
+    write_maildir(maildir)
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text(f"alice:{{PLAIN}}{PASSWORD}\n")
+    passwd.chmod(0o600)
+    conf = tmp_path / "pop3shield.toml"
+    conf.write_text(f'[server]\nlisten = ["tcp:0:interface=127.0.0.1"]\nworkers = 2\n'
+                    f'[auth]\npasswd_file = "{passwd}"\nallow_plaintext = true\n'
+                    f'[backend]\nmaildir = "{tmp_path}/mail/{{user}}/Maildir"\n')
+    log = tmp_path / "twistd.log"
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "VIRTUAL_ENV")}
+    env.update(PYTHONPATH=str(REPO_ROOT), HOME=str(tmp_path))
+    proc = subprocess.Popen(["twistd", "-n", "--pidfile", "", "--logfile", str(log), "pop3shield", "--config",
+                             str(conf)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        port = int(wait_for(lambda: re.search(r"listening on 127\.0\.0\.1:(\d+)", log.read_text())
+                            if log.exists() else None, 60, "twistd's listening line").group(1))
+        assert "twistd runs one process: server.workers = 2 is ignored (pop3shield run starts workers)" in \
+            log.read_text()
+        sock, line = greeted("127.0.0.1", port)
+        with sock:
+            assert line.startswith(b"+OK")
+            assert command(sock, b"USER alice").startswith(b"+OK")
+            assert command(sock, f"PASS {PASSWORD}".encode()).startswith(b"+OK Logged in")
+        assert children(proc.pid) == set()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
