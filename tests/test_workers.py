@@ -258,6 +258,28 @@ def test_sigterm_stops_the_supervisor_and_every_worker(start) -> None:
     server.stop()
 
 
+def test_sighup_reaches_every_worker(start) -> None:
+    server = start()
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_for(lambda: server.log_path.read_text().count("SIGHUP: log and event files reopened") == 2, 20,
+             "both workers reopening their files")
+    sock, line = greeted(server.host, server.port)
+    sock.close()
+    assert line.startswith(b"+OK")
+
+
+def test_a_killed_supervisor_leaves_no_worker_behind(start) -> None:
+    server = start()
+    workers = children(server.proc.pid)
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(timeout=10)
+
+    def gone() -> bool:
+        return all(not os.path.exists(f"/proc/{pid}") or
+                   Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" for pid in workers)
+    wait_for(gone, 20, "the workers to end with their supervisor")
+
+
 LAUNCHER = '''#!{python}
 import os, sys
 os.environ["NOTIFY_SOCKET"] = {notify!r}
