@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import socket
 import stat
 import sys
 from dataclasses import dataclass
@@ -256,6 +257,23 @@ def quick_check() -> Callable[[bytes, str], Any] | None:
     return check
 
 
+#: the listen backlog unless the endpoint string gives ``backlog=`` (Twisted's default, 50, drops
+#: the SYNs of a burst of connections, and each dropped one costs its client a second or more)
+LISTEN_BACKLOG = 1024
+
+
+def raise_backlog(port: Any, description: str) -> None:
+    """``listen()`` again with :data:`LISTEN_BACKLOG` (Linux caps it at net.core.somaxconn)."""
+    if "backlog=" in description.replace(" ", "").lower():
+        return
+    sock = getattr(port, "socket", None)
+    if sock is not None and sock.type == socket.SOCK_STREAM:
+        try:
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            pass
+
+
 class ListenService(service.Service):
     """Listens on one endpoint string; reports the real address (port 0 picks a free one)."""
 
@@ -289,6 +307,8 @@ class ListenService(service.Service):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        if self.adopt is None:
+            raise_backlog(port, self.description)
         address = port.getHost()
         text = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}".rstrip(":")
         log.info("listening on {address} ({description})", address=text, description=self.description)

@@ -49,6 +49,7 @@ from twisted.internet.endpoints import UNIXClientEndpoint, UNIXServerEndpoint, s
 from twisted.logger import Logger
 from twisted.protocols import amp
 
+from pop3shield.service import raise_backlog
 from pop3shield.state import LocalState, StateUnavailable
 
 __all__ = ["RemoteState", "Supervisor", "adopt_port", "run_supervisor"]
@@ -407,6 +408,7 @@ class Supervisor(service.Service):
             for description in self.config.server.listen:
                 port = yield serverFromString(self.reactor, description).listen(_Refuse())
                 port.stopReading()
+                raise_backlog(port, description)
                 self.ports.append(port)
                 sock = socket.socket(fileno=os.dup(port.fileno()))
                 family = sock.family

@@ -280,6 +280,47 @@ def test_a_killed_supervisor_leaves_no_worker_behind(start) -> None:
     wait_for(gone, 20, "the workers to end with their supervisor")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_burst_of_connections_waits_in_the_backlog(tmp_path: Path, workers: int) -> None:
+    """With the server stopped, 300 connections complete their handshake in the kernel's accept queue
+    (backlog 1024, not Twisted's 50, past which SYNs are dropped and a client waits a second or more)."""
+    import select
+
+    root = tmp_path / "mail"
+    write_maildir(root / "alice" / "Maildir")
+    server = Pop3ShieldServer(server_toml="max_connections_per_ip = 400", workers=workers, startup_timeout=60)
+    server.start(tmp_path / "run", USERS, root)
+    pids = [server.proc.pid, *children(server.proc.pid)]
+    socks: list[socket.socket] = []
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        for _ in range(300):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((server.host, server.port))
+            socks.append(sock)
+        pending = list(socks)
+        deadline = time.monotonic() + 0.9  # below the first SYN retransmission (1 s)
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], 0.1)
+            pending = [sock for sock in pending if sock not in writable]
+        assert not pending, f"{len(pending)} of 300 connections not established while the server was stopped"
+        assert all(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0 for sock in socks)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(30)
+            assert read_line(sock).startswith(b"+OK")
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
 LAUNCHER = '''#!{python}
 import os, sys
 os.environ["NOTIFY_SOCKET"] = {notify!r}
