@@ -96,9 +96,13 @@ class LineFramer:
             if end < 0:
                 self._add_partial(data, start, size)
                 return
-            self._add_partial(data, start, end)
-            if not self._broken:
-                self._end_line()
+            if (not self._partial and not self._discarding and end - start <= self.partial_cap - 1
+                    and self._pending_bytes + end - start <= self.hard_limit):
+                self._whole_line(bytes(data[start:end]))  # the usual case: a line in one chunk, one copy
+            else:
+                self._add_partial(data, start, end)
+                if not self._broken:
+                    self._end_line()
             start = end + 1
 
     def next_event(self) -> FrameEvent | None:
@@ -157,6 +161,13 @@ class LineFramer:
             del self._partial[-1]
         line = Line(bytes(self._partial), bare_lf)
         self._partial = bytearray()
+        self._pending_bytes += line.length
+        self._events.append(line)
+
+    def _whole_line(self, content: bytes) -> None:
+        """What :meth:`_add_partial` and :meth:`_end_line` do for a line that arrived whole."""
+        bare_lf = not content.endswith(b"\r")
+        line = Line(content if bare_lf else content[:-1], bare_lf)
         self._pending_bytes += line.length
         self._events.append(line)
 
