@@ -415,3 +415,37 @@ def test_a_backend_that_raises_instead_of_failing_its_deferred_still_gets_answer
     proto.dataReceived(b"USER carol\r\nPASS pw\r\nRETR 1\r\n")
     assert transport.value().endswith(b"+OK Logged in, 1 messages (3 octets).\r\n")
     assert transport.disconnecting or getattr(transport, "disconnected", False)  # cut, never half an answer
+
+
+class _CountingPool(_InlinePool):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):  # noqa: ANN001
+        self.calls += 1
+        super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+
+def test_a_login_is_one_thread_hop_password_and_maildrop_together(root: Path) -> None:
+    pool = _CountingPool()
+    offloaded: list[Any] = []
+
+    def counting(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        offloaded.append(function)
+        return inline(function, *args)
+    checker = PasswdFileChecker(str(root / "users.passwd"), allow_plaintext=True, threadpool=pool,
+                                reactor=_InlineReactor())
+    b = MaildirBackend(Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")), [checker]), counting)
+    mailbox = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    assert (pool.calls, offloaded) == (1, [])  # verified, locked and listed in one call
+    assert [m.size for m in mailbox.listing] == [23, 27]
+    with pytest.raises(MailboxInUse):  # it holds the lock
+        result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    mailbox.release()
+    # a wrong password or a nologin entry opens nothing: the maildrop stays free
+    for user, password in (("alice", b"nope"), ("dis", b"pw-dis")):
+        with pytest.raises(LoginRefused):
+            result(b.login(Credentials(user, password, "USER"), CLIENT))
+    again = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    again.release()
+    assert [f.__name__ for f in offloaded] == ["release", "release"]  # the two releases, nothing else
