@@ -420,11 +420,16 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated servers to measure (default: all)")
     args = parser.parse_args()
 
+    # the open-file limit for this process and the servers it starts (they inherit it): both ends of
+    # every idle connection are here; root may raise the hard limit too (up to fs.nr_open)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.idle * 2 + 4096
     if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(need, soft), hard) if hard != resource.RLIM_INFINITY
-                                                    else need, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+        print(f"open-file limit raised to {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}", flush=True)
     accounts = users(max(CLIENT_COUNTS))
     work = Path(tempfile.mkdtemp(prefix="pop3shield-perf-"))
     os.chmod(work, 0o755)

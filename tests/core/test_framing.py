@@ -287,3 +287,21 @@ def test_buffered_never_exceeds_the_limits(chunks: list[bytes], consume: bool) -
         elif isinstance(event, Overlong):
             assert len(event.head) <= WINDOW and len(event.tail) <= WINDOW
             assert event.length > line_limit
+
+
+def test_many_pipelined_lines_come_out_in_order_while_more_arrive() -> None:
+    """The pending lines are a list read from an index and compacted in batches: order and
+    contents survive any mix of taking and feeding."""
+    framer = LineFramer(255, 1 << 20)
+    sent = [f"NOOP {n}".encode() for n in range(5000)]
+    taken: list[bytes] = []
+    for start in range(0, len(sent), 700):
+        framer.feed(b"".join(line + b"\r\n" for line in sent[start:start + 700]))
+        for _ in range(450):  # take fewer than arrived: the backlog grows and is compacted
+            event = framer.next_event()
+            assert isinstance(event, Line)
+            taken.append(event.content)
+    while (event := framer.next_event()) is not None:
+        taken.append(event.content)
+    assert taken == sent
+    assert framer.buffered == 0
