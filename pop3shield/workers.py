@@ -74,6 +74,7 @@ class Acquire(amp.Command):
 class Release(amp.Command):
     arguments = [(b"key", amp.Unicode()), (b"member", amp.Unicode())]
     response: list = []
+    requiresAnswer = False  # nothing waits for it; the stream keeps it ahead of later commands
 
 
 class Failed(amp.Command):
@@ -89,6 +90,7 @@ class Penalty(amp.Command):
 class Succeeded(amp.Command):
     arguments = [(b"address", amp.Unicode()), (b"user", amp.Unicode())]
     response: list = []
+    requiresAnswer = False
 
 
 class Ready(amp.Command):
@@ -210,10 +212,14 @@ class RemoteState:
         self.channel = channel
 
     def _call(self, command: type[amp.Command], **kwargs: Any) -> defer.Deferred[Any]:
+        if self.channel.transport is None or not self.channel.transport.connected:
+            return defer.fail(StateUnavailable("supervisor unreachable: the connection is gone"))
         try:
             d = self.channel.callRemote(command, **kwargs)
         except Exception as exc:  # the connection is already gone
             return defer.fail(StateUnavailable(f"supervisor unreachable: {exc}"))
+        if d is None:  # a command without an answer (requiresAnswer = False): sent, in order
+            return defer.succeed({})
 
         def unavailable(failure: Any) -> None:
             raise StateUnavailable(f"supervisor unreachable: {failure.getErrorMessage()}")
