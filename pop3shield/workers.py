@@ -410,6 +410,7 @@ class Supervisor(service.Service):
 
     @defer.inlineCallbacks
     def _start(self) -> Any:
+        description = ""
         try:
             for description in self.config.server.listen:
                 port = yield serverFromString(self.reactor, description).listen(_Refuse())
@@ -423,16 +424,20 @@ class Supervisor(service.Service):
                 address = port.getHost()
                 self.addresses.append(f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
                                       .rstrip(":"))
+            description = ""
             factory = protocol.Factory.forProtocol(lambda: StateServer(self))
             factory.noisy = False
             self.state_port = yield UNIXServerEndpoint(self.reactor, self.state_socket, mode=0o600).listen(factory)
             if self.config.metrics.enabled:
+                description = self.config.metrics.listen
                 self.metrics_port = yield serverFromString(self.reactor, self.config.metrics.listen).listen(
                     self._metrics_site())
                 log.info("metrics on http://{address}/metrics (all workers, label worker)",
                          address=_address_text(self.metrics_port.getHost()))
-        except Exception as exc:
-            message = f"cannot listen: {exc}"
+        except Exception as exc:  # the same line as a single process says (ListenService._failed)
+            if isinstance(exc, IndexError) and description.lower().startswith("systemd:"):
+                exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
+            message = f"cannot listen on {description!r}: {exc}" if description else f"cannot start: {exc}"
             log.critical(message)
             print(f"pop3shield: {message}", file=sys.stderr, flush=True)
             self.reactor.pop3shield_exit_code = 1
