@@ -170,7 +170,15 @@ class MaildirMailbox:
     def commit(self, keys: Iterable[Hashable]) -> defer.Deferred[Sequence[Hashable]]:
         self._ended = True
         self._prefetch.discard()
-        return self.offload(self.maildrop.commit, tuple(keys))
+        keys = tuple(keys)
+        if not keys and self._released_inline():
+            return defer.succeed([])  # nothing to delete: the lock dropped without a thread hop
+        return self.offload(self.maildrop.commit, keys)
+
+    def _released_inline(self) -> bool:
+        """A maildrop that can release at once without waiting (ours: close descriptors, drop the flock)."""
+        try_release = getattr(self.maildrop, "try_release", None)
+        return try_release is not None and try_release()
 
     def release(self) -> None:
         if self._ended:
@@ -180,6 +188,8 @@ class MaildirMailbox:
             self._sender.stopProducing()
             self._sender = None
         self._prefetch.discard()
+        if self._released_inline():
+            return
         self.offload(self.maildrop.release).addErrback(
             lambda failure: log.failure("maildrop release failed for user={user}", failure, user=self.user))
 
