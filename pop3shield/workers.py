@@ -66,31 +66,19 @@ FIRST_FD = 3
 
 # --------------------------------------------------------------------------- the AMP protocol
 
-class Acquire(amp.Command):
-    arguments = [(b"key", amp.Unicode()), (b"member", amp.Unicode()), (b"limit", amp.Integer())]
-    response = [(b"ok", amp.Boolean())]
+# The state calls are AMP boxes without the Command layer (``callRemoteString`` and a responder
+# that takes the raw box, the low-level API AMP offers "for simple messages for which the overhead
+# of parsing is too great"): there are six of them in every session. Field names: k key, m member,
+# l limit, a address, u user (absent: None), o the answer (b"1"/b"0" or a level).
+ACQUIRE, RELEASE, FAILED, PENALTY, SUCCEEDED = b"acquire", b"release", b"failed", b"penalty", b"succeeded"
 
 
-class Release(amp.Command):
-    arguments = [(b"key", amp.Unicode()), (b"member", amp.Unicode())]
-    response: list = []
-    requiresAnswer = False  # nothing waits for it; the stream keeps it ahead of later commands
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
 
 
-class Failed(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"user", amp.Unicode(optional=True))]
-    response = [(b"level", amp.Integer())]
-
-
-class Penalty(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"user", amp.Unicode(optional=True))]
-    response = [(b"level", amp.Integer())]
-
-
-class Succeeded(amp.Command):
-    arguments = [(b"address", amp.Unicode()), (b"user", amp.Unicode())]
-    response: list = []
-    requiresAnswer = False
+def _wire(value: str) -> bytes:
+    return value.encode("utf-8", "surrogateescape")
 
 
 class Ready(amp.Command):
@@ -118,31 +106,38 @@ class StateServer(amp.AMP):
         #: (key, member) acquired through this connection: released if the worker dies
         self.held: set[tuple[str, str]] = set()
 
-    @Acquire.responder
-    def acquire(self, key: str, member: str, limit: int) -> dict[str, Any]:
-        ok = self.shared.acquire_now(key, member, limit)
+    def locateResponder(self, name: bytes) -> Any:
+        raw = self._raw.get(name)
+        return raw.__get__(self) if raw is not None else super().locateResponder(name)
+
+    def _acquire(self, box: amp.AmpBox) -> amp.AmpBox:
+        key, member = _text(box[b"k"]), _text(box[b"m"])
+        ok = self.shared.acquire_now(key, member, int(box[b"l"]))
         if ok:
             self.held.add((key, member))
-        return {"ok": ok}
+        return amp.AmpBox(o=b"1" if ok else b"0")
 
-    @Release.responder
-    def release(self, key: str, member: str) -> dict[str, Any]:
+    def _release(self, box: amp.AmpBox) -> amp.AmpBox:
+        key, member = _text(box[b"k"]), _text(box[b"m"])
         self.held.discard((key, member))
         self.shared.release_now(key, member)
-        return {}
+        return amp.AmpBox()
 
-    @Failed.responder
-    def failed(self, address: str, user: str | None = None) -> dict[str, Any]:
-        return {"level": self.shared.failed_now(address, user)}
+    def _failed(self, box: amp.AmpBox) -> amp.AmpBox:
+        user = box.get(b"u")
+        level = self.shared.failed_now(_text(box[b"a"]), None if user is None else _text(user))
+        return amp.AmpBox(o=b"%d" % level)
 
-    @Penalty.responder
-    def penalty(self, address: str, user: str | None = None) -> dict[str, Any]:
-        return {"level": self.shared.penalty_now(address, user)}
+    def _penalty(self, box: amp.AmpBox) -> amp.AmpBox:
+        user = box.get(b"u")
+        level = self.shared.penalty_now(_text(box[b"a"]), None if user is None else _text(user))
+        return amp.AmpBox(o=b"%d" % level)
 
-    @Succeeded.responder
-    def succeeded(self, address: str, user: str) -> dict[str, Any]:
-        self.shared.succeeded_now(address, user)
-        return {}
+    def _succeeded(self, box: amp.AmpBox) -> amp.AmpBox:
+        self.shared.succeeded_now(_text(box[b"a"]), _text(box[b"u"]))
+        return amp.AmpBox()
+
+    _raw = {ACQUIRE: _acquire, RELEASE: _release, FAILED: _failed, PENALTY: _penalty, SUCCEEDED: _succeeded}
 
     @Ready.responder
     def ready(self, index: int, pid: int) -> dict[str, Any]:
@@ -211,35 +206,40 @@ class RemoteState:
     def __init__(self, channel: WorkerChannel) -> None:
         self.channel = channel
 
-    def _call(self, command: type[amp.Command], **kwargs: Any) -> defer.Deferred[Any]:
+    def _call(self, command: bytes, answer: bool = True, **fields: bytes) -> defer.Deferred[Any]:
         if self.channel.transport is None or not self.channel.transport.connected:
             return defer.fail(StateUnavailable("supervisor unreachable: the connection is gone"))
         try:
-            d = self.channel.callRemote(command, **kwargs)
+            d = self.channel.callRemoteString(command, requiresAnswer=answer, **fields)
         except Exception as exc:  # the connection is already gone
             return defer.fail(StateUnavailable(f"supervisor unreachable: {exc}"))
-        if d is None:  # a command without an answer (requiresAnswer = False): sent, in order
-            return defer.succeed({})
+        if d is None:  # without an answer: sent, and ahead of every later call on the stream
+            return defer.succeed(amp.AmpBox())
 
         def unavailable(failure: Any) -> None:
             raise StateUnavailable(f"supervisor unreachable: {failure.getErrorMessage()}")
         d.addErrback(unavailable)
         return d
 
+    @staticmethod
+    def _who(address: str, user: str | None) -> dict[str, bytes]:
+        return {"a": _wire(address)} if user is None else {"a": _wire(address), "u": _wire(user)}
+
     def failed(self, address: str, user: str | None) -> defer.Deferred[int]:
-        return self._call(Failed, address=address, user=user).addCallback(lambda r: r["level"])
+        return self._call(FAILED, **self._who(address, user)).addCallback(lambda box: int(box[b"o"]))
 
     def penalty(self, address: str, user: str | None) -> defer.Deferred[int]:
-        return self._call(Penalty, address=address, user=user).addCallback(lambda r: r["level"])
+        return self._call(PENALTY, **self._who(address, user)).addCallback(lambda box: int(box[b"o"]))
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:
-        return self._call(Succeeded, address=address, user=user).addCallback(lambda _: None)
+        return self._call(SUCCEEDED, answer=False, **self._who(address, user)).addCallback(lambda _: None)
 
     def acquire(self, key: str, member: str, limit: int) -> defer.Deferred[bool]:
-        return self._call(Acquire, key=key, member=member, limit=limit).addCallback(lambda r: r["ok"])
+        return self._call(ACQUIRE, k=_wire(key), m=_wire(member), l=b"%d" % limit).addCallback(
+            lambda box: box[b"o"] == b"1")
 
     def release(self, key: str, member: str) -> defer.Deferred[None]:
-        d = self._call(Release, key=key, member=member).addCallback(lambda _: None)
+        d = self._call(RELEASE, answer=False, k=_wire(key), m=_wire(member)).addCallback(lambda _: None)
         d.addErrback(lambda f: f.trap(StateUnavailable) and None)  # the parent releases a dead worker's
         return d
 
