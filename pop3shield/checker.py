@@ -153,6 +153,25 @@ class PasswdFileChecker:
             self._install(entries, stamp)
         return len(entries)
 
+    def verify_then(self, credentials: Any, then: Any) -> defer.Deferred[tuple[bytes, Any]]:
+        """:meth:`requestAvatarId` for USER/PASS credentials, plus ``then(user)`` in the same
+        worker thread once the password verified and the entry may log in (a login that opens its
+        mailbox is one thread hop, not two); fires with ``(avatar id, what then returned)``."""
+        user = _username(getattr(credentials, "username", None))
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: PLC0415 - the global one, only if asked
+        pool = self._threadpool if self._threadpool is not None else reactor.getThreadPool()
+        address = getattr(credentials, "client_address", _UNKNOWN_ADDRESS)
+        password = _password(getattr(credentials, "password", None))
+
+        def blocking() -> tuple[str | _Refused | None, Any]:
+            verdict = self._check(user, password, address)
+            return verdict, (then(verdict) if isinstance(verdict, str) else None)
+        d = deferToThreadPool(reactor, pool, blocking)
+        d.addCallback(lambda pair: (self._result(pair[0], address), pair[1]))
+        return d
+
     @property
     def users(self) -> frozenset[str]:
         """The user names currently loaded (for diagnostics; never exposes hashes)."""

@@ -59,6 +59,10 @@ def _serve(config: object, demo_password: str | None, report: object) -> int:
 
     begin_logging(config.logging.path, config.logging.format, config.logging.level)  # type: ignore[attr-defined]
     log_warnings(report)  # type: ignore[arg-type]
+    if config.server.workers > 1:  # type: ignore[attr-defined]
+        from pop3shield.workers import run_supervisor
+
+        return run_supervisor(config, announce)
     top = make_service(config, reactor, announce, signals=True)  # type: ignore[arg-type]  # SIGHUP, SIGTERM
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)

@@ -147,6 +147,8 @@ class ServerConfig:
     proxy_protocol_timeout: float = 5.0
     #: seconds SIGTERM lets sessions finish before it closes them (without UPDATE)
     shutdown_grace: float = 10.0
+    #: worker processes sharing the listening sockets (1: one process, as before); default: the cores
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -539,6 +541,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
         shutdown_grace=_shutdown_grace(t, d.shutdown_grace),
+        workers=t.integer("workers", d.workers, 1, 256),
     )
     if config.proxy_protocol_networks:
         for index, item in enumerate(config.listen):

@@ -189,6 +189,7 @@ class QueuedWriter:
         self._items: deque[tuple[str, Any]] = deque()
         self._cond = threading.Condition()
         self._busy = False
+        self._idle = False  # the thread waits for work: only then does a write wake it
         self._closing = False
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -212,7 +213,8 @@ class QueuedWriter:
                     if self._run_dropped == 1:
                         notice = ("started", 0)
                         self._items.append(("notice", notice))
-                        self._cond.notify()
+                        if self._idle:
+                            self._cond.notify()
                 else:
                     if self._run_dropped:
                         notice = ("ended", self._run_dropped)
@@ -220,7 +222,8 @@ class QueuedWriter:
                         self._items.append(("notice", notice))
                     self._items.append(("line", text))
                     self._lines += 1
-                    self._cond.notify()
+                    if self._idle:  # a busy thread takes it with the rest of its next batch
+                        self._cond.notify()
         if direct:
             self._write_now(text)
         if notice is not None and self.on_notice is not None:
@@ -271,30 +274,46 @@ class QueuedWriter:
         return drained
 
     def _loop(self) -> None:
+        """Takes everything queued at once and writes its lines with one write and one flush (a
+        busy server's lines cost one wake-up and one system call per batch, not per line)."""
         while True:
             with self._cond:
                 while not self._items and not self._closing:
+                    self._idle = True
                     self._cond.wait()
+                self._idle = False
                 if not self._items:
                     self._closed = True
                     self._cond.notify_all()
                     return
-                kind, value = self._items.popleft()
-                if kind == "line":
-                    self._lines -= 1
+                batch = list(self._items)
+                self._items.clear()
+                self._lines -= sum(1 for kind, _ in batch if kind == "line")  # as before: in flight, not queued
                 self._busy = True
+            written = 0
             try:
-                if kind == "line":
-                    self._write_now(value)
-                elif kind == "notice":
-                    self._write_notice(*value)
-                else:
-                    old, self.stream = self.stream, value
-                    self._close_stream(old)
+                lines: list[str] = []
+                for kind, value in batch:
+                    if kind == "line":
+                        lines.append(value)
+                        continue
+                    written += self._write_lines(lines)
+                    lines = []
+                    if kind == "notice":
+                        self._write_notice(*value)
+                    else:
+                        old, self.stream = self.stream, value
+                        self._close_stream(old)
+                written += self._write_lines(lines)
             finally:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _write_lines(self, lines: list[str]) -> int:
+        if lines:
+            self._write_now("".join(lines), len(lines))
+        return len(lines)
 
     def _write_notice(self, state: str, count: int) -> None:
         if self.notice_line is None:
@@ -303,12 +322,12 @@ class QueuedWriter:
         if line:
             self._write_now(line)
 
-    def _write_now(self, text: str) -> None:
+    def _write_now(self, text: str, lines: int = 1) -> None:
         try:
             self.stream.write(text)
             self.stream.flush()
-        except (OSError, ValueError):  # disk full, or closed under us: the line is lost, counted
-            self.errors += 1
+        except (OSError, ValueError):  # disk full, or closed under us: the lines are lost, counted
+            self.errors += lines
 
     @staticmethod
     def _close_stream(stream: IO[str]) -> None:

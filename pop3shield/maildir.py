@@ -452,6 +452,17 @@ class Maildir:
             dirs, self._dirs = self._dirs, {}
             _close_all(dirs.values())
 
+    def try_close(self) -> bool:
+        """:meth:`close` unless another thread uses the handles right now (then False, nothing done):
+        closing descriptors and dropping a flock never waits for the disk, so the reactor may."""
+        if not self._mutex.acquire(blocking=False):
+            return False
+        try:
+            self.close()
+        finally:
+            self._mutex.release()
+        return True
+
     def __del__(self) -> None:
         dirs = getattr(self, "_dirs", None)
         if dirs:

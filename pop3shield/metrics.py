@@ -167,6 +167,10 @@ class Metrics:
         for reason in CONNECTION_REFUSALS:
             self.refusals.labels(reason)
         self.upstream = UpstreamMetrics(self.upstream_latency, self.upstream_errors)
+        #: the labelled children counted per command and per argument, looked up once each
+        #: (``labels()`` takes a lock and builds a key at every call)
+        self._command_counters: dict[bytes, Any] = {}
+        self._verdict_counters: dict[tuple[str, str], Any] = {}
         self.readings = _Readings()
         r.register(self.readings)
 
@@ -203,11 +207,16 @@ class Metrics:
 
     def command(self, keyword: bytes) -> None:
         """One command line, by its first word (bytes from the client: only known keywords count)."""
-        try:
-            word = keyword.decode("ascii").upper()
-        except UnicodeDecodeError:
-            word = ""
-        self.commands.labels(word if word in COMMAND_KEYWORDS else "other").inc()
+        counter = self._command_counters.get(keyword)
+        if counter is None:
+            try:
+                word = keyword.decode("ascii").upper()
+            except UnicodeDecodeError:
+                word = ""
+            counter = self.commands.labels(word if word in COMMAND_KEYWORDS else "other")
+            if len(self._command_counters) < 256:  # keywords as sent (any case): bounded
+                self._command_counters[keyword] = counter
+        counter.inc()
 
     def sent_bytes(self, count: int) -> None:
         self.sent.inc(count)
@@ -217,12 +226,18 @@ class Metrics:
 
     def quick_verdict(self, verdict: Any) -> None:
         """Tier 0's answer for one argument: None means undecided (it goes to tier 1)."""
-        self.verdicts.labels("0", _verdict_name(verdict, "undecided")).inc()
+        self._verdict("0", _verdict_name(verdict, "undecided")).inc()
+
+    def _verdict(self, tier: str, name: str) -> Any:
+        counter = self._verdict_counters.get((tier, name))
+        if counter is None:
+            counter = self._verdict_counters[(tier, name)] = self.verdicts.labels(tier, name)
+        return counter
 
     def deep_verdicts(self, verdicts: Sequence[Any]) -> None:
         """Tier 1's answers: None means refused (the queue was full, or the analysis failed)."""
         for verdict in verdicts:
-            self.verdicts.labels("1", _verdict_name(verdict, "refused")).inc()
+            self._verdict("1", _verdict_name(verdict, "refused")).inc()
 
     def counting_quick_check(self, check: Callable[[bytes, str], Any] | None) -> Callable[[bytes, str], Any] | None:
         """``check`` (the detector's tier 0) with each verdict counted."""

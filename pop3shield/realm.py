@@ -105,6 +105,10 @@ class MaildirMaildrop:
         if self._store is not None:
             self._store.close()
 
+    def try_release(self) -> bool:
+        """:meth:`release` at once if it cannot wait (no other thread in the Maildir); else False."""
+        return self._store is None or self._store.try_close()
+
 
 @implementer(IRealm)
 class MaildirRealm:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import socket
 import stat
 import sys
 from dataclasses import dataclass
@@ -288,17 +289,37 @@ def quick_check() -> Callable[[bytes, str], Any] | None:
     return check
 
 
+#: the listen backlog unless the endpoint string gives ``backlog=`` (Twisted's default, 50, drops
+#: the SYNs of a burst of connections, and each dropped one costs its client a second or more)
+LISTEN_BACKLOG = 1024
+
+
+def raise_backlog(port: Any, description: str) -> None:
+    """``listen()`` again with :data:`LISTEN_BACKLOG` (Linux caps it at net.core.somaxconn)."""
+    if "backlog=" in description.replace(" ", "").lower():
+        return
+    sock = getattr(port, "socket", None)
+    if sock is not None and sock.type == socket.SOCK_STREAM:
+        try:
+            sock.listen(LISTEN_BACKLOG)
+        except OSError:
+            pass
+
+
 class ListenService(service.Service):
     """Listens on one endpoint string; reports the real address (port 0 picks a free one)."""
 
     def __init__(self, description: str, factory: Any, reactor: Any,
-                 announce: Callable[[str], None] | None = None, tls: Any = None) -> None:
+                 announce: Callable[[str], None] | None = None, tls: Any = None,
+                 adopt: tuple[int, int] | None = None) -> None:
         self.description = description
         self.factory = factory
         #: ``[tls]``'s certificate, for an ``ssl:`` endpoint that names no key file of its own
         self.tls = tls
         self.reactor = reactor
         self.announce = announce
+        #: (descriptor, address family) of a listening socket inherited from the supervisor
+        self.adopt = adopt
         self.port: Any = None
         self.listening: defer.Deferred[Any] | None = None
 
@@ -313,8 +334,13 @@ class ListenService(service.Service):
 
                 description = "tcp:" + description.split(":", 1)[1]
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            endpoint = serverFromString(self.reactor, description)
-            self.listening = endpoint.listen(factory)
+            if self.adopt is not None:
+                from pop3shield.workers import adopt_port
+
+                self.listening = defer.succeed(adopt_port(self.reactor, description, *self.adopt, factory))
+            else:
+                endpoint = serverFromString(self.reactor, description)
+                self.listening = endpoint.listen(factory)
         except Exception as exc:  # e.g. systemd:index=N with no socket N passed: fail the same way
             if isinstance(exc, IndexError) and self.description.lower().startswith("systemd:"):
                 exc = RuntimeError("systemd passed no such socket (LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES)")
@@ -323,6 +349,8 @@ class ListenService(service.Service):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        if self.adopt is None:
+            raise_backlog(port, self.description)
         address = port.getHost()
         text = f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}".rstrip(":")
         log.info("listening on {address} ({description})", address=text, description=self.description)
@@ -430,12 +458,17 @@ def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
 
 
 def make_service(config: Config, reactor: Any = None,
-                 announce: Callable[[str], None] | None = None, *, signals: bool = True) -> service.MultiService:
+                 announce: Callable[[str], None] | None = None, *, signals: bool = True, state: Any = None,
+                 adopted: Any = None) -> service.MultiService:
     """Everything the server runs, as one Twisted service.
 
     ``signals``: the service installs the SIGHUP (reload) and SIGTERM (grace period) handlers when it
-    starts in the main thread (``pop3shield run``, the twistd plugin); False for a server embedded
-    in another program.
+    starts in the main thread (``pop3shield run``, the twistd plugin, each worker); False for a server
+    embedded in another program.
+
+    A worker of :mod:`pop3shield.workers` passes the supervisor's ``state`` and the listening
+    sockets it inherited (``adopted``: endpoint string, descriptor, family per listener); then
+    the supervisor serves the metrics and tells systemd, not the worker.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -459,7 +492,11 @@ def make_service(config: Config, reactor: Any = None,
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool),
                          ("hash", lambda: hashing)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
-    state = build_state(config, reactor)
+    if config.server.workers > 1 and adopted is None:  # twistd (pop3shield run starts a supervisor instead)
+        log.info("twistd runs one process: server.workers = {workers} is ignored (pop3shield run starts workers)",
+                 workers=config.server.workers)
+    if state is None:
+        state = build_state(config, reactor)
     tls = load_tls(config) if config.tls.certificate is not None else None
     server = config.server
     factory = POP3ServerFactory(
@@ -489,14 +526,20 @@ def make_service(config: Config, reactor: Any = None,
     handlers = SignalHandlers(reactor, reloader, factory.connections) if signals else None
     _Lifecycle(analyzer, events, state, (hashing,), factory.connections, server.shutdown_grace,
                handlers).setServiceParent(top)
-    listeners = [ListenService(description, factory, reactor, announce, tls) for description in server.listen]
-    if config.metrics.enabled:
+    if adopted is not None:
+        listeners = [ListenService(description, factory, reactor, tls=tls, adopt=(fd, family))
+                     for description, fd, family in adopted]
+    else:
+        listeners = [ListenService(description, factory, reactor, announce, tls) for description in server.listen]
+    if config.metrics.enabled and adopted is None:
         listeners.append(MetricsService(config.metrics.listen, metrics_site(metrics), reactor))
     for listener in listeners:
         listener.setServiceParent(top)
-    from pop3shield.sdnotify import ReadyNotifier
+    if adopted is None:
+        from pop3shield.sdnotify import ReadyNotifier
 
-    ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
+        ReadyNotifier(listeners).setServiceParent(top)  # READY=1 to systemd (Type=notify) once all listen
+    top.listeners = listeners  # type: ignore[attr-defined]
     top.factory = factory  # type: ignore[attr-defined]
     top.events = events  # type: ignore[attr-defined]  # reopened on SIGHUP (cli._serve)
     top.metrics = metrics  # type: ignore[attr-defined]

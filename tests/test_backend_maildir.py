@@ -9,6 +9,7 @@ must not depend on the backend being a Maildir.
 from __future__ import annotations
 
 import ast
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -415,3 +416,99 @@ def test_a_backend_that_raises_instead_of_failing_its_deferred_still_gets_answer
     proto.dataReceived(b"USER carol\r\nPASS pw\r\nRETR 1\r\n")
     assert transport.value().endswith(b"+OK Logged in, 1 messages (3 octets).\r\n")
     assert transport.disconnecting or getattr(transport, "disconnected", False)  # cut, never half an answer
+
+
+class _CountingPool(_InlinePool):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):  # noqa: ANN001
+        self.calls += 1
+        super().callInThreadWithCallback(on_result, f, *args, **kwargs)
+
+
+def test_a_login_is_one_thread_hop_password_and_maildrop_together(root: Path) -> None:
+    pool = _CountingPool()
+    offloaded: list[Any] = []
+
+    def counting(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        offloaded.append(function)
+        return inline(function, *args)
+    checker = PasswdFileChecker(str(root / "users.passwd"), allow_plaintext=True, threadpool=pool,
+                                reactor=_InlineReactor())
+    b = MaildirBackend(Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")), [checker]), counting)
+    mailbox = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    assert (pool.calls, offloaded) == (1, [])  # verified, locked and listed in one call
+    assert [m.size for m in mailbox.listing] == [23, 27]
+    with pytest.raises(MailboxInUse):  # it holds the lock
+        result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    mailbox.release()
+    # a wrong password or a nologin entry opens nothing: the maildrop stays free
+    for user, password in (("alice", b"nope"), ("dis", b"pw-dis")):
+        with pytest.raises(LoginRefused):
+            result(b.login(Credentials(user, password, "USER"), CLIENT))
+    again = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    again.release()
+    assert offloaded == []  # and the releases happened inline (nothing to delete)
+
+
+def _counting_backend(root: Path) -> tuple[MaildirBackend, list[Any]]:
+    offloaded: list[Any] = []
+
+    def counting(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        offloaded.append(function)
+        return inline(function, *args)
+    checker = PasswdFileChecker(str(root / "users.passwd"), allow_plaintext=True, threadpool=_InlinePool(),
+                                reactor=_InlineReactor())
+    return MaildirBackend(Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")), [checker]), counting), \
+        offloaded
+
+
+def test_quit_without_deletions_releases_the_lock_without_a_thread_hop(root: Path) -> None:
+    b, offloaded = _counting_backend(root)
+    mailbox = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    assert result(mailbox.commit([])) == []
+    assert offloaded == []  # descriptors closed and the flock dropped inline
+    again = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))  # the lock is free
+    again.release()  # a dropped connection: inline too
+    assert offloaded == []
+    third = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    assert result(third.commit([third.listing[0].key])) == []  # a deletion is disk work: in a thread
+    assert [f.__name__ for f in offloaded] == ["commit"]
+    assert len(Maildir(root / "mail" / "alice" / "Maildir").scan()) == 1
+
+
+def test_while_a_thread_uses_the_maildir_the_release_goes_to_a_thread_too(root: Path) -> None:
+    """If a prefetch is opening a file in the Maildir, the reactor does not wait for its lock."""
+    import threading
+
+    checker = PasswdFileChecker(str(root / "users.passwd"), allow_plaintext=True, threadpool=_InlinePool(),
+                                reactor=_InlineReactor())
+    queued: list[Any] = []
+
+    def later(function: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        queued.append((function, args))  # a pool that has not run it yet
+        return defer.Deferred()
+    b = MaildirBackend(Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")), [checker]), later)
+    mailbox = result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT))
+    store = mailbox.maildrop._store
+    held, done = threading.Event(), threading.Event()
+
+    def busy() -> None:
+        with store._mutex:
+            held.set()
+            done.wait(10)
+    thread = threading.Thread(target=busy)
+    thread.start()
+    assert held.wait(5)
+    try:
+        started = time.monotonic()
+        mailbox.commit([])
+        assert time.monotonic() - started < 1.0  # did not wait for the other thread
+        assert [f.__name__ for f, _ in queued] == ["commit"]
+    finally:
+        done.set()
+        thread.join(5)
+    function, args = queued[0]
+    assert function(*args) == []  # the thread's turn: released now
+    assert result(b.login(Credentials("alice", b"pw-alice", "USER"), CLIENT)).user == "alice"

@@ -91,6 +91,7 @@ def test_default_values_match_the_brief() -> None:
     assert (server.login_timeout, server.idle_timeout) == (60.0, 600.0)
     assert (server.auth_failure_delay, server.auth_failure_delay_max) == (2.0, 15.0)
     assert (server.input_buffer_limit, server.thread_pool_size) == (65536, 10)
+    assert server.workers == (os.cpu_count() or 1)  # one process per core
     assert Config().source == "<default>"
 
 
@@ -259,6 +260,9 @@ BAD_VALUES: list[tuple[str, Any, str, str]] = [
     ("server.input_buffer_limit", 1023, "server.input_buffer_limit", "at least 1024"),
     ("server.thread_pool_size", 0, "server.thread_pool_size", "at least 1"),
     ("server.thread_pool_size", 257, "server.thread_pool_size", "at most 256"),
+    ("server.workers", 0, "server.workers", "at least 1"),
+    ("server.workers", 257, "server.workers", "at most 256"),
+    ("server.workers", 2.0, "server.workers", "expected an integer, got float"),
     ("server.idel_timeout", 600, "server.idel_timeout", "unknown key (did you mean 'idle_timeout'?)"),
     ("server.bogus", 1, "server.bogus", "unknown key"),
     ("auth.allow_plaintext", "true", "auth.allow_plaintext", "expected a boolean, got string"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
+from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -36,12 +37,12 @@ from pop3shield.backends import (
     MessageUnavailable,
     Unavailable,
 )
-from pop3shield.checker import LoginDisabled
+from pop3shield.checker import LoginDisabled, PasswdFileChecker
 from pop3shield.core.dotstuff import DotStuffer
 from pop3shield.credentials import AddressedCredentials, APOPCredentials
 from pop3shield.maildir import MailboxError
 from pop3shield.maildir import MailboxInUse as MaildirLocked
-from pop3shield.realm import IMaildrop, UnsafeUsername
+from pop3shield.realm import IMaildrop, MaildirRealm, UnsafeUsername
 from pop3shield.streaming import MessageSender, Offload, Prefetch, SizeMismatch
 
 __all__ = ["MaildirBackend", "MaildirMailbox"]
@@ -67,9 +68,27 @@ class MaildirBackend:
             checked: Any = APOPCredentials(username, credentials.challenge or b"", credentials.secret, client.address)
         else:
             checked = AddressedCredentials(username, credentials.secret, client.address)
-        d = self.portal.login(checked, None, IMaildrop)
-        d.addCallback(self._open)
+        d = self._one_hop(checked)
+        if d is None:
+            d = self.portal.login(checked, None, IMaildrop)
+            d.addCallback(self._open)
         d.addErrback(self._translate)
+        return d
+
+    def _one_hop(self, checked: Any) -> defer.Deferred[MaildirMailbox] | None:
+        """The default setup (passwd file, Maildir realm, USER/PASS or SASL): verify the password and
+        open the maildrop in one thread call. Other checkers, realms and APOP go through the portal."""
+        realm = self.portal.realm
+        checker = self.portal.checkers.get(IUsernamePassword)
+        if type(realm) is not MaildirRealm or not isinstance(checker, PasswdFileChecker) or \
+                not IUsernamePassword.providedBy(checked):
+            return None
+
+        def open_maildrop(user: str) -> tuple[Any, Any]:  # in the worker thread
+            _, maildrop, _ = realm.requestAvatar(user, None, IMaildrop)
+            return maildrop, maildrop.open()
+        d = checker.verify_then(checked, open_maildrop)
+        d.addCallback(lambda verified: MaildirMailbox(verified[1][0], verified[1][1], self.offload))
         return d
 
     def _open(self, result: tuple[Any, Any, Any]) -> defer.Deferred[MaildirMailbox]:
@@ -151,7 +170,15 @@ class MaildirMailbox:
     def commit(self, keys: Iterable[Hashable]) -> defer.Deferred[Sequence[Hashable]]:
         self._ended = True
         self._prefetch.discard()
-        return self.offload(self.maildrop.commit, tuple(keys))
+        keys = tuple(keys)
+        if not keys and self._released_inline():
+            return defer.succeed([])  # nothing to delete: the lock dropped without a thread hop
+        return self.offload(self.maildrop.commit, keys)
+
+    def _released_inline(self) -> bool:
+        """A maildrop that can release at once without waiting (ours: close descriptors, drop the flock)."""
+        try_release = getattr(self.maildrop, "try_release", None)
+        return try_release is not None and try_release()
 
     def release(self) -> None:
         if self._ended:
@@ -161,6 +188,8 @@ class MaildirMailbox:
             self._sender.stopProducing()
             self._sender = None
         self._prefetch.discard()
+        if self._released_inline():
+            return
         self.offload(self.maildrop.release).addErrback(
             lambda failure: log.failure("maildrop release failed for user={user}", failure, user=self.user))
 

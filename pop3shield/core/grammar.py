@@ -64,7 +64,7 @@ def looks_like_tls(content: bytes) -> bool:
 
 def looks_like_http(content: bytes) -> bool:
     """An HTTP request line: a browser or a proxy probe, not a POP3 client."""
-    return _HTTP_REQUEST.match(content) is not None
+    return b" HTTP/" in content and _HTTP_REQUEST.match(content) is not None
 
 
 def byte_problems(content: bytes) -> list[str]:
@@ -87,24 +87,29 @@ def byte_problems(content: bytes) -> list[str]:
     return problems
 
 
+#: upper-case keyword bytes -> (keyword, arity, takes the rest of the line), for the lookup per line
+_KNOWN = {keyword.encode("ascii"): (keyword, arity, keyword in REST_OF_LINE) for keyword, arity in ARITY.items()}
+#: the one Command of each keyword without arguments (immutable, so shared)
+_BARE = {keyword: Command(keyword, ()) for keyword in ARITY}
+
+
 def parse_command(content: bytes) -> Command | GrammarError:
     """Split a line into keyword and arguments, checking the keyword and the argument count."""
     keyword_bytes, sep, rest = content.partition(b" ")
-    if not _KEYWORD.match(keyword_bytes):
-        return GrammarError("keyword is not 3-4 ASCII letters")
-    keyword = keyword_bytes.decode("ascii").upper()
-    arity = ARITY.get(keyword)
-    if arity is None:
-        return GrammarError("unknown command", keyword)
-    if keyword in REST_OF_LINE:
-        args: tuple[bytes, ...] = (rest,) if sep else ()
-    elif not sep:
-        args = ()
+    known = _KNOWN.get(keyword_bytes.upper()) if 3 <= len(keyword_bytes) <= 4 else None
+    if known is None:  # not one of ours: is it a keyword at all?
+        if not _KEYWORD.match(keyword_bytes):
+            return GrammarError("keyword is not 3-4 ASCII letters")
+        return GrammarError("unknown command", keyword_bytes.decode("ascii").upper())
+    keyword, (low, high), rest_of_line = known
+    if not sep:
+        return _BARE[keyword] if low == 0 else GrammarError("wrong number of arguments", keyword)
+    if rest_of_line:
+        args: tuple[bytes, ...] = (rest,)
     else:
         args = tuple(rest.split(b" "))
-        if any(arg == b"" for arg in args):
+        if b"" in args:
             return GrammarError("arguments must be separated by a single space", keyword)
-    low, high = arity
     if not low <= len(args) <= high:
         return GrammarError("wrong number of arguments", keyword)
     return Command(keyword, args)

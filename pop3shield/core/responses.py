@@ -14,6 +14,8 @@ CRLF = b"\r\n"
 
 def _clean(text: str) -> bytes:
     """Printable ASCII only: response text never echoes raw client bytes."""
+    if text.isascii() and text.isprintable():  # the usual case, without a look at each character
+        return text.encode("ascii")
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text).encode("ascii")
 
 

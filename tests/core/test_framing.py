@@ -287,3 +287,32 @@ def test_buffered_never_exceeds_the_limits(chunks: list[bytes], consume: bool) -
         elif isinstance(event, Overlong):
             assert len(event.head) <= WINDOW and len(event.tail) <= WINDOW
             assert event.length > line_limit
+
+
+def test_many_pipelined_lines_come_out_in_order_while_more_arrive() -> None:
+    """The pending lines are a list read from an index and compacted in batches: order and
+    contents survive any mix of taking and feeding."""
+    framer = LineFramer(255, 1 << 20)
+    sent = [f"NOOP {n}".encode() for n in range(5000)]
+    taken: list[bytes] = []
+    for start in range(0, len(sent), 700):
+        framer.feed(b"".join(line + b"\r\n" for line in sent[start:start + 700]))
+        for _ in range(450):  # take fewer than arrived: the backlog grows and is compacted
+            event = framer.next_event()
+            assert isinstance(event, Line)
+            taken.append(event.content)
+    while (event := framer.next_event()) is not None:
+        taken.append(event.content)
+    assert taken == sent
+    assert framer.buffered == 0
+
+
+def test_lines_after_discard_all_are_framed_afresh() -> None:
+    """STLS: one line taken, the rest of the read discarded; what comes in TLS is framed from scratch."""
+    framer = LineFramer(255, 8192)
+    framer.feed(b"STLS\r\nCAPA\r\nUSER x")
+    assert framer.next_event() == Line(b"STLS", False)
+    assert framer.discard_all() >= len(b"CAPA\r\nUSER x")
+    assert framer.next_event() is None
+    framer.feed(b"NOOP\r\nQUIT\r\n")
+    assert drain(framer) == [Line(b"NOOP", False), Line(b"QUIT", False)]

@@ -459,3 +459,39 @@ def test_escape_sample() -> None:
 
 def test_secret_commands() -> None:
     assert grammar.SECRET_COMMANDS == {"PASS", "APOP", "AUTH"}
+
+
+def _reference_parse(content: bytes) -> Command | GrammarError:
+    """parse_command as it was before its keyword lookup: the regex, then the arity table."""
+    keyword_bytes, sep, rest = content.partition(b" ")
+    if not re.match(rb"[A-Za-z]{3,4}\Z", keyword_bytes):
+        return GrammarError("keyword is not 3-4 ASCII letters")
+    keyword = keyword_bytes.decode("ascii").upper()
+    arity = grammar.ARITY.get(keyword)
+    if arity is None:
+        return GrammarError("unknown command", keyword)
+    if keyword in grammar.REST_OF_LINE:
+        args: tuple[bytes, ...] = (rest,) if sep else ()
+    elif not sep:
+        args = ()
+    else:
+        args = tuple(rest.split(b" "))
+        if any(arg == b"" for arg in args):
+            return GrammarError("arguments must be separated by a single space", keyword)
+    if not arity[0] <= len(args) <= arity[1]:
+        return GrammarError("wrong number of arguments", keyword)
+    return Command(keyword, args)
+
+
+_KEYWORDS = st.sampled_from([k for k in grammar.ARITY] + [k.lower() for k in grammar.ARITY] +
+                            ["LiSt", "XTND", "LAST", "AB", "ABCDE", "L\u00c4ST", "ST\u0131T", "1234", ""])
+
+
+@settings(max_examples=800)
+@given(st.one_of(
+    st.binary(max_size=24),
+    st.tuples(_KEYWORDS, st.lists(st.sampled_from([b"", b"1", b"12", b"x y", b" ", b"\x00", b"\xc4"]), max_size=3))
+    .map(lambda t: b" ".join([t[0].encode("utf-8"), *t[1]]) if t[1] else t[0].encode("utf-8")),
+))
+def test_parse_command_matches_the_reference(line: bytes) -> None:
+    assert parse_command(line) == _reference_parse(line)

@@ -98,3 +98,10 @@ def test_continuation() -> None:
 
 def test_crlf_constant() -> None:
     assert responses.CRLF == b"\r\n"
+
+
+@given(st.text(max_size=40))
+def test_status_text_is_printable_ascii_whatever_the_input(text: str) -> None:
+    """The fast path for printable ASCII gives what the per-character filter gives."""
+    expected = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text).encode("ascii")
+    assert responses._clean(text) == expected

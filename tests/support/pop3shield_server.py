@@ -107,10 +107,14 @@ class Pop3ShieldServer(ServerProcess):
                  shutdown_grace: float = 1.0,
                  startup_timeout: float = 30.0,
                  stop_timeout: float = 10.0, python: str = sys.executable,
-                 extra_args: tuple[str, ...] = ()):
+                 extra_args: tuple[str, ...] = (), workers: int | None = 1):
         self.extra_toml = extra_toml
         #: key = value lines added to the [server], [events] and [auth] tables
         self.server_toml = server_toml
+        #: ``server.workers`` unless server_toml sets it (1: one process, what most tests look at;
+        #: None: the server's default, the number of cores)
+        if workers is not None and not re.search(r"(?m)^\s*workers\s*=", server_toml):
+            self.server_toml = f"{server_toml.rstrip(chr(10))}\nworkers = {workers}\n"
         self.events_toml = events_toml
         self.auth_toml = auth_toml
         #: the whole [backend] table (default: the Maildir below maildir_root)
