@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 
 from . import emulate
-from .static import static_reasons
+from .static import DECODER_PATH_MIN, decoder_path, static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
@@ -69,6 +69,8 @@ SHIFT_PHASE_UNITS = 15_000
 SHIFT_ENTRIES = 4
 
 _SEEDINGS = (emulate.POINTER, emulate.STACK_AT_CODE, emulate.SCRATCH, emulate.ZERO)
+#: the seedings printable code can use (see :func:`_emulate`)
+_TEXT_SEEDINGS = _SEEDINGS[:2]
 _log = logging.getLogger(__name__)
 
 
@@ -117,9 +119,15 @@ def deep_check(argument: bytes) -> Verdict:
         return malicious(*reasons)
     if not emulate.AVAILABLE:
         return clean("no-static-finding", "emulation-unavailable")
+    # printable windows with no path a decoder could take are not emulated (the UTF-16 view,
+    # whose code is the text widened, still is)
+    emulated = [window for window in windows if not _no_decoder_path(window)]
+    if not emulated:
+        return clean("no-code-behaviour", "no-decoder-path")
     budget = Budget()
     try:
-        finding = _emulate(windows, budget)
+        with emulate.leased() as pair:
+            finding = _emulate(emulated, budget, pair)
     except Exception as exc:  # a bug in a hook must not take the server's analysis thread down
         # the type and place only: an exception's text (or a traceback's) may quote the argument,
         # and arguments are passwords too; stdlib logging reaches the server log via logsetup
@@ -131,6 +139,15 @@ def deep_check(argument: bytes) -> Verdict:
     if budget.exhausted:
         return clean("no-code-behaviour", "budget-exhausted")
     return clean("no-code-behaviour")
+
+
+def _no_decoder_path(window: Window) -> bool:
+    """Whether a plain window is printable only and no run of it could execute
+    :data:`static.DECODER_PATH_MIN` set-up instructions before running a byte it changed."""
+    if not window.sweep:
+        return False
+    path = decoder_path(window.data, DECODER_PATH_MIN)
+    return path is not None and path < DECODER_PATH_MIN
 
 
 def _where(exc: BaseException) -> str:
@@ -153,7 +170,7 @@ def _static(window: Window) -> list[str]:
     return found
 
 
-def _emulate(windows: list[Window], budget: Budget) -> str | None:
+def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, emulate.Engine] | None = None) -> str | None:
     """The first behaviour found, as ``kind@offset``, or ``None``.
 
     An argument with binary code: every entry point of every window in turn, with every
@@ -164,7 +181,7 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
     register shifted (:func:`_shifted`), and only then in the remaining modes and seedings.
     Last the sweep over every other offset.
     """
-    engines = emulate.engines()
+    engines = pair if pair is not None else emulate.engines()
     for engine in engines:  # coverage left by an earlier argument must not prune this one's runs
         engine.covered = bytearray(engine.length)
     printable = [window.sweep and _mostly_printable(window.data) for window in windows]
@@ -186,12 +203,21 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
             if finding or budget.exhausted:
                 return finding
     # each window's offset 0 may run a long decoder: first the pointer seeding (only as 32-bit
-    # code in the UTF-16 view), then the other seedings
+    # code in the UTF-16 view), then the other seedings.  Text (a printable window, the UTF-16
+    # view) gets only the runs printable code can use: it has no system call, call or return
+    # instruction of its own, so it must decode or build its code first, and printable
+    # decoders are written for a register pointing at them (the pointer seeding) or for
+    # ``jmp esp`` (stack at the code); the 64-bit pointer run at offset 0 covers x86-64 ones.
+    # Scratch and cleared registers leave such code nothing to address itself by.
+    text = [printable[index] or bool(window.label) for index, window in enumerate(windows)]
     for seedings in ((emulate.POINTER,), _SEEDINGS):
         for index, window in enumerate(windows):
             budget.first = bool(window.label)  # the UTF-16 view's slow "venetian" decoders
             modes = engines[:1] if window.label and len(seedings) == 1 else engines
-            finding = entries(index, window.entries[:1], modes, seedings)
+            if text[index] and len(seedings) > 1:
+                finding = entries(index, window.entries[:1], engines[:1], _TEXT_SEEDINGS)
+            else:
+                finding = entries(index, window.entries[:1], modes, seedings)
             if finding or budget.exhausted:
                 return finding
     budget.first = False
@@ -217,6 +243,8 @@ def _emulate(windows: list[Window], budget: Budget) -> str | None:
                 return finding
     budget.whole()
     for index, window in enumerate(windows):
+        if text[index]:
+            continue  # its entry points had the text runs above
         finding = entries(index, window.entries[1:], engines, _SEEDINGS)
         if finding or budget.exhausted:
             return finding

@@ -37,9 +37,11 @@ the expensive case.  The module imports without unicorn; :data:`AVAILABLE` then 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
+from collections.abc import Iterator
 
 try:  # unicorn is the optional GPL-2.0 extra ``pop3shield[emulation]``
     from unicorn import (
@@ -312,7 +314,11 @@ class Engine:
         end = min(CODE_BASE + CODE_SIZE, LOAD + self.length + NEAR)
         now = bytes(self.uc.mem_read(begin, end - begin))
         before = bytes(self.image[begin - CODE_BASE:end - CODE_BASE])
-        if now != before:
+        # outside what the hooks saw (usually nothing): two slice comparisons, bisected only
+        # if they differ
+        inner_low = min(max(low - begin, 0), len(now))
+        inner_high = max(min(high - begin, len(now)), inner_low)
+        if now[:inner_low] != before[:inner_low] or now[inner_high:] != before[inner_high:]:
             first, last = _changed_span(now, before)
             low, high = min(low, begin + first), max(high, begin + last)
         self._restore_code(low, high)
@@ -477,6 +483,8 @@ class Engine:
         if not state.looped and _decoding(record) and len(state.reads) >= LOOP_READS_MIN:
             state.looped = True
             state.loop_pc = pc
+        elif not state.looped and record[1] == LONG_DECODER and _blind_decoder(record, pc, len(state.reads)):
+            self._found("decoder-loop")
         elif state.looped and pc == state.loop_pc and record[1] == EARLY_DECODER and self._long_decoder(state, EARLY_DECODER):
             self._found("decoder-loop")  # no need to wait for the end of a long decoder
 
@@ -502,6 +510,10 @@ class Engine:
         if self._exhausted(state):
             return
         state.code_dirty = True
+        if address < state.dirty_low:
+            state.dirty_low = address
+        if address + size > state.dirty_high:
+            state.dirty_high = address + size
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         image = self.image
         modified = state.modified
@@ -620,6 +632,10 @@ class Engine:
                 self._found("kpcr-access")
             elif self.bits == 32 and address == TEB + 0xC0:
                 self._found("syscall")
+            elif self.bits == 32 and address == TEB:
+                # the head of the SEH chain: SEH-based GetPC (the printable "d36" prologues)
+                # and egg hunters; text would first have to clear a register exactly
+                self._found("seh-read")
         return False
 
     # ------------------------------------------------------------------ system and API calls
@@ -781,24 +797,29 @@ def _decoding(record: list) -> bool:
     return iterations >= LOOP_ITERATIONS_MIN and changed >= LOOP_WRITES_MIN and len(values) >= LOOP_VALUES_MIN
 
 
+def _blind_decoder(record: list, pc: int, reads: int) -> bool:
+    """A decoder stub decoding input it was cut off from (its payload is missing, so what it
+    stores varies too little for :func:`_decoding`): one transforming store that changed
+    :data:`LONG_DECODER` distinct bytes, all ahead of itself, in as many iterations, after
+    reading its input.  A loop needs a backward branch, which printable code can only get by
+    patching one in, and random bytes that loop overwrite their own code, not what follows."""
+    return record[3] and record[2] >= LONG_DECODER and record[4] > pc and reads >= LOOP_READS_MIN
+
+
 def _changed_span(a: bytes, b: bytes) -> tuple[int, int]:
-    """First differing index and one past the last one of two equal-length, unequal buffers."""
-    low, high = 0, len(a)
-    while high - low > 1:  # longest common prefix
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    first = low
-    low, high = 0, len(a)
-    while high - low > 1:  # longest common suffix
-        middle = (low + high) // 2
-        if a[len(a) - middle:] == b[len(b) - middle:]:
-            low = middle
-        else:
-            high = middle
-    return first, len(a) - low
+    """First differing index and one past the last one of two equal-length, unequal buffers.
+
+    Chunks of 256, then 16, then single bytes are compared from either end (a run changes a
+    few bytes near where it ran): a few microseconds for a 10 KB window.
+    """
+    first, last = 0, len(a)
+    for chunk in (256, 16, 1):
+        while first + chunk <= last and a[first:first + chunk] == b[first:first + chunk]:
+            first += chunk
+    for chunk in (256, 16, 1):
+        while last - chunk >= first and a[last - chunk:last] == b[last - chunk:last]:
+            last -= chunk
+    return first, last
 
 
 def _loads_immediate(window: bytes, at: int) -> str | None:
@@ -932,3 +953,39 @@ def engines() -> tuple[Engine, Engine]:
     if pair is None:
         pair = _local.pair = (Engine(32), Engine(64))
     return pair
+
+
+#: engine pairs no analysis is using; :func:`leased` takes one, :func:`prepare` fills it up
+_spare: list[tuple[Engine, Engine]] = []
+_spare_lock = threading.Lock()
+
+
+def prepare(count: int) -> int:
+    """Create engine pairs until ``count`` are spare, so that no analysis pays for creating
+    one (~20 ms each: ``Uc()`` and the mappings); returns how many were created.
+
+    Meant for the start of the analysis pool (``count`` = its threads), in any thread: a pair
+    is not bound to the thread that made it, only used by one thread at a time."""
+    if not AVAILABLE:
+        return 0
+    with _spare_lock:
+        missing = count - len(_spare)
+    made = [(Engine(32), Engine(64)) for _ in range(max(0, missing))]
+    with _spare_lock:
+        _spare.extend(made)
+    return len(made)
+
+
+@contextlib.contextmanager
+def leased() -> Iterator[tuple[Engine, Engine]]:
+    """A 32-bit and 64-bit engine pair for one analysis, given back afterwards (a pair is
+    created only when every prepared one is in use)."""
+    with _spare_lock:
+        pair = _spare.pop() if _spare else None
+    if pair is None:
+        pair = (Engine(32), Engine(64))
+    try:
+        yield pair
+    finally:
+        with _spare_lock:
+            _spare.append(pair)

@@ -175,3 +175,147 @@ def static_reasons(data: bytes, base: int = 0) -> list[str]:
     if spray is not None:
         reasons.append(f"ret-spray@{base + spray}")
     return reasons
+
+
+# ---------------------------------------------------------------- printable text: a decoder path?
+#
+# Text made of printable bytes only (0x20-0x7e) has no system call, call, return or backward
+# jump instruction: until the code executes a byte it changed, control only moves forward
+# (conditional jumps have displacements of 0x20-0x7e), so every run follows a path in a
+# forward graph of the window's instructions.  Before a printable decoder executes a byte it
+# wrote (its patched loop branch, the code it built), that path has executed its set-up: the
+# base register (push/pop), the arithmetic that makes non-printable bytes (and/sub/xor with
+# immediates, imul, inc/dec) and the stores (pushes, xor/sub/and into memory).  The generated
+# and the real printable decoders have 26 or more such instructions on their path; honest text
+# has few, because every few letters stop the run (``l`` to ``o`` are ins/outs, privileged) and
+# the rest are jumps, prefixes and comparisons.
+
+#: most set-up instructions on any path of a window that is still not emulated
+DECODER_PATH_MIN = 13
+
+#: per opcode its form (stops the run, prefix, jcc rel8, one byte, imm8, imm32 (imm16 with
+#: 0x66), ModRM, ModRM + imm8, ModRM + imm32) and whether it is set-up work
+_F_STOP, _F_PREFIX, _F_JCC, _F_ONE, _F_IMM8, _F_IMMW, _F_MODRM, _F_MODRM_IMM8, _F_MODRM_IMMW = range(9)
+_FORM = [_F_STOP] * 256
+_WORK = [0] * 256
+for _op in range(0x20, 0x7F):
+    _low = _op & 7
+    if _op < 0x40:
+        if _low in (6, 7):  # segment prefixes and the BCD adjustments
+            _FORM[_op] = _F_PREFIX if _low == 6 else _F_ONE
+        else:
+            _FORM[_op] = (_F_MODRM, _F_MODRM, _F_MODRM, _F_MODRM, _F_IMM8, _F_IMMW)[_low]
+            _WORK[_op] = int(_op < 0x38)  # and, sub, xor (cmp only compares)
+    elif _op <= 0x61:
+        _FORM[_op], _WORK[_op] = _F_ONE, 1  # inc, dec, push, pop, pusha, popa
+    elif _op in (0x62, 0x63):
+        _FORM[_op] = _F_MODRM  # bound, arpl
+    elif 0x64 <= _op <= 0x67:
+        _FORM[_op] = _F_PREFIX
+    elif _op in (0x68, 0x6A):
+        _FORM[_op], _WORK[_op] = (_F_IMMW if _op == 0x68 else _F_IMM8), 1
+    elif _op in (0x69, 0x6B):
+        _FORM[_op], _WORK[_op] = (_F_MODRM_IMMW if _op == 0x69 else _F_MODRM_IMM8), 1
+    elif _op >= 0x70:
+        _FORM[_op] = _F_JCC
+#: bytes a ModRM operand takes (ModRM, SIB, displacement) in 32-bit addressing, and in 16-bit
+_MODRM32 = [0] * 256
+_MODRM16 = [0] * 256
+for _m in range(256):
+    _mod, _rm = _m >> 6, _m & 7
+    _MODRM32[_m] = 1 if _mod == 3 else 1 + (1 if _rm == 4 else 0) + (4 if _mod == 0 and _rm == 5 else 0) + (0, 1, 4, 0)[_mod]
+    _MODRM16[_m] = 1 if _mod == 3 else 1 + (2 if _mod == 0 and _rm == 6 else 0) + (0, 1, 2, 0)[_mod]
+#: bytes of the opcode and its immediate (32-bit operand size) for the forms that are not prefixes or jumps
+_FIXED = [{_F_ONE: 1, _F_IMM8: 2, _F_IMMW: 5, _F_MODRM: 1, _F_MODRM_IMM8: 2, _F_MODRM_IMMW: 5}.get(_k, 0) for _k in _FORM]
+_PRINTABLE_ONLY = re.compile(rb"[\x20-\x7e]*")
+
+
+def decoder_path(data: bytes, enough: int | None = None) -> int | None:
+    """The most set-up instructions any run of printable ``data`` executes before it could
+    execute a byte it changed (stopping early once that reaches ``enough``), or ``None`` if
+    ``data`` is not printable only (then the bound does not hold: other bytes may be calls,
+    returns or system calls)."""
+    if not _PRINTABLE_ONLY.fullmatch(data):
+        return None
+    n = len(data)
+    best = [0] * (n + 8)
+    top = 0
+    limit = n + 1 if enough is None else enough
+    form, work, fixed, m32 = _FORM, _WORK, _FIXED, _MODRM32
+    for at in range(n - 1, -1, -1):
+        op = data[at]
+        kind = form[op]
+        if kind == _F_STOP:
+            continue  # best[at] stays 0: the run ends here
+        if kind == _F_PREFIX:
+            value = _prefixed(data, at, n, best)
+        elif kind == _F_JCC:
+            if at + 1 >= n:
+                continue
+            value = best[at + 2]
+            target = at + 2 + data[at + 1]
+            if target < n and best[target] > value:
+                value = best[target]
+        else:
+            size = fixed[op]
+            if kind >= _F_MODRM:  # ModRM forms
+                if at + 1 >= n:
+                    continue
+                modrm = data[at + 1]
+                if op == 0x62 and modrm >= 0xC0:
+                    continue  # bound with a register operand: invalid
+                size += m32[modrm]
+                if modrm & 0xC7 == 4 and at + 2 < n and data[at + 2] & 7 == 5:
+                    size += 4  # SIB with a 32-bit displacement and no base
+            if at + size > n:
+                continue
+            value = best[at + size] + work[op]
+        best[at] = value
+        if value > top:
+            top = value
+            if top >= limit:
+                return top
+    return top
+
+
+def _prefixed(data: bytes, at: int, n: int, best: list[int]) -> int:
+    """:func:`decoder_path`'s value at a prefixed instruction (0x66 and 0x67 change sizes)."""
+    here = at
+    wide, table = True, _MODRM32
+    while _FORM[data[here]] == _F_PREFIX:
+        if data[here] == 0x66:
+            wide = False
+        elif data[here] == 0x67:
+            table = _MODRM16
+        here += 1
+        if here >= n or here - at > 4:
+            return 0
+    op = data[here]
+    kind = _FORM[op]
+    size = here - at + 1
+    if kind == _F_STOP:
+        return 0
+    if kind >= _F_MODRM:
+        if here + 1 >= n:
+            return 0
+        modrm = data[here + 1]
+        if op == 0x62 and modrm >= 0xC0:
+            return 0
+        size += table[modrm]
+        if table is _MODRM32 and modrm & 0xC7 == 4 and here + 2 < n and data[here + 2] & 7 == 5:
+            size += 4
+        size += 1 if kind == _F_MODRM_IMM8 else (4 if wide else 2) if kind == _F_MODRM_IMMW else 0
+    elif kind == _F_IMM8:
+        size += 1
+    elif kind == _F_IMMW:
+        size += 4 if wide else 2
+    elif kind == _F_JCC:
+        if here + 1 >= n:
+            return 0
+        size += 1
+        value = best[at + size] if at + size <= n else 0
+        target = at + size + data[here + 1]
+        return max(value, best[target]) if target < n else value
+    if at + size > n:
+        return 0
+    return best[at + size] + _WORK[op]

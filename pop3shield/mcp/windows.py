@@ -197,4 +197,15 @@ def landing_points(data: bytes, entries: tuple[int, ...] = ()) -> tuple[int, ...
     points = [lead.end()] if lead and lead.end() < len(data) and lead.end() not in entries else []
     points += [match.end() for match in _PAD.finditer(data)
                if match.end() < len(data) and match.end() not in entries and match.end() not in points]
-    return tuple(points[:MAX_LANDINGS])
+    points = points[:MAX_LANDINGS]
+    # the start of a run of register shuffles (push, pop, inc, dec): where a printable decoder
+    # sets up its base register (``TYIIIIIIIIIIQZ``) after text it was appended to
+    points += [match.start() for match in _SHUFFLES.finditer(data)
+               if match.start() not in entries and match.start() not in points][:MAX_SHUFFLES]
+    return tuple(points)
+
+
+#: push, pop, inc, dec, pusha, popa in a row, and how many such runs count per window
+SHUFFLES = 8
+MAX_SHUFFLES = 2
+_SHUFFLES = re.compile(rb"[\x40-\x61]{%d,}" % SHUFFLES)

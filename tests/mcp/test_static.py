@@ -6,7 +6,15 @@ import random
 
 import generators
 
-from pop3shield.mcp.static import SLED_MIN, find_return_spray, find_sled, sled_length, static_reasons
+from pop3shield.mcp.static import (
+    DECODER_PATH_MIN,
+    SLED_MIN,
+    decoder_path,
+    find_return_spray,
+    find_sled,
+    sled_length,
+    static_reasons,
+)
 
 
 def test_sleds_are_found_at_their_start() -> None:
@@ -60,3 +68,29 @@ def test_repeated_text_is_not_a_spray() -> None:
     """What people do type: short periods and keyboard runs, however long."""
     for text in (b"ha" * 40, b"abc" * 30, b"abcd" * 20, b"ABCD" * 20, b"1234" * 20, b"ab12" * 20, b"x" * 100):
         assert find_return_spray(text) is None, text
+
+
+def test_decoder_path_counts_set_up_instructions_on_the_longest_forward_path() -> None:
+    """Exact values: a stopping instruction (ins) ends a path, a conditional jump continues on
+    both sides, 0x66 makes push's immediate 16-bit, and non-printable bytes void the bound."""
+    assert decoder_path(b"PPPlPP") == 3  # push x3, insb stops, push x2
+    assert decoder_path(b"fhllP") == 2  # push imm16 'll', then push (as imm32 it leaves the window)
+    assert decoder_path(b"t PPPPlP") == 4  # je +0x20 leaves the window: the fall-through counts
+    assert decoder_path(b"t!" + b"l" * 0x21 + b"PPPPPP") == 6  # je jumps over the ins run
+    assert decoder_path(b"9 ll") == 0  # cmp only compares, then insb stops
+    assert decoder_path(b"PP\xcd\x80") is None
+    assert decoder_path(b"P" * 100, enough=10) == 10  # stops counting once enough
+
+
+def test_printable_decoders_have_a_decoder_path_and_passphrases_do_not() -> None:
+    """Every generated printable decoder exceeds the screen's threshold by a wide margin;
+    most passphrases stay under it (they are then not emulated at all; measured 78 % of these,
+    the rest have upper-case words, which are inc/dec/push/pop)."""
+    rng = random.Random(41)
+    decoders = [generators.gen_alnum(rng) for _ in range(30)]
+    decoders += [generators.gen_printable_family(rng) for _ in range(30)]
+    paths = [decoder_path(d) for d in decoders]
+    assert all(p is not None and p >= 2 * DECODER_PATH_MIN for p in paths), min(p or 0 for p in paths)
+    phrases = [generators.passphrase(rng, 40, 400) for _ in range(200)]
+    below = [p for p in phrases if (decoder_path(p) or 0) < DECODER_PATH_MIN]
+    assert len(below) >= 0.7 * len(phrases)
