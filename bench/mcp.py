@@ -300,7 +300,7 @@ def main() -> None:
           f"emulation (unicorn) available: {mcp.emulation_available}, "
           f"corpus: {realcorpus.corpus_dir() if realcorpus.present() else 'absent'}, "
           f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    emulate.engines()  # creating the per-thread emulators is a one-off cost, not per argument
+    mcp.prepare(1)  # creating the emulators is a one-off cost at the pool's start, not per argument
     attacks = generated_section(per_category)
     real = real_section()
     ordinary, deep = benign_section(scale)

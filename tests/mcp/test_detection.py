@@ -93,3 +93,21 @@ def test_real_corpus_scope_filter_keeps_most_platform_x86_code(real_entries: lis
     assert len(labelled) >= 700 and len(kept) >= 0.97 * len(labelled)
     other = [e for e in real_entries if e.scope != "in"]
     assert {e.scope for e in other} <= {"too-short", "text", "structured-data", "bad-char-table", "not-x86", "data-only", "other-arch"}
+
+
+#: public ALPHA2 (mixed case, ecx base) decoder stub as found in exploits, without its payload
+ALPHA2_STUB = b"IIIIIIIIIIIIIIIII7QZjAXP0A0AkAAQ2AB2BB0BBABXP8ABuJI"
+#: the printable SEH GetPC prologue (``d36`` reads the exception chain) that precedes it
+SEH_PROLOGUE = b"VTX630VXH49HHHPhYAAQhZYYYYAAQQDDDd36FFFFTXVj0PPTUPPa301089"
+
+
+def test_decoder_stubs_are_detected_without_their_payload(emulation: None) -> None:
+    """A stub cut off from its payload decodes whatever follows it (few distinct values): a
+    transforming store rewriting the bytes ahead of itself is the tell.  Behind a text banner
+    its register set-up is an entry point; behind the SEH prologue the fs:[0] read is one."""
+    assert deep_check(ALPHA2_STUB).reasons[0].startswith("x86-decoder-loop@")
+    banner = b"Exploited by somebody with a long banner. " + ALPHA2_STUB
+    assert deep_check(banner).malicious
+    assert deep_check(SEH_PROLOGUE + ALPHA2_STUB).reasons[0].startswith("x86-seh-read@")
+    # and the same text without the decoder is clean
+    assert not deep_check(b"Exploited by somebody with a long banner. Nothing follows it here.").malicious
