@@ -20,14 +20,23 @@ entry (:func:`_shifted`), each of these two phases with a slice of the budget
 (:data:`LANDING_PHASE_UNITS`, :data:`SHIFT_PHASE_UNITS`), then the rest.  Last a sweep over
 every other offset: binary windows skip offsets an earlier run already executed, printable
 windows do not but stop after :data:`PRINTABLE_SWEEP_UNITS` (see :func:`_sweep`).
+
+Windows of printable bytes only are screened first (:func:`static.decoder_paths`): printable
+code has no call, return, system call or backward jump, so a run follows a forward graph of
+the window's instructions until it executes a byte it changed, and a decoder executes its
+set-up on that graph first.  A window in which no offset starts a path with
+:data:`static.DECODER_PATH_MIN` set-up instructions is not emulated at all, and in the others
+no run starts at an offset whose path is shorter (:meth:`Window.may_decode`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Iterable
 
 from . import emulate
-from .static import DECODER_PATH_MIN, decoder_path, static_reasons
+from .static import DECODER_PATH_MIN, decoder_paths, static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
@@ -50,10 +59,10 @@ FIRST_UNITS = 30_000
 #: most units the sweep over every offset of a printable window may spend.  Printable
 #: decoders start where the exploit's register points: offset 0, the end of filler or of a
 #: landing pad, a few bytes after the register (all tried before the sweep); in the generated
-#: and the real corpus the printable sweep found nothing those runs had not, while it was three
-#: quarters of the cost of honest long text (it runs every offset, and text rewrites itself
-#: all the time, so little translated code survives from one offset to the next)
-PRINTABLE_SWEEP_UNITS = 4_000
+#: and the real corpus the printable sweep found nothing those runs had not.  In a window of
+#: printable bytes only it tries the offsets with the longest decoder paths first
+#: (:func:`static.decoder_paths`) and none whose path is too short for a decoder
+PRINTABLE_SWEEP_UNITS = 1_500
 #: base-register shifts tried at the entry points of printable windows: an exploit may point
 #: the register a printable decoder addresses its patches through at its buffer, a few bytes
 #: before the decoder (see ``shift`` in :meth:`emulate.Engine.run`)
@@ -121,7 +130,7 @@ def deep_check(argument: bytes) -> Verdict:
         return clean("no-static-finding", "emulation-unavailable")
     # printable windows with no path a decoder could take are not emulated (the UTF-16 view,
     # whose code is the text widened, still is)
-    emulated = [window for window in windows if not _no_decoder_path(window)]
+    emulated = [screened for screened in map(_screen, windows) if screened is not None]
     if not emulated:
         return clean("no-code-behaviour", "no-decoder-path")
     budget = Budget()
@@ -141,13 +150,18 @@ def deep_check(argument: bytes) -> Verdict:
     return clean("no-code-behaviour")
 
 
-def _no_decoder_path(window: Window) -> bool:
-    """Whether a plain window is printable only and no run of it could execute
+def _screen(window: Window) -> Window | None:
+    """A plain window that is printable only, with its decoder paths (runs from offsets with
+    a short path are not made), or ``None`` if no run of it could execute
     :data:`static.DECODER_PATH_MIN` set-up instructions before running a byte it changed."""
     if not window.sweep:
-        return False
-    path = decoder_path(window.data, DECODER_PATH_MIN)
-    return path is not None and path < DECODER_PATH_MIN
+        return window
+    paths = decoder_paths(window.data)
+    if paths is None:
+        return window
+    if max(paths, default=0) < DECODER_PATH_MIN:
+        return None
+    return dataclasses.replace(window, paths=tuple(paths))
 
 
 def _where(exc: BaseException) -> str:
@@ -279,6 +293,8 @@ def _entry(
     differently), scratch, cleared.  ``patching`` collects the entry points whose 32-bit
     pointer run executed bytes it had patched; ``done`` the runs already made (window index,
     offset, mode, seeding)."""
+    if not window.may_decode(offset):
+        return None
     used_stack = {}
     for seeding in seedings:
         for engine in engines:
@@ -312,6 +328,8 @@ def _shifted(engine: emulate.Engine, offsets: list[int], window: Window, budget:
     register off by a few bytes it patches the wrong bytes and never loops.
     """
     for offset in offsets:
+        if not window.may_decode(offset):
+            continue
         for shift in SHIFTS:
             finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
             if finding or budget.done:
@@ -324,7 +342,11 @@ def _sweep_window(engines: tuple[emulate.Engine, ...], window: Window, budget: B
     take it (see :func:`_sweep`)."""
     printable = _mostly_printable(window.data)
     stop = budget.units - PRINTABLE_SWEEP_UNITS if printable else None
-    for offset in range(len(window.data)):
+    offsets: Iterable[int] = range(len(window.data))
+    if window.paths is not None:
+        # printable only: the offsets with the longest decoder paths first, none too short
+        offsets = sorted((o for o in offsets if window.may_decode(o)), key=lambda o: (-window.paths[o], o))
+    for offset in offsets:
         for engine in engines:
             finding = _sweep(engine, offset, printable, window, budget)
             if finding or budget.exhausted:
@@ -344,7 +366,7 @@ def _sweep(engine: emulate.Engine, offset: int, printable: bool, window: Window,
     Only the pointer seeding is swept: the others found nothing more off the entry points in
     the real corpus and cost a third of the time of a printable argument.
     """
-    if (not printable or engine.bits == 64) and engine.covered[offset]:
+    if (not printable or engine.bits == 64) and engine.covered[offset] or not window.may_decode(offset):
         return None
     return _run(engine, offset, emulate.POINTER, window, budget)
 

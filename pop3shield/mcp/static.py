@@ -232,14 +232,26 @@ _PRINTABLE_ONLY = re.compile(rb"[\x20-\x7e]*")
 
 def decoder_path(data: bytes, enough: int | None = None) -> int | None:
     """The most set-up instructions any run of printable ``data`` executes before it could
-    execute a byte it changed (stopping early once that reaches ``enough``), or ``None`` if
+    execute a byte it changed (counting stops once that reaches ``enough``), or ``None`` if
     ``data`` is not printable only (then the bound does not hold: other bytes may be calls,
     returns or system calls)."""
+    paths = decoder_paths(data, enough)
+    return None if paths is None else max(paths, default=0)
+
+
+def decoder_paths(data: bytes, enough: int | None = None) -> list[int] | None:
+    """Per offset of printable ``data``, the most set-up instructions a run started there can
+    execute before it could execute a byte it changed; ``None`` if ``data`` has other bytes.
+
+    The bound holds in both modes: x86-64 reads 0x40-0x4f as REX prefixes (counted here as
+    instructions of their own, so the bound only grows), has no ``pusha``/``popa``/``bound``
+    or BCD adjustments (they continue here), and 0x67 selects the other address size (both
+    lengths are followed).  With ``enough``, counting stops at the first offset reaching it
+    (the list then only proves that some path is long enough)."""
     if not _PRINTABLE_ONLY.fullmatch(data):
         return None
     n = len(data)
     best = [0] * (n + 8)
-    top = 0
     limit = n + 1 if enough is None else enough
     form, work, fixed, m32 = _FORM, _WORK, _FIXED, _MODRM32
     for at in range(n - 1, -1, -1):
@@ -271,11 +283,10 @@ def decoder_path(data: bytes, enough: int | None = None) -> int | None:
                 continue
             value = best[at + size] + work[op]
         best[at] = value
-        if value > top:
-            top = value
-            if top >= limit:
-                return top
-    return top
+        if value >= limit:
+            break
+    del best[n:]
+    return best
 
 
 def _prefixed(data: bytes, at: int, n: int, best: list[int]) -> int:
@@ -301,10 +312,16 @@ def _prefixed(data: bytes, at: int, n: int, best: list[int]) -> int:
         modrm = data[here + 1]
         if op == 0x62 and modrm >= 0xC0:
             return 0
-        size += table[modrm]
-        if table is _MODRM32 and modrm & 0xC7 == 4 and here + 2 < n and data[here + 2] & 7 == 5:
-            size += 4
-        size += 1 if kind == _F_MODRM_IMM8 else (4 if wide else 2) if kind == _F_MODRM_IMMW else 0
+        immediate = 1 if kind == _F_MODRM_IMM8 else (4 if wide else 2) if kind == _F_MODRM_IMMW else 0
+        long_form = size + _MODRM32[modrm] + immediate
+        if modrm & 0xC7 == 4 and here + 2 < n and data[here + 2] & 7 == 5:
+            long_form += 4
+        if table is _MODRM32:
+            return best[at + long_form] + _WORK[op] if at + long_form <= n else 0
+        # 0x67: 16-bit addressing in 32-bit mode, 32-bit addressing in 64-bit mode
+        short_form = size + _MODRM16[modrm] + immediate
+        values = [best[at + s] for s in (long_form, short_form) if at + s <= n]
+        return max(values) + _WORK[op] if values else 0
     elif kind == _F_IMM8:
         size += 1
     elif kind == _F_IMMW:

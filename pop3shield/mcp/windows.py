@@ -17,7 +17,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .static import ONE_BYTE
+from .static import DECODER_PATH_MIN, ONE_BYTE
 
 #: arguments up to this length (after collapsing filler) are analysed as one window
 WHOLE = 2048
@@ -70,6 +70,14 @@ class Window:
     stride: int = 1
     #: ends of landing pads (:func:`landing_points`), tried after the entry points
     landings: tuple[int, ...] = ()
+    #: per offset of a printable-only window, the most set-up instructions a run from there
+    #: can execute before it runs a byte it changed (:func:`static.decoder_paths`)
+    paths: tuple[int, ...] | None = None
+
+    def may_decode(self, offset: int) -> bool:
+        """Whether a run from ``offset`` can be a printable decoder (always, for windows with
+        other bytes)."""
+        return self.paths is None or self.paths[offset] >= DECODER_PATH_MIN
 
     def position(self, offset: int) -> int:
         """The argument offset of window offset ``offset``."""

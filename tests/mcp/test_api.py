@@ -168,7 +168,7 @@ def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pyte
     from pop3shield.mcp import deep
 
     rng = random.Random(35)
-    noise = bytes(rng.choice(range(0x21, 0x7F)) for _ in range(2000))
+    noise = rng.randbytes(2000)  # binary: every entry point, seeding and offset is run
     monkeypatch.setattr(deep, "ARGUMENT_UNITS", 2_000)
     small = deep.Budget()
     assert deep._emulate(deep.plan(noise), small) is None and small.exhausted
@@ -177,10 +177,8 @@ def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pyte
     monkeypatch.setattr(deep, "ARGUMENT_UNITS", 20_000)
     large = deep.Budget()
     deep._emulate(deep.plan(noise), large)
-    # (text gets fewer runs than binary now, so the schedule ends before 20,000 units)
-    spent_small = 2_000 - deep.ARGUMENT_UNITS_FIXED - small.units
-    spent_large = 20_000 - deep.ARGUMENT_UNITS_FIXED - large.units
-    assert spent_large > 2 * spent_small and large.runs < small.runs
+    assert large.exhausted and large.units <= 0
+    assert deep.MAX_RUNS - large.runs > 3 * (deep.MAX_RUNS - small.runs)
 
 
 def _timed(check: object, data: bytes) -> float:
