@@ -128,8 +128,7 @@ def deep_check(argument: bytes) -> Verdict:
         return malicious(*reasons)
     if not emulate.AVAILABLE:
         return clean("no-static-finding", "emulation-unavailable")
-    # printable windows with no path a decoder could take are not emulated (the UTF-16 view,
-    # whose code is the text widened, still is)
+    # text with no path a decoder could take is not emulated
     emulated = [screened for screened in map(_screen, windows) if screened is not None]
     if not emulated:
         return clean("no-code-behaviour", "no-decoder-path")
@@ -151,12 +150,10 @@ def deep_check(argument: bytes) -> Verdict:
 
 
 def _screen(window: Window) -> Window | None:
-    """A plain window that is printable only, with its decoder paths (runs from offsets with
-    a short path are not made), or ``None`` if no run of it could execute
+    """A window of printable bytes only (or the UTF-16 view of such text), with its decoder
+    paths (runs from offsets with a short path are not made), or ``None`` if no run of it could execute
     :data:`static.DECODER_PATH_MIN` set-up instructions before running a byte it changed."""
-    if not window.sweep:
-        return window
-    paths = decoder_paths(window.data)
+    paths = decoder_paths(window.data, widened=bool(window.label))  # the UTF-16 view: widened
     if paths is None:
         return window
     if max(paths, default=0) < DECODER_PATH_MIN:

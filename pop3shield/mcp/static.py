@@ -113,8 +113,24 @@ def _non_text(data: bytes) -> int:
     return controls + invalid
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _is_text(data: bytes) -> bool:
+    """Printable or UTF-8 text without control bytes: :func:`_non_text` is 0 for all of it."""
+    if _CONTROL.search(data):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def find_sled(data: bytes) -> int | None:
     """Offset of a NOP-equivalent sled with enough non-text bytes, or ``None``."""
+    if _is_text(data):
+        return None  # no stretch of it has a non-text byte (a cut UTF-8 sequence makes two)
     runs = sled_runs(data)
     at = 0
     while at < len(data):
@@ -228,6 +244,10 @@ for _m in range(256):
 #: bytes of the opcode and its immediate (32-bit operand size) for the forms that are not prefixes or jumps
 _FIXED = [{_F_ONE: 1, _F_IMM8: 2, _F_IMMW: 5, _F_MODRM: 1, _F_MODRM_IMM8: 2, _F_MODRM_IMMW: 5}.get(_k, 0) for _k in _FORM]
 _PRINTABLE_ONLY = re.compile(rb"[\x20-\x7e]*")
+_WIDENED_ONLY = re.compile(rb"[\x00\x20-\x7e]*")
+_FORM_WIDENED = _FORM[:]
+_FORM_WIDENED[0x00] = _F_MODRM
+_FIXED[0x00] = 1  # (only read for widened data: 0x00 stops plain text)
 
 
 def decoder_path(data: bytes, enough: int | None = None) -> int | None:
@@ -239,7 +259,7 @@ def decoder_path(data: bytes, enough: int | None = None) -> int | None:
     return None if paths is None else max(paths, default=0)
 
 
-def decoder_paths(data: bytes, enough: int | None = None) -> list[int] | None:
+def decoder_paths(data: bytes, enough: int | None = None, widened: bool = False) -> list[int] | None:
     """Per offset of printable ``data``, the most set-up instructions a run started there can
     execute before it could execute a byte it changed; ``None`` if ``data`` has other bytes.
 
@@ -247,13 +267,17 @@ def decoder_paths(data: bytes, enough: int | None = None) -> list[int] | None:
     instructions of their own, so the bound only grows), has no ``pusha``/``popa``/``bound``
     or BCD adjustments (they continue here), and 0x67 selects the other address size (both
     lengths are followed).  With ``enough``, counting stops at the first offset reaching it
-    (the list then only proves that some path is long enough)."""
-    if not _PRINTABLE_ONLY.fullmatch(data):
+    (the list then only proves that some path is long enough).
+
+    ``widened`` data is text as a server that widens it to UTF-16 holds it: printable bytes
+    and NULs.  ``00`` is ``add r/m8, r8``, which "venetian" code uses as padding between
+    its instructions: it continues the path but is not counted as set-up."""
+    if not (_WIDENED_ONLY if widened else _PRINTABLE_ONLY).fullmatch(data):
         return None
     n = len(data)
     best = [0] * (n + 8)
     limit = n + 1 if enough is None else enough
-    form, work, fixed, m32 = _FORM, _WORK, _FIXED, _MODRM32
+    form, work, fixed, m32 = (_FORM_WIDENED if widened else _FORM), _WORK, _FIXED, _MODRM32
     for at in range(n - 1, -1, -1):
         op = data[at]
         kind = form[op]

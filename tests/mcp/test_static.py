@@ -94,3 +94,22 @@ def test_printable_decoders_have_a_decoder_path_and_passphrases_do_not() -> None
     phrases = [generators.passphrase(rng, 40, 400) for _ in range(200)]
     below = [p for p in phrases if (decoder_path(p) or 0) < DECODER_PATH_MIN]
     assert len(below) >= 0.7 * len(phrases)
+
+
+def test_widened_text_counts_nul_as_padding() -> None:
+    """In the UTF-16 view, ``00`` (add r/m8, r8, venetian padding) continues a path without
+    counting; other non-printable bytes void the bound."""
+    # push; add [eax+0], dl (00 50 00: the next push is its ModRM); push; ...: every other one
+    assert decoder_path(b"P\x00" * 8, widened=True) == 4
+    assert decoder_path(b"P\x00P\x00\xcd\x80", widened=True) is None
+    assert decoder_path(b"P\x00P\x00") is None  # plain text may not hold NULs
+
+
+def test_printable_and_utf8_text_is_never_a_sled() -> None:
+    """The sled check needs a quarter of non-text bytes: text is skipped without decoding it."""
+    rng = random.Random(42)
+    for _ in range(50):
+        text = bytes(rng.choice(range(0x20, 0x7F)) for _ in range(300))
+        assert find_sled(text) is None
+    assert find_sled("Grüße aus Köln, ".encode() * 10) is None
+    assert find_sled(b"\x90" * 60) == 0
