@@ -250,12 +250,12 @@ _FORM_WIDENED[0x00] = _F_MODRM
 _FIXED[0x00] = 1  # (only read for widened data: 0x00 stops plain text)
 
 
-def decoder_path(data: bytes, enough: int | None = None) -> int | None:
+def decoder_path(data: bytes, enough: int | None = None, widened: bool = False) -> int | None:
     """The most set-up instructions any run of printable ``data`` executes before it could
     execute a byte it changed (counting stops once that reaches ``enough``), or ``None`` if
     ``data`` is not printable only (then the bound does not hold: other bytes may be calls,
     returns or system calls)."""
-    paths = decoder_paths(data, enough)
+    paths = decoder_paths(data, enough, widened)
     return None if paths is None else max(paths, default=0)
 
 
