@@ -63,6 +63,9 @@ FIRST_UNITS = 30_000
 #: printable bytes only it tries the offsets with the longest decoder paths first
 #: (:func:`static.decoder_paths`) and none whose path is too short for a decoder
 PRINTABLE_SWEEP_UNITS = 1_500
+#: shortest decoder path of an offset the printable sweep runs: twice the screen's threshold
+#: (the generated and real printable decoders have 26 or more set-up instructions on theirs)
+SWEEP_PATH_MIN = 2 * DECODER_PATH_MIN
 #: base-register shifts tried at the entry points of printable windows: an exploit may point
 #: the register a printable decoder addresses its patches through at its buffer, a few bytes
 #: before the decoder (see ``shift`` in :meth:`emulate.Engine.run`)
@@ -340,9 +343,12 @@ def _sweep_window(engines: tuple[emulate.Engine, ...], window: Window, budget: B
     printable = _mostly_printable(window.data)
     stop = budget.units - PRINTABLE_SWEEP_UNITS if printable else None
     offsets: Iterable[int] = range(len(window.data))
-    if window.paths is not None:
-        # printable only: the offsets with the longest decoder paths first, none too short
-        offsets = sorted((o for o in offsets if window.may_decode(o)), key=lambda o: (-window.paths[o], o))
+    paths = window.paths
+    if paths is not None:
+        # printable only: the offsets with the longest decoder paths first, none shorter than
+        # SWEEP_PATH_MIN, as 32-bit code (the 64-bit pointer run at offset 0 covers x86-64)
+        offsets = sorted((o for o in offsets if paths[o] >= SWEEP_PATH_MIN), key=lambda o: (-paths[o], o))
+        engines = engines[:1]
     for offset in offsets:
         for engine in engines:
             finding = _sweep(engine, offset, printable, window, budget)
