@@ -199,7 +199,7 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     for engine in engines:  # coverage left by an earlier argument must not prune this one's runs
         engine.covered = bytearray(engine.length)
     printable = [window.sweep and _mostly_printable(window.data) for window in windows]
-    patching: list[list[int]] = [[] for _ in windows]
+    patching: list[list[tuple[int, tuple[int, ...]]]] = [[] for _ in windows]
     done: set[tuple[int, int, int, str]] = set()
 
     def entries(index: int, offsets: tuple[int, ...], modes: tuple[emulate.Engine, ...], seedings: tuple[str, ...]) -> str | None:
@@ -283,7 +283,7 @@ def _entry(
     offset: int,
     window: Window,
     budget: Budget,
-    patching: list[int],
+    patching: list[tuple[int, tuple[int, ...]]],
     seedings: tuple[str, ...] = _SEEDINGS,
     done: set[tuple[int, int, int, str]] | None = None,
     index: int = 0,
@@ -316,21 +316,36 @@ def _entry(
                 if done is not None and engine.state.stack_used:
                     done.add((index, offset, engine.bits, "stack"))
                 if engine.bits == 32 and engine.state.ran_patched:
-                    patching.append(offset)
+                    shifts = _candidate_shifts(engine.state)
+                    if shifts:
+                        patching.append((offset, shifts))
     return None
 
 
-def _shifted(engine: emulate.Engine, offsets: list[int], window: Window, budget: Budget) -> str | None:
+def _candidate_shifts(state: emulate.RunState) -> tuple[int, ...]:
+    """The shifts (of :data:`SHIFTS`) that move a byte the run patched onto a byte it executed.
+
+    With its base register ``shift`` bytes too high, a decoder patches the byte ``shift`` bytes
+    after the one it means: its loop branch or the code it builds, ahead of the store, which
+    the run, unpatched, executed (or ran into) instead.  Other shifts move every patch onto
+    bytes the run never reached, or behind the store that made it."""
+    ran = state.ran
+    sites = state.patch_sites.items()
+    return tuple(shift for shift in SHIFTS
+                 if any(address - shift in ran and address - shift > store for address, store in sites))
+
+
+def _shifted(engine: emulate.Engine, offsets: list[tuple[int, tuple[int, ...]]], window: Window, budget: Budget) -> str | None:
     """32-bit pointer runs with the code pointers :data:`SHIFTS` bytes before the entry point.
 
     Only entry points whose unshifted run patched code are tried: a printable decoder must
     patch its own loop (printable bytes cannot encode a backward jump), and with its base
     register off by a few bytes it patches the wrong bytes and never loops.
     """
-    for offset in offsets:
+    for offset, shifts in offsets:
         if not window.may_decode(offset):
             continue
-        for shift in SHIFTS:
+        for shift in shifts:
             finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
             if finding or budget.done:
                 return finding

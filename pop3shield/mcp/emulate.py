@@ -143,6 +143,8 @@ BUILT_MIN = 8
 API_BUILT_MIN = 4
 #: distinct payload bytes read or written after GetPC
 PAYLOAD_MIN = 8
+#: code bytes changed per run whose store address is remembered (see ``RunState.patch_sites``)
+PATCH_SITES = 64
 #: highest system call number taken as set up by the code (Linux, BSD and NT tables are smaller)
 SYSCALL_MAX = 0x400
 
@@ -160,7 +162,7 @@ class RunState:
         "start", "zeroed", "modified", "hits", "blocks", "writers", "looped", "loop_pc",
         "reads", "returns", "getpc", "getpc_kind", "payload", "callbacks", "code_dirty",
         "stack_exec", "finding", "ran", "units", "unit_cap", "cap", "dirty_low", "dirty_high", "stack_used",
-        "rejected", "seed", "smc", "ran_patched",
+        "rejected", "seed", "smc", "ran_patched", "patch_sites",
     )
 
     def __init__(self, start: int, zeroed: bool, seed: int | None = None) -> None:
@@ -199,6 +201,8 @@ class RunState:
         self.smc = 0
         #: whether the run executed bytes it had changed (a patched jump, a decoded byte)
         self.ran_patched = False
+        #: the first few code bytes the run changed, each with the address of its store
+        self.patch_sites: dict[int, int] = {}
 
 
 class Engine:
@@ -467,6 +471,9 @@ class Engine:
         bytes without transforming them and are not decoders.
         """
         pc = self.native.reg(self.pc_reg)
+        if CODE_BASE <= address < CODE_BASE + CODE_SIZE and len(state.patch_sites) < PATCH_SITES:
+            for here in range(address, address + len(data)):
+                state.patch_sites.setdefault(here, pc)
         record = state.writers.get(pc)
         if record is None:
             # last block seen, iterations, bytes changed, transforming?, lowest address, values
