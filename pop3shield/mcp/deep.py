@@ -36,7 +36,7 @@ import logging
 from collections.abc import Iterable
 
 from . import emulate
-from .static import DECODER_PATH_MIN, decoder_paths, static_reasons
+from .static import DECODER_PATH_MIN, decoder_paths, setup_runs, static_reasons
 from .verdict import Verdict, clean, malicious
 from .windows import Window, plan
 
@@ -62,7 +62,7 @@ FIRST_UNITS = 30_000
 #: and the real corpus the printable sweep found nothing those runs had not.  In a window of
 #: printable bytes only it tries the offsets with the longest decoder paths first
 #: (:func:`static.decoder_paths`) and none whose path is too short for a decoder
-PRINTABLE_SWEEP_UNITS = 1_500
+PRINTABLE_SWEEP_UNITS = 800
 #: shortest decoder path of an offset the printable sweep runs: twice the screen's threshold
 #: (the generated and real printable decoders have 26 or more set-up instructions on theirs)
 SWEEP_PATH_MIN = 2 * DECODER_PATH_MIN
@@ -360,9 +360,13 @@ def _sweep_window(engines: tuple[emulate.Engine, ...], window: Window, budget: B
     offsets: Iterable[int] = range(len(window.data))
     paths = window.paths
     if paths is not None:
-        # printable only: the offsets with the longest decoder paths first, none shorter than
-        # SWEEP_PATH_MIN, as 32-bit code (the 64-bit pointer run at offset 0 covers x86-64)
-        offsets = sorted((o for o in offsets if paths[o] >= SWEEP_PATH_MIN), key=lambda o: (-paths[o], o))
+        # printable only, as 32-bit code (the 64-bit pointer run at offset 0 covers x86-64):
+        # the offsets that start the longest runs of set-up instructions first (a printable
+        # decoder begins with one: ``VX-b[])-4GCD-R("N-`` is push, pop, sub, sub, sub, ...;
+        # text after which it was put may add a few), then those with the longest decoder
+        # paths, none whose path is shorter than SWEEP_PATH_MIN
+        runs = setup_runs(window.data) or [0] * len(window.data)
+        offsets = sorted((o for o in offsets if paths[o] >= SWEEP_PATH_MIN), key=lambda o: (-runs[o], -paths[o], o))
         engines = engines[:1]
     for offset in offsets:
         for engine in engines:

@@ -360,3 +360,37 @@ def _prefixed(data: bytes, at: int, n: int, best: list[int]) -> int:
     if at + size > n:
         return 0
     return best[at + size] + _WORK[op]
+
+
+def setup_runs(data: bytes) -> list[int] | None:
+    """Per offset of printable ``data``, how many set-up instructions follow one another from
+    there (falling through, no prefixes, jumps or comparisons in between); ``None`` if ``data``
+    has other bytes.  A printable decoder begins with such a run (``VX-b[])-4GCD-R("N-54=DPY``:
+    push, pop, sub, sub, sub, push, pop), text rarely has one of ten."""
+    if not _PRINTABLE_ONLY.fullmatch(data):
+        return None
+    n = len(data)
+    run = [0] * (n + 8)
+    for at in range(n - 1, -1, -1):
+        size = _work_size(data, at, n)
+        if size:
+            run[at] = 1 + run[at + size]
+    del run[n:]
+    return run
+
+
+def _work_size(data: bytes, at: int, n: int) -> int:
+    """Length of the set-up instruction at ``at`` (unprefixed), or 0 if it is none."""
+    op = data[at]
+    if not _WORK[op]:
+        return 0
+    size = _FIXED[op]
+    if _FORM[op] >= _F_MODRM:
+        if at + 1 >= n:
+            return 0
+        modrm = data[at + 1]
+        size += _MODRM32[modrm]
+        if modrm & 0xC7 == 4 and at + 2 < n and data[at + 2] & 7 == 5:
+            size += 4
+    return size if at + size <= n else 0
+

@@ -10,6 +10,7 @@ from pop3shield.mcp.static import (
     DECODER_PATH_MIN,
     SLED_MIN,
     decoder_path,
+    setup_runs,
     find_return_spray,
     find_sled,
     sled_length,
@@ -113,3 +114,13 @@ def test_printable_and_utf8_text_is_never_a_sled() -> None:
         assert find_sled(text) is None
     assert find_sled("Grüße aus Köln, ".encode() * 10) is None
     assert find_sled(b"\x90" * 60) == 0
+
+
+def test_setup_runs_count_set_up_instructions_falling_through() -> None:
+    """push, pop, sub eax imm32 x3, push, pop: seven; a jump, a comparison or a prefix ends a run."""
+    stack_builder = b"VX-AAAA-BBBB-CCCCPY"
+    assert setup_runs(stack_builder)[0] == 7
+    assert setup_runs(stack_builder)[2] == 5  # from the first sub
+    assert setup_runs(b"VXt PY")[:3] == [2, 1, 0]  # je: the run ends
+    assert setup_runs(b"VX9 PY")[0] == 2  # cmp
+    assert setup_runs(b"VX\xcd\x80") is None
