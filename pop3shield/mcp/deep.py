@@ -76,7 +76,7 @@ SHIFTED_UNITS = 6_000
 #: slices of the argument's budget for the landing-pad runs and the shifted runs: both try
 #: many start states of which at most one is right, and must not starve the phases after them
 LANDING_PHASE_UNITS = 12_000
-SHIFT_PHASE_UNITS = 15_000
+SHIFT_PHASE_UNITS = 8_000
 #: entry points per printable window whose pointer run patched code get the shifted runs
 SHIFT_ENTRIES = 4
 
@@ -252,7 +252,9 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     for index, window in enumerate(windows):
         if printable[index] and patching[index]:
             _load(engines, window)
-            finding = _shifted(engines[0], sorted(patching[index])[:SHIFT_ENTRIES], window, budget)
+            # in printable-only text, the entry points with the longest decoder paths first
+            order = sorted(patching[index], key=lambda item: (-window.paths[item[0]], item) if window.paths else (0, item))
+            finding = _shifted(engines[0], order[:SHIFT_ENTRIES], window, budget)
             if finding or budget.exhausted:
                 return finding
     budget.whole()
@@ -335,6 +337,15 @@ def _candidate_shifts(state: emulate.RunState) -> tuple[int, ...]:
                  if any(address - shift in ran and address - shift > store for address, store in sites))
 
 
+def _likely_first(data: bytes, offset: int, shifts: tuple[int, ...]) -> list[int]:
+    """``shifts`` with the length of the run of one repeated byte at ``offset`` (and one more
+    or less) first: alphanumeric encoders pad their decoder with as many one-byte
+    instructions (``IIII``, ``VVVV``) as its base register points before the decoder body."""
+    lead = len(data[offset:]) - len(data[offset:].lstrip(data[offset:offset + 1])) if offset < len(data) else 0
+    preferred = [shift for shift in (lead, lead + 1, lead - 1) if shift in shifts]
+    return preferred + [shift for shift in shifts if shift not in preferred]
+
+
 def _shifted(engine: emulate.Engine, offsets: list[tuple[int, tuple[int, ...]]], window: Window, budget: Budget) -> str | None:
     """32-bit pointer runs with the code pointers :data:`SHIFTS` bytes before the entry point.
 
@@ -345,7 +356,7 @@ def _shifted(engine: emulate.Engine, offsets: list[tuple[int, tuple[int, ...]]],
     for offset, shifts in offsets:
         if not window.may_decode(offset):
             continue
-        for shift in shifts:
+        for shift in _likely_first(window.data, offset, shifts):
             finding = _run(engine, offset, emulate.POINTER, window, budget, entry=True, shift=shift)
             if finding or budget.done:
                 return finding
