@@ -116,6 +116,47 @@ def real_section() -> list[float]:
     return everything
 
 
+#: the honest long arguments whose tier 1 cost issue 12 sets a goal for (median 1 ms, max 20 ms)
+HONEST_LONG = ("long-password", "passphrase", "passphrase-pass", "passphrase-overlong", "sasl-base64")
+#: tier 1 times of those, by category, filled by benign_section
+HONEST_TIER1: dict[str, list[float]] = {}
+
+
+def honest_long_section() -> None:
+    print("\n## Honest long arguments that reach tier 1 (issue 12: median 1 ms or less, max under 20 ms)\n")
+    print("| category | n | median | p99 | max |")
+    print("|---|---|---|---|---|")
+    everything: list[float] = []
+    for name in HONEST_LONG:
+        seconds = HONEST_TIER1.get(name, [])
+        if seconds:
+            everything += seconds
+            print(f"| {name} | {len(seconds)} | {summary(seconds)} |")
+    if everything:
+        print(f"| **all of them** | **{len(everything)}** | {summary(everything)} |")
+
+
+def junk_section(count: int) -> None:
+    """Printable decoders right after text (no filler, pad or return address): not an entry
+    point the exploit layout gives away, found only by the sweep.  Not a gated category."""
+    import base64
+    import random
+
+    rng = random.Random(5)
+    items = []
+    for i in range(count):
+        decoder = generators.gen_printable_family(rng) if i % 2 else generators.gen_alnum(rng)
+        if i % 4 < 2:
+            junk = base64.b64encode(rng.randbytes(rng.randint(10, 60))).rstrip(b"=")
+        else:
+            junk = generators.passphrase(rng, 10, 60)
+        items.append(junk + decoder)
+    mcp.cache.clear()
+    hits = sum(deep_check(a).malicious for a in items)
+    print(f"\nPrintable decoders appended to 10-80 octets of base64 or passphrase text (no pad, not a "
+          f"gated category): {hits} of {len(items)} detected ({100 * hits / len(items):.1f} %).")
+
+
 def benign_section(scale: float) -> tuple[list[float], list[float]]:
     print("\n## Benign arguments\n")
     print("| category | n | false positives | decided in tier 0 | median | p99 | max |")
@@ -135,6 +176,8 @@ def benign_section(scale: float) -> tuple[list[float], list[float]]:
             (ordinary if decided else deep).append(elapsed)
             if not decided:
                 _note(elapsed, argument)
+                if name in HONEST_LONG:
+                    HONEST_TIER1.setdefault(name, []).append(elapsed)
             tier0 += decided
             if verdict.malicious:
                 fps += 1
@@ -310,6 +353,8 @@ def main() -> None:
     print(f"| ordinary benign arguments decided in tier 0 | {len(ordinary)} | {summary(ordinary)} |")
     print(f"| benign arguments analysed in tier 1 | {len(deep)} | {summary(deep)} |")
     print(f"| attack arguments (generated and real) | {len(attacks) + len(real)} | {summary(attacks + real)} |")
+    honest_long_section()
+    junk_section(20 if options.quick else 80)
     load_section(20 if options.quick else 60)
     fallback_section(per_category)
     print(f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s, "

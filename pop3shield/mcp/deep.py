@@ -184,7 +184,7 @@ def _static(window: Window) -> list[str]:
     return found
 
 
-def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, emulate.Engine] | None = None) -> str | None:
+def _emulate(windows: list[Window], budget: Budget, pair: emulate.Engines | None = None) -> str | None:
     """The first behaviour found, as ``kind@offset``, or ``None``.
 
     An argument with binary code: every entry point of every window in turn, with every
@@ -195,9 +195,13 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     register shifted (:func:`_shifted`), and only then in the remaining modes and seedings.
     Last the sweep over every other offset.
     """
-    engines = pair if pair is not None else emulate.engines()
-    for engine in engines:  # coverage left by an earlier argument must not prune this one's runs
+    every = pair if pair is not None else emulate.engines()
+    for engine in every:  # coverage left by an earlier argument must not prune this one's runs
         engine.covered = bytearray(engine.length)
+    # the UTF-16 view runs on its own 32-bit engine: alternating windows on one engine made it
+    # translate everything again at every switch
+    plain, view = every[:2], (every[2], every[1])
+    sets = [view if window.label else plain for window in windows]
     printable = [window.sweep and _mostly_printable(window.data) for window in windows]
     patching: list[list[tuple[int, tuple[int, ...]]]] = [[] for _ in windows]
     done: set[tuple[int, int, int, str]] = set()
@@ -213,7 +217,7 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     if not all(printable[index] for index, window in enumerate(windows) if window.sweep):
         # binary code in the argument: its entry points, window after window
         for index, window in enumerate(windows):
-            finding = entries(index, window.entries, engines, _SEEDINGS)
+            finding = entries(index, window.entries, sets[index], _SEEDINGS)
             if finding or budget.exhausted:
                 return finding
     # each window's offset 0 may run a long decoder: first the pointer seeding (only as 32-bit
@@ -227,6 +231,7 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     for seedings in ((emulate.POINTER,), _SEEDINGS):
         for index, window in enumerate(windows):
             budget.first = bool(window.label)  # the UTF-16 view's slow "venetian" decoders
+            engines = sets[index]
             modes = engines[:1] if window.label and len(seedings) == 1 else engines
             if text[index] and len(seedings) > 1:
                 finding = entries(index, window.entries[:1], engines[:1], _TEXT_SEEDINGS)
@@ -237,7 +242,7 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     budget.first = False
     for index, window in enumerate(windows):
         if printable[index]:
-            finding = entries(index, window.entries[1:], engines[:1], _SEEDINGS[:2])
+            finding = entries(index, window.entries[1:], sets[index][:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
     budget.slice(LANDING_PHASE_UNITS)
@@ -245,12 +250,13 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
         # the ends of landing pads in printable code: the exploit's register may point past the
         # pad, at a decoder that only decodes with the register pointing at its own first byte
         if printable[index] and window.landings:
-            finding = entries(index, window.landings, engines[:1], _SEEDINGS[:2])
+            finding = entries(index, window.landings, sets[index][:1], _SEEDINGS[:2])
             if finding or budget.exhausted:
                 return finding
     budget.slice(SHIFT_PHASE_UNITS)
     for index, window in enumerate(windows):
         if printable[index] and patching[index]:
+            engines = sets[index]
             _load(engines, window)
             # in printable-only text, the entry points with the longest decoder paths first
             order = sorted(patching[index], key=lambda item: (-window.paths[item[0]], item) if window.paths else (0, item))
@@ -261,14 +267,14 @@ def _emulate(windows: list[Window], budget: Budget, pair: tuple[emulate.Engine, 
     for index, window in enumerate(windows):
         if text[index]:
             continue  # its entry points had the text runs above
-        finding = entries(index, window.entries[1:], engines, _SEEDINGS)
+        finding = entries(index, window.entries[1:], sets[index], _SEEDINGS)
         if finding or budget.exhausted:
             return finding
-    for window in windows:
+    for index, window in enumerate(windows):
         if not window.sweep:
             continue
-        _load(engines, window)
-        finding = _sweep_window(engines, window, budget)
+        _load(sets[index], window)
+        finding = _sweep_window(sets[index], window, budget)
         if finding or budget.exhausted:
             return finding
     return None

@@ -954,22 +954,32 @@ def _argument_registers(bits: int) -> list[int]:
 _local = threading.local()
 
 
-def engines() -> tuple[Engine, Engine]:
-    """This thread's 32-bit and 64-bit engines (unicorn instances are not thread-safe)."""
+#: what one analysis uses: a 32-bit and a 64-bit engine for the argument's own windows, and a
+#: 32-bit engine for the UTF-16 view, so that switching between them does not throw away
+#: the code unicorn translated for the other (loading a window drops it all)
+Engines = tuple[Engine, Engine, Engine]
+
+
+def _new_set() -> Engines:
+    return (Engine(32), Engine(64), Engine(32))
+
+
+def engines() -> Engines:
+    """This thread's engines (unicorn instances are not thread-safe)."""
     pair = getattr(_local, "pair", None)
     if pair is None:
-        pair = _local.pair = (Engine(32), Engine(64))
+        pair = _local.pair = _new_set()
     return pair
 
 
-#: engine pairs no analysis is using; :func:`leased` takes one, :func:`prepare` fills it up
-_spare: list[tuple[Engine, Engine]] = []
+#: engine sets no analysis is using; :func:`leased` takes one, :func:`prepare` fills it up
+_spare: list[Engines] = []
 _spare_lock = threading.Lock()
 
 
 def prepare(count: int) -> int:
-    """Create engine pairs until ``count`` are spare, so that no analysis pays for creating
-    one (~20 ms each: ``Uc()`` and the mappings); returns how many were created.
+    """Create engine sets until ``count`` are spare, so that no analysis pays for creating
+    one (~30 ms each: ``Uc()`` and the mappings); returns how many were created.
 
     Meant for the start of the analysis pool (``count`` = its threads), in any thread: a pair
     is not bound to the thread that made it, only used by one thread at a time."""
@@ -977,20 +987,20 @@ def prepare(count: int) -> int:
         return 0
     with _spare_lock:
         missing = count - len(_spare)
-    made = [(Engine(32), Engine(64)) for _ in range(max(0, missing))]
+    made = [_new_set() for _ in range(max(0, missing))]
     with _spare_lock:
         _spare.extend(made)
     return len(made)
 
 
 @contextlib.contextmanager
-def leased() -> Iterator[tuple[Engine, Engine]]:
-    """A 32-bit and 64-bit engine pair for one analysis, given back afterwards (a pair is
-    created only when every prepared one is in use)."""
+def leased() -> Iterator[Engines]:
+    """The engines for one analysis, given back afterwards (a set is created only when every
+    prepared one is in use)."""
     with _spare_lock:
         pair = _spare.pop() if _spare else None
     if pair is None:
-        pair = (Engine(32), Engine(64))
+        pair = _new_set()
     try:
         yield pair
     finally:
