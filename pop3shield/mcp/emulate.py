@@ -490,10 +490,17 @@ class Engine:
         if not state.looped and _decoding(record) and len(state.reads) >= LOOP_READS_MIN:
             state.looped = True
             state.loop_pc = pc
-        elif not state.looped and record[1] == LONG_DECODER and _blind_decoder(record, pc, len(state.reads)):
+        elif (not state.looped and record[1] == LONG_DECODER and state.ran_patched
+              and _blind_decoder(record, pc, len(state.reads)) and self._printable_code(pc)):
             self._found("decoder-loop")
         elif state.looped and pc == state.loop_pc and record[1] == EARLY_DECODER and self._long_decoder(state, EARLY_DECODER):
             self._found("decoder-loop")  # no need to wait for the end of a long decoder
+
+    def _printable_code(self, pc: int) -> bool:
+        """Whether the argument's own bytes of the instruction at ``pc`` are printable."""
+        index = pc - CODE_BASE
+        original = self.image[index:index + 3]
+        return len(original) == 3 and all(0x20 <= b <= 0x7E for b in original)
 
     def _transforms(self) -> bool:
         """Whether the storing instruction can compute what it stores (not a copy or push)."""
@@ -808,8 +815,9 @@ def _blind_decoder(record: list, pc: int, reads: int) -> bool:
     """A decoder stub decoding input it was cut off from (its payload is missing, so what it
     stores varies too little for :func:`_decoding`): one transforming store that changed
     :data:`LONG_DECODER` distinct bytes, all ahead of itself, in as many iterations, after
-    reading its input.  A loop needs a backward branch, which printable code can only get by
-    patching one in, and random bytes that loop overwrite their own code, not what follows."""
+    reading its input.  Only printable stores count, in a run that executed a byte it
+    patched (see ``_note_writer``): printable code can only loop through a branch it patched
+    in, while random binary loops all the time (a ``sub [edi], al`` filling memory ahead)."""
     return record[3] and record[2] >= LONG_DECODER and record[4] > pc and reads >= LOOP_READS_MIN
 
 

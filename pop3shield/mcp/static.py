@@ -226,6 +226,7 @@ for _op in range(0x20, 0x7F):
         _FORM[_op], _WORK[_op] = _F_ONE, 1  # inc, dec, push, pop, pusha, popa
     elif _op in (0x62, 0x63):
         _FORM[_op] = _F_MODRM  # bound, arpl
+        _WORK[_op] = int(_op == 0x63)  # arpl r/m16, r16 stores (it can raise a selector's RPL)
     elif 0x64 <= _op <= 0x67:
         _FORM[_op] = _F_PREFIX
     elif _op in (0x68, 0x6A):
