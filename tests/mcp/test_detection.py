@@ -117,12 +117,12 @@ def test_decoder_stubs_are_detected_without_their_payload(emulation: None) -> No
 
 def test_random_binary_filling_memory_ahead_is_not_a_stub_decoder(emulation: None) -> None:
     """Binary SASL data loops all the time; a binary store filling the bytes ahead of it (here
-    ``sub [edi], ah`` in a loop, after running a byte it patched) is not the printable stub's
+    ``and byte [edi], 0`` in a loop, after running a byte it patched) is not the printable stub's
     tell.  A decoded token of the benign corpus did exactly that."""
     rng = random.Random(43)
     patch = b"\xc6\x47\x08\x90" + b"\x90" * 4 + b"\xcc"  # mov byte [edi+8], nop; ...; int3 -> nop
     setup = b"\x83\xc7\x40\xb9\x00\x01\x00\x00"  # add edi, 0x40 (ahead of the loop); mov ecx, 256
-    loop = b"\x28\x27\x47\xe2\xfb"  # sub [edi], ah; inc edi; loop -5
+    loop = b"\x80\x27\x00\x47\xe2\xfa"  # and byte [edi], 0; inc edi; loop -6
     filler = [rng.randbytes(rng.randint(200, 300)) for _ in range(10)]
     verdicts = [deep_check(patch + setup + loop + data) for data in filler]
     assert not any(verdict.reasons[0].startswith("x86-decoder-loop") for verdict in verdicts), verdicts
