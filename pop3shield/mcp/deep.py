@@ -410,8 +410,11 @@ def _sweep(engine: emulate.Engine, offset: int, printable: bool, window: Window,
     return _run(engine, offset, emulate.POINTER, window, budget)
 
 
+_PRINTABLE_BYTES = bytes(range(0x20, 0x7F))
+
+
 def _mostly_printable(data: bytes) -> bool:
-    return sum(1 for b in data if 0x20 <= b < 0x7F) >= 0.9 * len(data)
+    return len(data) - len(data.translate(None, _PRINTABLE_BYTES)) >= 0.9 * len(data)
 
 
 def _run(engine: emulate.Engine, offset: int, seeding: str, window: Window, budget: Budget, entry: bool = False, shift: int = 0) -> str | None:

@@ -276,33 +276,33 @@ def decoder_paths(data: bytes, enough: int | None = None, widened: bool = False)
     if not (_WIDENED_ONLY if widened else _PRINTABLE_ONLY).fullmatch(data):
         return None
     n = len(data)
-    best = [0] * (n + 8)
+    buf = data + b"\xff\xff\xff"  # 0xff stops in both forms: no bounds checks on operand bytes
+    best = [0] * (n + 264)  # and no checks on jump targets (at most 0x101 past the jump)
     limit = n + 1 if enough is None else enough
     form, work, fixed, m32 = (_FORM_WIDENED if widened else _FORM), _WORK, _FIXED, _MODRM32
+    stop, one, jcc, prefix, modrm_form = _F_STOP, _F_ONE, _F_JCC, _F_PREFIX, _F_MODRM
     for at in range(n - 1, -1, -1):
-        op = data[at]
+        op = buf[at]
         kind = form[op]
-        if kind == _F_STOP:
+        if kind == stop:
             continue  # best[at] stays 0: the run ends here
-        if kind == _F_PREFIX:
-            value = _prefixed(data, at, n, best)
-        elif kind == _F_JCC:
-            if at + 1 >= n:
-                continue
+        if kind == one:
+            value = best[at + 1] + work[op]
+        elif kind == jcc:
             value = best[at + 2]
-            target = at + 2 + data[at + 1]
-            if target < n and best[target] > value:
-                value = best[target]
+            target = best[at + 2 + buf[at + 1]]
+            if target > value:
+                value = target
+        elif kind == prefix:
+            value = _prefixed(data, at, n, best)
         else:
             size = fixed[op]
-            if kind >= _F_MODRM:  # ModRM forms
-                if at + 1 >= n:
-                    continue
-                modrm = data[at + 1]
+            if kind >= modrm_form:
+                modrm = buf[at + 1]
                 if op == 0x62 and modrm >= 0xC0:
                     continue  # bound with a register operand: invalid
                 size += m32[modrm]
-                if modrm & 0xC7 == 4 and at + 2 < n and data[at + 2] & 7 == 5:
+                if modrm & 0xC7 == 4 and buf[at + 2] & 7 == 5:
                     size += 4  # SIB with a 32-bit displacement and no base
             if at + size > n:
                 continue
@@ -371,27 +371,20 @@ def setup_runs(data: bytes) -> list[int] | None:
     if not _PRINTABLE_ONLY.fullmatch(data):
         return None
     n = len(data)
-    run = [0] * (n + 8)
+    buf = data + b"\xff\xff\xff"
+    run = [0] * (n + 16)
+    work, fixed, form, m32, modrm_form = _WORK, _FIXED, _FORM, _MODRM32, _F_MODRM
     for at in range(n - 1, -1, -1):
-        size = _work_size(data, at, n)
-        if size:
+        op = buf[at]
+        if not work[op]:
+            continue
+        size = fixed[op]
+        if form[op] >= modrm_form:
+            modrm = buf[at + 1]
+            size += m32[modrm]
+            if modrm & 0xC7 == 4 and buf[at + 2] & 7 == 5:
+                size += 4
+        if at + size <= n:
             run[at] = 1 + run[at + size]
     del run[n:]
     return run
-
-
-def _work_size(data: bytes, at: int, n: int) -> int:
-    """Length of the set-up instruction at ``at`` (unprefixed), or 0 if it is none."""
-    op = data[at]
-    if not _WORK[op]:
-        return 0
-    size = _FIXED[op]
-    if _FORM[op] >= _F_MODRM:
-        if at + 1 >= n:
-            return 0
-        modrm = data[at + 1]
-        size += _MODRM32[modrm]
-        if modrm & 0xC7 == 4 and at + 2 < n and data[at + 2] & 7 == 5:
-            size += 4
-    return size if at + size <= n else 0
-
