@@ -98,6 +98,27 @@ def test_prepared_engines_serve_analyses_in_any_thread(emulation: None, monkeypa
     assert sorted(map(id, emulate._spare)) == sorted(map(id, prepared))
 
 
+def test_every_analysis_starts_with_an_empty_translation_buffer(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unicorn's code buffer only fills up; overflowing in the middle of a run stalls it for
+    tens of milliseconds no work unit counts, so each analysis empties it first (all engines)."""
+    from pop3shield.mcp import emulate
+
+    flushed = []
+    original = emulate.Engine.flush_translations
+
+    def counting(self: emulate.Engine) -> None:
+        flushed.append(self)
+        original(self)
+
+    monkeypatch.setattr(emulate.Engine, "flush_translations", counting)
+    argument = generators.gen_alnum(random.Random(38))
+    with emulate.leased() as engines:
+        pass
+    assert deep_check(argument).malicious
+    assert len(flushed) == 3 and len(set(map(id, flushed))) == 3
+    assert engines[0].uc.ctl_get_tcg_buffer_size() == emulate.TCG_BUFFER
+
+
 def test_cache_survives_concurrent_use() -> None:
     cache = VerdictCache(capacity=64)
 
