@@ -25,6 +25,7 @@ __all__ = [
     "deep_check",
     "deep_check_cached",
     "emulation_available",
+    "prepare",
     "quick_check",
 ]
 
@@ -33,6 +34,14 @@ emulation_available: bool = emulate.AVAILABLE
 
 #: the process-wide cache of tier 1 verdicts used by :func:`analyze`
 cache = VerdictCache(capacity=4096)
+
+
+def prepare(threads: int) -> int:
+    """Create the emulators ``threads`` concurrent analyses need, before the first argument
+    arrives (the analysis pool's start): otherwise the first long argument of each thread
+    pays ~20 ms for creating them.  Returns how many engine pairs were created; 0 without
+    unicorn."""
+    return emulate.prepare(threads)
 
 
 def deep_check_cached(argument: bytes) -> Verdict:

@@ -37,9 +37,11 @@ the expensive case.  The module imports without unicorn; :data:`AVAILABLE` then 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
+from collections.abc import Iterator
 
 try:  # unicorn is the optional GPL-2.0 extra ``pop3shield[emulation]``
     from unicorn import (
@@ -141,6 +143,8 @@ BUILT_MIN = 8
 API_BUILT_MIN = 4
 #: distinct payload bytes read or written after GetPC
 PAYLOAD_MIN = 8
+#: code bytes changed per run whose store address is remembered (see ``RunState.patch_sites``)
+PATCH_SITES = 64
 #: highest system call number taken as set up by the code (Linux, BSD and NT tables are smaller)
 SYSCALL_MAX = 0x400
 
@@ -158,7 +162,7 @@ class RunState:
         "start", "zeroed", "modified", "hits", "blocks", "writers", "looped", "loop_pc",
         "reads", "returns", "getpc", "getpc_kind", "payload", "callbacks", "code_dirty",
         "stack_exec", "finding", "ran", "units", "unit_cap", "cap", "dirty_low", "dirty_high", "stack_used",
-        "rejected", "seed", "smc", "ran_patched",
+        "rejected", "seed", "smc", "ran_patched", "patch_sites",
     )
 
     def __init__(self, start: int, zeroed: bool, seed: int | None = None) -> None:
@@ -197,6 +201,8 @@ class RunState:
         self.smc = 0
         #: whether the run executed bytes it had changed (a patched jump, a decoded byte)
         self.ran_patched = False
+        #: the first few code bytes the run changed, each with the address of its store
+        self.patch_sites: dict[int, int] = {}
 
 
 class Engine:
@@ -288,6 +294,18 @@ class Engine:
         self.covered = bytearray(len(window))
         self._restore_code()
 
+    def flush_translations(self) -> None:
+        """Empty unicorn's buffer of translated code (~0.05 ms), before each argument.
+
+        The buffer only fills up (dropping translations of restored code frees nothing), and
+        when it overflows in the middle of a run, that run stalls for 15-60 ms of CPU time that
+        no work unit counts: a 4,000-unit run took 34 ms where it takes 3 ms.  One argument
+        translates far less than the buffer holds, so emptying it first keeps that from
+        happening during an analysis."""
+        flush = getattr(self.uc, "ctl_flush_tb", None)
+        if flush is not None:
+            flush()
+
     def _restore_code(self, low: int = CODE_BASE, high: int = CODE_BASE + CODE_SIZE) -> None:
         """Put back the original bytes of ``[low, high)`` and drop blocks translated from them.
 
@@ -312,7 +330,11 @@ class Engine:
         end = min(CODE_BASE + CODE_SIZE, LOAD + self.length + NEAR)
         now = bytes(self.uc.mem_read(begin, end - begin))
         before = bytes(self.image[begin - CODE_BASE:end - CODE_BASE])
-        if now != before:
+        # outside what the hooks saw (usually nothing): two slice comparisons, bisected only
+        # if they differ
+        inner_low = min(max(low - begin, 0), len(now))
+        inner_high = max(min(high - begin, len(now)), inner_low)
+        if now[:inner_low] != before[:inner_low] or now[inner_high:] != before[inner_high:]:
             first, last = _changed_span(now, before)
             low, high = min(low, begin + first), max(high, begin + last)
         self._restore_code(low, high)
@@ -461,6 +483,9 @@ class Engine:
         bytes without transforming them and are not decoders.
         """
         pc = self.native.reg(self.pc_reg)
+        if CODE_BASE <= address < CODE_BASE + CODE_SIZE and len(state.patch_sites) < PATCH_SITES:
+            for here in range(address, address + len(data)):
+                state.patch_sites.setdefault(here, pc)
         record = state.writers.get(pc)
         if record is None:
             # last block seen, iterations, bytes changed, transforming?, lowest address, values
@@ -477,8 +502,17 @@ class Engine:
         if not state.looped and _decoding(record) and len(state.reads) >= LOOP_READS_MIN:
             state.looped = True
             state.loop_pc = pc
+        elif (not state.looped and record[1] == LONG_DECODER and state.ran_patched
+              and _blind_decoder(record, pc, len(state.reads)) and self._printable_code(pc)):
+            self._found("decoder-loop")
         elif state.looped and pc == state.loop_pc and record[1] == EARLY_DECODER and self._long_decoder(state, EARLY_DECODER):
             self._found("decoder-loop")  # no need to wait for the end of a long decoder
+
+    def _printable_code(self, pc: int) -> bool:
+        """Whether the argument's own bytes of the instruction at ``pc`` are printable."""
+        index = pc - CODE_BASE
+        original = self.image[index:index + 3]
+        return len(original) == 3 and all(0x20 <= b <= 0x7E for b in original)
 
     def _transforms(self) -> bool:
         """Whether the storing instruction can compute what it stores (not a copy or push)."""
@@ -502,6 +536,10 @@ class Engine:
         if self._exhausted(state):
             return
         state.code_dirty = True
+        if address < state.dirty_low:
+            state.dirty_low = address
+        if address + size > state.dirty_high:
+            state.dirty_high = address + size
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         image = self.image
         modified = state.modified
@@ -620,6 +658,10 @@ class Engine:
                 self._found("kpcr-access")
             elif self.bits == 32 and address == TEB + 0xC0:
                 self._found("syscall")
+            elif self.bits == 32 and address == TEB:
+                # the head of the SEH chain: SEH-based GetPC (the printable "d36" prologues)
+                # and egg hunters; text would first have to clear a register exactly
+                self._found("seh-read")
         return False
 
     # ------------------------------------------------------------------ system and API calls
@@ -781,24 +823,30 @@ def _decoding(record: list) -> bool:
     return iterations >= LOOP_ITERATIONS_MIN and changed >= LOOP_WRITES_MIN and len(values) >= LOOP_VALUES_MIN
 
 
+def _blind_decoder(record: list, pc: int, reads: int) -> bool:
+    """A decoder stub decoding input it was cut off from (its payload is missing, so what it
+    stores varies too little for :func:`_decoding`): one transforming store that changed
+    :data:`LONG_DECODER` distinct bytes, all ahead of itself, in as many iterations, after
+    reading its input.  Only printable stores count, in a run that executed a byte it
+    patched (see ``_note_writer``): printable code can only loop through a branch it patched
+    in, while random binary loops all the time (a ``sub [edi], al`` filling memory ahead)."""
+    return record[3] and record[2] >= LONG_DECODER and record[4] > pc and reads >= LOOP_READS_MIN
+
+
 def _changed_span(a: bytes, b: bytes) -> tuple[int, int]:
-    """First differing index and one past the last one of two equal-length, unequal buffers."""
-    low, high = 0, len(a)
-    while high - low > 1:  # longest common prefix
-        middle = (low + high) // 2
-        if a[:middle] == b[:middle]:
-            low = middle
-        else:
-            high = middle
-    first = low
-    low, high = 0, len(a)
-    while high - low > 1:  # longest common suffix
-        middle = (low + high) // 2
-        if a[len(a) - middle:] == b[len(b) - middle:]:
-            low = middle
-        else:
-            high = middle
-    return first, len(a) - low
+    """First differing index and one past the last one of two equal-length, unequal buffers.
+
+    Chunks of 256, then 16, then single bytes are compared from either end (a run changes a
+    few bytes near where it ran): a few microseconds for a 10 KB window.
+    """
+    first, last = 0, len(a)
+    for chunk in (256, 16, 1):
+        while first + chunk <= last and a[first:first + chunk] == b[first:first + chunk]:
+            first += chunk
+    for chunk in (256, 16, 1):
+        while last - chunk >= first and a[last - chunk:last] == b[last - chunk:last]:
+            last -= chunk
+    return first, last
 
 
 def _loads_immediate(window: bytes, at: int) -> str | None:
@@ -871,10 +919,10 @@ class _Native:
             return None
 
 
-#: size of unicorn's buffer for translated code (its default is 1 GiB).  With 32 MiB or more
-#: a run stalled for 6-9 ms every ~1,300 runs (uncounted by the work units, so it would break
-#: the 50 ms bound); with 4 MiB the buffer is flushed more often, each time cheaply, and the
-#: same 60,000 runs took 12 % less CPU time with no run over 1.6 ms
+#: size of unicorn's buffer for translated code (its default is 1 GiB).  A run during which it
+#: overflows stalls (15-60 ms of CPU, more with larger buffers, uncounted by the work units),
+#: so it is emptied before every argument (:meth:`Engine.flush_translations`); 4 MiB holds
+#: what one argument translates
 TCG_BUFFER = 4 << 20
 
 
@@ -926,9 +974,55 @@ def _argument_registers(bits: int) -> list[int]:
 _local = threading.local()
 
 
-def engines() -> tuple[Engine, Engine]:
-    """This thread's 32-bit and 64-bit engines (unicorn instances are not thread-safe)."""
+#: what one analysis uses: a 32-bit and a 64-bit engine for the argument's own windows, and a
+#: 32-bit engine for the UTF-16 view, so that switching between them does not throw away
+#: the code unicorn translated for the other (loading a window drops it all)
+Engines = tuple[Engine, Engine, Engine]
+
+
+def _new_set() -> Engines:
+    return (Engine(32), Engine(64), Engine(32))
+
+
+def engines() -> Engines:
+    """This thread's engines (unicorn instances are not thread-safe)."""
     pair = getattr(_local, "pair", None)
     if pair is None:
-        pair = _local.pair = (Engine(32), Engine(64))
+        pair = _local.pair = _new_set()
     return pair
+
+
+#: engine sets no analysis is using; :func:`leased` takes one, :func:`prepare` fills it up
+_spare: list[Engines] = []
+_spare_lock = threading.Lock()
+
+
+def prepare(count: int) -> int:
+    """Create engine sets until ``count`` are spare, so that no analysis pays for creating
+    one (~30 ms each: ``Uc()`` and the mappings); returns how many were created.
+
+    Meant for the start of the analysis pool (``count`` = its threads), in any thread: a pair
+    is not bound to the thread that made it, only used by one thread at a time."""
+    if not AVAILABLE:
+        return 0
+    with _spare_lock:
+        missing = count - len(_spare)
+    made = [_new_set() for _ in range(max(0, missing))]
+    with _spare_lock:
+        _spare.extend(made)
+    return len(made)
+
+
+@contextlib.contextmanager
+def leased() -> Iterator[Engines]:
+    """The engines for one analysis, given back afterwards (a set is created only when every
+    prepared one is in use)."""
+    with _spare_lock:
+        pair = _spare.pop() if _spare else None
+    if pair is None:
+        pair = _new_set()
+    try:
+        yield pair
+    finally:
+        with _spare_lock:
+            _spare.append(pair)

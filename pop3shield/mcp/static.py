@@ -113,8 +113,24 @@ def _non_text(data: bytes) -> int:
     return controls + invalid
 
 
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+def _is_text(data: bytes) -> bool:
+    """Printable or UTF-8 text without control bytes: :func:`_non_text` is 0 for all of it."""
+    if _CONTROL.search(data):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def find_sled(data: bytes) -> int | None:
     """Offset of a NOP-equivalent sled with enough non-text bytes, or ``None``."""
+    if _is_text(data):
+        return None  # no stretch of it has a non-text byte (a cut UTF-8 sequence makes two)
     runs = sled_runs(data)
     at = 0
     while at < len(data):
@@ -175,3 +191,200 @@ def static_reasons(data: bytes, base: int = 0) -> list[str]:
     if spray is not None:
         reasons.append(f"ret-spray@{base + spray}")
     return reasons
+
+
+# ---------------------------------------------------------------- printable text: a decoder path?
+#
+# Text made of printable bytes only (0x20-0x7e) has no system call, call, return or backward
+# jump instruction: until the code executes a byte it changed, control only moves forward
+# (conditional jumps have displacements of 0x20-0x7e), so every run follows a path in a
+# forward graph of the window's instructions.  Before a printable decoder executes a byte it
+# wrote (its patched loop branch, the code it built), that path has executed its set-up: the
+# base register (push/pop), the arithmetic that makes non-printable bytes (and/sub/xor with
+# immediates, imul, inc/dec) and the stores (pushes, xor/sub/and into memory).  The generated
+# and the real printable decoders have 26 or more such instructions on their path; honest text
+# has few, because every few letters stop the run (``l`` to ``o`` are ins/outs, privileged) and
+# the rest are jumps, prefixes and comparisons.
+
+#: most set-up instructions on any path of a window that is still not emulated
+DECODER_PATH_MIN = 13
+
+#: per opcode its form (stops the run, prefix, jcc rel8, one byte, imm8, imm32 (imm16 with
+#: 0x66), ModRM, ModRM + imm8, ModRM + imm32) and whether it is set-up work
+_F_STOP, _F_PREFIX, _F_JCC, _F_ONE, _F_IMM8, _F_IMMW, _F_MODRM, _F_MODRM_IMM8, _F_MODRM_IMMW = range(9)
+_FORM = [_F_STOP] * 256
+_WORK = [0] * 256
+for _op in range(0x20, 0x7F):
+    _low = _op & 7
+    if _op < 0x40:
+        if _low in (6, 7):  # segment prefixes and the BCD adjustments
+            _FORM[_op] = _F_PREFIX if _low == 6 else _F_ONE
+        else:
+            _FORM[_op] = (_F_MODRM, _F_MODRM, _F_MODRM, _F_MODRM, _F_IMM8, _F_IMMW)[_low]
+            _WORK[_op] = int(_op < 0x38)  # and, sub, xor (cmp only compares)
+    elif _op <= 0x61:
+        _FORM[_op], _WORK[_op] = _F_ONE, 1  # inc, dec, push, pop, pusha, popa
+    elif _op in (0x62, 0x63):
+        _FORM[_op] = _F_MODRM  # bound, arpl
+        _WORK[_op] = int(_op == 0x63)  # arpl r/m16, r16 stores (it can raise a selector's RPL)
+    elif 0x64 <= _op <= 0x67:
+        _FORM[_op] = _F_PREFIX
+    elif _op in (0x68, 0x6A):
+        _FORM[_op], _WORK[_op] = (_F_IMMW if _op == 0x68 else _F_IMM8), 1
+    elif _op in (0x69, 0x6B):
+        _FORM[_op], _WORK[_op] = (_F_MODRM_IMMW if _op == 0x69 else _F_MODRM_IMM8), 1
+    elif _op >= 0x70:
+        _FORM[_op] = _F_JCC
+#: bytes a ModRM operand takes (ModRM, SIB, displacement) in 32-bit addressing, and in 16-bit
+_MODRM32 = [0] * 256
+_MODRM16 = [0] * 256
+for _m in range(256):
+    _mod, _rm = _m >> 6, _m & 7
+    _MODRM32[_m] = 1 if _mod == 3 else 1 + (1 if _rm == 4 else 0) + (4 if _mod == 0 and _rm == 5 else 0) + (0, 1, 4, 0)[_mod]
+    _MODRM16[_m] = 1 if _mod == 3 else 1 + (2 if _mod == 0 and _rm == 6 else 0) + (0, 1, 2, 0)[_mod]
+#: bytes of the opcode and its immediate (32-bit operand size) for the forms that are not prefixes or jumps
+_FIXED = [{_F_ONE: 1, _F_IMM8: 2, _F_IMMW: 5, _F_MODRM: 1, _F_MODRM_IMM8: 2, _F_MODRM_IMMW: 5}.get(_k, 0) for _k in _FORM]
+_PRINTABLE_ONLY = re.compile(rb"[\x20-\x7e]*")
+_WIDENED_ONLY = re.compile(rb"[\x00\x20-\x7e]*")
+_FORM_WIDENED = _FORM[:]
+_FORM_WIDENED[0x00] = _F_MODRM
+_FIXED[0x00] = 1  # (only read for widened data: 0x00 stops plain text)
+
+
+def decoder_path(data: bytes, enough: int | None = None, widened: bool = False) -> int | None:
+    """The most set-up instructions any run of printable ``data`` executes before it could
+    execute a byte it changed (counting stops once that reaches ``enough``), or ``None`` if
+    ``data`` is not printable only (then the bound does not hold: other bytes may be calls,
+    returns or system calls)."""
+    paths = decoder_paths(data, enough, widened)
+    return None if paths is None else max(paths, default=0)
+
+
+def decoder_paths(data: bytes, enough: int | None = None, widened: bool = False) -> list[int] | None:
+    """Per offset of printable ``data``, the most set-up instructions a run started there can
+    execute before it could execute a byte it changed; ``None`` if ``data`` has other bytes.
+
+    The bound holds in both modes: x86-64 reads 0x40-0x4f as REX prefixes (counted here as
+    instructions of their own, so the bound only grows), has no ``pusha``/``popa``/``bound``
+    or BCD adjustments (they continue here), and 0x67 selects the other address size (both
+    lengths are followed).  With ``enough``, counting stops at the first offset reaching it
+    (the list then only proves that some path is long enough).
+
+    ``widened`` data is text as a server that widens it to UTF-16 holds it: printable bytes
+    and NULs.  ``00`` is ``add r/m8, r8``, which "venetian" code uses as padding between
+    its instructions: it continues the path but is not counted as set-up."""
+    if not (_WIDENED_ONLY if widened else _PRINTABLE_ONLY).fullmatch(data):
+        return None
+    n = len(data)
+    buf = data + b"\xff\xff\xff"  # 0xff stops in both forms: no bounds checks on operand bytes
+    best = [0] * (n + 264)  # and no checks on jump targets (at most 0x101 past the jump)
+    limit = n + 1 if enough is None else enough
+    form, work, fixed, m32 = (_FORM_WIDENED if widened else _FORM), _WORK, _FIXED, _MODRM32
+    stop, one, jcc, prefix, modrm_form = _F_STOP, _F_ONE, _F_JCC, _F_PREFIX, _F_MODRM
+    for at in range(n - 1, -1, -1):
+        op = buf[at]
+        kind = form[op]
+        if kind == stop:
+            continue  # best[at] stays 0: the run ends here
+        if kind == one:
+            value = best[at + 1] + work[op]
+        elif kind == jcc:
+            value = best[at + 2]
+            target = best[at + 2 + buf[at + 1]]
+            if target > value:
+                value = target
+        elif kind == prefix:
+            value = _prefixed(data, at, n, best)
+        else:
+            size = fixed[op]
+            if kind >= modrm_form:
+                modrm = buf[at + 1]
+                if op == 0x62 and modrm >= 0xC0:
+                    continue  # bound with a register operand: invalid
+                size += m32[modrm]
+                if modrm & 0xC7 == 4 and buf[at + 2] & 7 == 5:
+                    size += 4  # SIB with a 32-bit displacement and no base
+            if at + size > n:
+                continue
+            value = best[at + size] + work[op]
+        best[at] = value
+        if value >= limit:
+            break
+    del best[n:]
+    return best
+
+
+def _prefixed(data: bytes, at: int, n: int, best: list[int]) -> int:
+    """:func:`decoder_path`'s value at a prefixed instruction (0x66 and 0x67 change sizes)."""
+    here = at
+    wide, table = True, _MODRM32
+    while _FORM[data[here]] == _F_PREFIX:
+        if data[here] == 0x66:
+            wide = False
+        elif data[here] == 0x67:
+            table = _MODRM16
+        here += 1
+        if here >= n or here - at > 4:
+            return 0
+    op = data[here]
+    kind = _FORM[op]
+    size = here - at + 1
+    if kind == _F_STOP:
+        return 0
+    if kind >= _F_MODRM:
+        if here + 1 >= n:
+            return 0
+        modrm = data[here + 1]
+        if op == 0x62 and modrm >= 0xC0:
+            return 0
+        immediate = 1 if kind == _F_MODRM_IMM8 else (4 if wide else 2) if kind == _F_MODRM_IMMW else 0
+        long_form = size + _MODRM32[modrm] + immediate
+        if modrm & 0xC7 == 4 and here + 2 < n and data[here + 2] & 7 == 5:
+            long_form += 4
+        if table is _MODRM32:
+            return best[at + long_form] + _WORK[op] if at + long_form <= n else 0
+        # 0x67: 16-bit addressing in 32-bit mode, 32-bit addressing in 64-bit mode
+        short_form = size + _MODRM16[modrm] + immediate
+        values = [best[at + s] for s in (long_form, short_form) if at + s <= n]
+        return max(values) + _WORK[op] if values else 0
+    elif kind == _F_IMM8:
+        size += 1
+    elif kind == _F_IMMW:
+        size += 4 if wide else 2
+    elif kind == _F_JCC:
+        if here + 1 >= n:
+            return 0
+        size += 1
+        value = best[at + size] if at + size <= n else 0
+        target = at + size + data[here + 1]
+        return max(value, best[target]) if target < n else value
+    if at + size > n:
+        return 0
+    return best[at + size] + _WORK[op]
+
+
+def setup_runs(data: bytes) -> list[int] | None:
+    """Per offset of printable ``data``, how many set-up instructions follow one another from
+    there (falling through, no prefixes, jumps or comparisons in between); ``None`` if ``data``
+    has other bytes.  A printable decoder begins with such a run (``VX-b[])-4GCD-R("N-54=DPY``:
+    push, pop, sub, sub, sub, push, pop), text rarely has one of ten."""
+    if not _PRINTABLE_ONLY.fullmatch(data):
+        return None
+    n = len(data)
+    buf = data + b"\xff\xff\xff"
+    run = [0] * (n + 16)
+    work, fixed, form, m32, modrm_form = _WORK, _FIXED, _FORM, _MODRM32, _F_MODRM
+    for at in range(n - 1, -1, -1):
+        op = buf[at]
+        if not work[op]:
+            continue
+        size = fixed[op]
+        if form[op] >= modrm_form:
+            modrm = buf[at + 1]
+            size += m32[modrm]
+            if modrm & 0xC7 == 4 and buf[at + 2] & 7 == 5:
+                size += 4
+        if at + size <= n:
+            run[at] = 1 + run[at + size]
+    del run[n:]
+    return run

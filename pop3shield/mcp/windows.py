@@ -17,7 +17,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
-from .static import ONE_BYTE
+from .static import DECODER_PATH_MIN, ONE_BYTE
 
 #: arguments up to this length (after collapsing filler) are analysed as one window
 WHOLE = 2048
@@ -70,6 +70,14 @@ class Window:
     stride: int = 1
     #: ends of landing pads (:func:`landing_points`), tried after the entry points
     landings: tuple[int, ...] = ()
+    #: per offset of a printable-only window, the most set-up instructions a run from there
+    #: can execute before it runs a byte it changed (:func:`static.decoder_paths`)
+    paths: tuple[int, ...] | None = None
+
+    def may_decode(self, offset: int) -> bool:
+        """Whether a run from ``offset`` can be a printable decoder (always, for windows with
+        other bytes)."""
+        return self.paths is None or self.paths[offset] >= DECODER_PATH_MIN
 
     def position(self, offset: int) -> int:
         """The argument offset of window offset ``offset``."""
@@ -197,4 +205,15 @@ def landing_points(data: bytes, entries: tuple[int, ...] = ()) -> tuple[int, ...
     points = [lead.end()] if lead and lead.end() < len(data) and lead.end() not in entries else []
     points += [match.end() for match in _PAD.finditer(data)
                if match.end() < len(data) and match.end() not in entries and match.end() not in points]
-    return tuple(points[:MAX_LANDINGS])
+    points = points[:MAX_LANDINGS]
+    # the start of a run of register shuffles (push, pop, inc, dec): where a printable decoder
+    # sets up its base register (``TYIIIIIIIIIIQZ``) after text it was appended to
+    points += [match.start() for match in _SHUFFLES.finditer(data)
+               if match.start() not in entries and match.start() not in points][:MAX_SHUFFLES]
+    return tuple(points)
+
+
+#: push, pop, inc, dec, pusha, popa in a row, and how many such runs count per window
+SHUFFLES = 8
+MAX_SHUFFLES = 2
+_SHUFFLES = re.compile(rb"[\x40-\x61]{%d,}" % SHUFFLES)

@@ -52,6 +52,73 @@ def test_cache_is_a_bounded_lru() -> None:
     assert cache.get(b"\x03") is None and cache.get(b"\x02") is not None
 
 
+def test_a_flood_of_new_arguments_does_not_evict_verdicts_asked_for_again() -> None:
+    """A user's passphrase, analysed at one login and asked for at the next, stays cached
+    while a flood of distinct long arguments passes through (segmented LRU)."""
+    cache = VerdictCache(capacity=100)
+    honest = [b"maple.river%d.stone.quiet" % i for i in range(20)]
+    for argument in honest:
+        cache.put(argument, Verdict(False, ("honest",)))
+        assert cache.get(argument) is not None  # the next login
+    for i in range(10_000):
+        cache.put(b"flood %d" % i, Verdict(True, ("flood",)))
+    assert len(cache) == 100
+    assert all(cache.get(argument) == Verdict(False, ("honest",)) for argument in honest)
+    assert cache.get(b"flood 0") is None and cache.get(b"flood 9999") is not None
+
+
+def test_cache_keys_are_keyed_digests() -> None:
+    """What the cache holds is no plain hash of a password: each cache has its own key."""
+    one, two = VerdictCache(), VerdictCache()
+    assert len(one.key(b"hunter2")) == 16
+    assert one.key(b"hunter2") == one.key(b"hunter2") != two.key(b"hunter2")
+
+
+def test_prepared_engines_serve_analyses_in_any_thread(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prepare`` creates the emulators before the first argument; an analysis in a thread
+    that never made one leases a prepared pair instead of creating its own."""
+    from pop3shield.mcp import emulate
+
+    monkeypatch.setattr(emulate, "_spare", [])
+    assert mcp.prepare(2) == 2 and mcp.prepare(2) == 0
+    prepared = list(emulate._spare)
+    created = []
+    original = emulate.Engine.__init__
+
+    def counting(self: emulate.Engine, bits: int) -> None:
+        created.append(bits)
+        original(self, bits)
+
+    monkeypatch.setattr(emulate.Engine, "__init__", counting)
+    argument = generators.gen_alnum(random.Random(37))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        verdicts = list(pool.map(deep_check, [argument] * 4))
+    assert all(verdict.malicious for verdict in verdicts)
+    assert created == []
+    assert sorted(map(id, emulate._spare)) == sorted(map(id, prepared))
+
+
+def test_every_analysis_starts_with_an_empty_translation_buffer(emulation: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """unicorn's code buffer only fills up; overflowing in the middle of a run stalls it for
+    tens of milliseconds no work unit counts, so each analysis empties it first (all engines)."""
+    from pop3shield.mcp import emulate
+
+    flushed = []
+    original = emulate.Engine.flush_translations
+
+    def counting(self: emulate.Engine) -> None:
+        flushed.append(self)
+        original(self)
+
+    monkeypatch.setattr(emulate.Engine, "flush_translations", counting)
+    argument = generators.gen_alnum(random.Random(38))
+    with emulate.leased() as engines:
+        pass
+    assert deep_check(argument).malicious
+    assert len(flushed) == 3 and len(set(map(id, flushed))) == 3
+    assert engines[0].uc.ctl_get_tcg_buffer_size() == emulate.TCG_BUFFER
+
+
 def test_cache_survives_concurrent_use() -> None:
     cache = VerdictCache(capacity=64)
 
@@ -122,7 +189,7 @@ def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pyte
     from pop3shield.mcp import deep
 
     rng = random.Random(35)
-    noise = bytes(rng.choice(range(0x21, 0x7F)) for _ in range(2000))
+    noise = rng.randbytes(2000)  # binary: every entry point, seeding and offset is run
     monkeypatch.setattr(deep, "ARGUMENT_UNITS", 2_000)
     small = deep.Budget()
     assert deep._emulate(deep.plan(noise), small) is None and small.exhausted
@@ -131,6 +198,7 @@ def test_work_unit_budget_ends_every_analysis(emulation: None, monkeypatch: pyte
     monkeypatch.setattr(deep, "ARGUMENT_UNITS", 20_000)
     large = deep.Budget()
     deep._emulate(deep.plan(noise), large)
+    assert large.exhausted and large.units <= 0
     assert deep.MAX_RUNS - large.runs > 3 * (deep.MAX_RUNS - small.runs)
 
 

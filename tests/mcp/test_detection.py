@@ -10,6 +10,8 @@ Two numbers per category:
 
 from __future__ import annotations
 
+import random
+
 import generators
 import realcorpus
 
@@ -93,3 +95,34 @@ def test_real_corpus_scope_filter_keeps_most_platform_x86_code(real_entries: lis
     assert len(labelled) >= 700 and len(kept) >= 0.97 * len(labelled)
     other = [e for e in real_entries if e.scope != "in"]
     assert {e.scope for e in other} <= {"too-short", "text", "structured-data", "bad-char-table", "not-x86", "data-only", "other-arch"}
+
+
+#: public ALPHA2 (mixed case, ecx base) decoder stub as found in exploits, without its payload
+ALPHA2_STUB = b"IIIIIIIIIIIIIIIII7QZjAXP0A0AkAAQ2AB2BB0BBABXP8ABuJI"
+#: the printable SEH GetPC prologue (``d36`` reads the exception chain) that precedes it
+SEH_PROLOGUE = b"VTX630VXH49HHHPhYAAQhZYYYYAAQQDDDd36FFFFTXVj0PPTUPPa301089"
+
+
+def test_decoder_stubs_are_detected_without_their_payload(emulation: None) -> None:
+    """A stub cut off from its payload decodes whatever follows it (few distinct values): a
+    transforming store rewriting the bytes ahead of itself is the tell.  Behind a text banner
+    its register set-up is an entry point; behind the SEH prologue the fs:[0] read is one."""
+    assert deep_check(ALPHA2_STUB).reasons[0].startswith("x86-decoder-loop@")
+    banner = b"Exploited by somebody with a long banner. " + ALPHA2_STUB
+    assert deep_check(banner).malicious
+    assert deep_check(SEH_PROLOGUE + ALPHA2_STUB).reasons[0].startswith("x86-seh-read@")
+    # and the same text without the decoder is clean
+    assert not deep_check(b"Exploited by somebody with a long banner. Nothing follows it here.").malicious
+
+
+def test_random_binary_filling_memory_ahead_is_not_a_stub_decoder(emulation: None) -> None:
+    """Binary SASL data loops all the time; a binary store filling the bytes ahead of it (here
+    ``and byte [edi], 0`` in a loop, after running a byte it patched) is not the printable stub's
+    tell.  A decoded token of the benign corpus did exactly that."""
+    rng = random.Random(43)
+    patch = b"\xc6\x47\x08\x90" + b"\x90" * 4 + b"\xcc"  # mov byte [edi+8], nop; ...; int3 -> nop
+    setup = b"\x83\xc7\x40\xb9\x00\x01\x00\x00"  # add edi, 0x40 (ahead of the loop); mov ecx, 256
+    loop = b"\x80\x27\x00\x47\xe2\xfa"  # and byte [edi], 0; inc edi; loop -6
+    filler = [rng.randbytes(rng.randint(200, 300)) for _ in range(10)]
+    verdicts = [deep_check(patch + setup + loop + data) for data in filler]
+    assert not any(verdict.reasons[0].startswith("x86-decoder-loop") for verdict in verdicts), verdicts

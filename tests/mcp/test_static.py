@@ -6,7 +6,16 @@ import random
 
 import generators
 
-from pop3shield.mcp.static import SLED_MIN, find_return_spray, find_sled, sled_length, static_reasons
+from pop3shield.mcp.static import (
+    DECODER_PATH_MIN,
+    SLED_MIN,
+    decoder_path,
+    setup_runs,
+    find_return_spray,
+    find_sled,
+    sled_length,
+    static_reasons,
+)
 
 
 def test_sleds_are_found_at_their_start() -> None:
@@ -60,3 +69,58 @@ def test_repeated_text_is_not_a_spray() -> None:
     """What people do type: short periods and keyboard runs, however long."""
     for text in (b"ha" * 40, b"abc" * 30, b"abcd" * 20, b"ABCD" * 20, b"1234" * 20, b"ab12" * 20, b"x" * 100):
         assert find_return_spray(text) is None, text
+
+
+def test_decoder_path_counts_set_up_instructions_on_the_longest_forward_path() -> None:
+    """Exact values: a stopping instruction (ins) ends a path, a conditional jump continues on
+    both sides, 0x66 makes push's immediate 16-bit, and non-printable bytes void the bound."""
+    assert decoder_path(b"PPPlPP") == 3  # push x3, insb stops, push x2
+    assert decoder_path(b"fhllP") == 2  # push imm16 'll', then push (as imm32 it leaves the window)
+    assert decoder_path(b"t PPPPlP") == 4  # je +0x20 leaves the window: the fall-through counts
+    assert decoder_path(b"t!" + b"l" * 0x21 + b"PPPPPP") == 6  # je jumps over the ins run
+    assert decoder_path(b"9 ll") == 0  # cmp only compares, then insb stops
+    assert decoder_path(b"PP\xcd\x80") is None
+    assert decoder_path(b"P" * 100, enough=10) == 10  # stops counting once enough
+
+
+def test_printable_decoders_have_a_decoder_path_and_passphrases_do_not() -> None:
+    """Every generated printable decoder exceeds the screen's threshold by a wide margin;
+    most passphrases stay under it (they are then not emulated at all; measured 78 % of these,
+    the rest have upper-case words, which are inc/dec/push/pop)."""
+    rng = random.Random(41)
+    decoders = [generators.gen_alnum(rng) for _ in range(30)]
+    decoders += [generators.gen_printable_family(rng) for _ in range(30)]
+    paths = [decoder_path(d) for d in decoders]
+    assert all(p is not None and p >= 2 * DECODER_PATH_MIN for p in paths), min(p or 0 for p in paths)
+    phrases = [generators.passphrase(rng, 40, 400) for _ in range(200)]
+    below = [p for p in phrases if (decoder_path(p) or 0) < DECODER_PATH_MIN]
+    assert len(below) >= 0.7 * len(phrases)
+
+
+def test_widened_text_counts_nul_as_padding() -> None:
+    """In the UTF-16 view, ``00`` (add r/m8, r8, venetian padding) continues a path without
+    counting; other non-printable bytes void the bound."""
+    # push; add [eax+0], dl (00 50 00: the next push is its ModRM); push; ...: every other one
+    assert decoder_path(b"P\x00" * 8, widened=True) == 4
+    assert decoder_path(b"P\x00P\x00\xcd\x80", widened=True) is None
+    assert decoder_path(b"P\x00P\x00") is None  # plain text may not hold NULs
+
+
+def test_printable_and_utf8_text_is_never_a_sled() -> None:
+    """The sled check needs a quarter of non-text bytes: text is skipped without decoding it."""
+    rng = random.Random(42)
+    for _ in range(50):
+        text = bytes(rng.choice(range(0x20, 0x7F)) for _ in range(300))
+        assert find_sled(text) is None
+    assert find_sled("Grüße aus Köln, ".encode() * 10) is None
+    assert find_sled(b"\x90" * 60) == 0
+
+
+def test_setup_runs_count_set_up_instructions_falling_through() -> None:
+    """push, pop, sub eax imm32 x3, push, pop: seven; a jump, a comparison or a prefix ends a run."""
+    stack_builder = b"VX-AAAA-BBBB-CCCCPY"
+    assert setup_runs(stack_builder)[0] == 7
+    assert setup_runs(stack_builder)[2] == 5  # from the first sub
+    assert setup_runs(b"VXt PY")[:3] == [2, 1, 0]  # je: the run ends
+    assert setup_runs(b"VX9 PY")[0] == 2  # cmp
+    assert setup_runs(b"VX\xcd\x80") is None
