@@ -102,6 +102,8 @@ class Analyzer:
         self.wait = wait
         self.ipv4_prefix = ipv4_prefix
         self.ipv6_prefix = ipv6_prefix
+        #: the detector's own check: its emulators are made ahead of time when the pool starts
+        self._warm_up = deep_check is None
         self.deep_check = deep_check if deep_check is not None else _default_deep_check()
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3shield-mcp")
         #: called in the pool's thread with the seconds an analysis waited for it (the metrics)
@@ -126,6 +128,12 @@ class Analyzer:
 
     def start(self) -> None:
         self.pool.start()
+        if self._warm_up:
+            # in a pool thread, not on the reactor: creating the emulators for every thread takes
+            # tens of milliseconds, which otherwise the first long argument of each thread pays
+            from pop3shield.mcp import prepare
+
+            self.pool.callInThread(prepare, self.threads)
 
     def stop(self) -> None:
         for source in list(self._queues):

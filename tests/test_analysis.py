@@ -7,6 +7,7 @@ a worker is free; the end-to-end flood test (test_fair_analysis_e2e.py) runs the
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -235,3 +236,39 @@ def test_a_client_that_leaves_gives_up_its_queued_analysis(tmp_path: Any) -> Non
     finally:
         globalLogPublisher.removeObserver(observer)
     assert failures == []
+
+
+def test_the_detectors_pool_makes_its_emulators_when_it_starts() -> None:
+    """The first long argument of each thread must not pay for creating the emulators."""
+    emulate = pytest.importorskip("pop3shield.mcp.emulate")
+    if not emulate.AVAILABLE:
+        pytest.skip("unicorn is not installed")
+    with emulate._spare_lock:
+        emulate._spare.clear()
+    analyzer = Analyzer(reactor, threads=3)
+    analyzer.start()
+    try:
+        done = threading.Event()
+        analyzer.pool.callInThread(done.set)  # queued behind the warm-up in a pool of its own
+        assert done.wait(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with emulate._spare_lock:
+                if len(emulate._spare) >= 3:
+                    break
+            time.sleep(0.05)
+        with emulate._spare_lock:
+            assert len(emulate._spare) >= 3
+    finally:
+        analyzer.stop()
+
+
+def test_a_fake_check_makes_no_emulators() -> None:
+    emulate = pytest.importorskip("pop3shield.mcp.emulate")
+    with emulate._spare_lock:
+        emulate._spare.clear()
+    analyzer = Analyzer(reactor, threads=2, deep_check=lambda argument: None)
+    analyzer.start()
+    analyzer.stop()
+    with emulate._spare_lock:
+        assert emulate._spare == []
