@@ -117,6 +117,10 @@ class ServerConfig:
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()
     #: seconds a trusted proxy has to send that header
     proxy_protocol_timeout: float = 5.0
+    #: octets waiting for a client beyond which its connection stops reading and producing
+    output_buffer_limit: int = 262144
+    #: seconds a client may take no output (or a closing connection may not flush) before the abort
+    write_stall_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -455,6 +459,8 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
+        output_buffer_limit=t.integer("output_buffer_limit", d.output_buffer_limit, 4096, 64 * 1024 * 1024),
+        write_stall_timeout=t.number("write_stall_timeout", d.write_stall_timeout, 0.0, above=True),
     )
     if config.proxy_protocol_networks:
         for index, item in enumerate(config.listen):

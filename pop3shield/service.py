@@ -380,6 +380,7 @@ def make_service(config: Config, reactor: Any = None,
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
         proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
         metrics=metrics,
+        output_buffer_limit=server.output_buffer_limit, write_stall_timeout=server.write_stall_timeout,
     )
     top = service.MultiService()
     _Lifecycle(analyzer, events, state).setServiceParent(top)
