@@ -4,9 +4,9 @@ The protocol feeds bytes to :class:`~pop3shield.core.session.Session` and carrie
 it returns: a login goes to the factory's backend (:class:`~pop3shield.backends.IBackend`), a
 message to the open mailbox (:class:`~pop3shield.backends.IMailbox`), QUIT's UPDATE to its commit.
 Reading from the socket is paused whenever the session waits for something (a login, a message
-being streamed, a commit, a slow analysis) with input pending, and whenever the client has not
-taken the output it was sent (more than ``output_buffer_limit`` waiting), so pipelined input and
-output stay bounded. One connection runs at most COMMANDS_PER_TURN commands (or writes
+being streamed, a commit, a slow analysis) with input pending; while the client has not taken
+the output it was sent (more than ``output_buffer_limit`` waiting) no command runs, so pipelined
+input and output stay bounded. One connection runs at most COMMANDS_PER_TURN commands (or writes
 LISTING_OCTETS_PER_TURN of a listing) per turn of the reactor, then lets the others have theirs.
 A client that takes no output for ``write_stall_timeout`` seconds, or a connection that does not
 finish closing within it, is aborted. Nothing here knows what the backend is.
@@ -416,17 +416,20 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._schedule_turn()
 
     def _update_reading(self) -> None:
-        """Stop reading while the client has not taken its output, or while the session waits
-        (or has used up its turn) with input pending; this bounds pipelined input and output.
+        """Stop reading while the session waits, or has used up its turn, with input pending;
+        this bounds pipelined input. While the client has not taken its output the turn is used
+        up at once (``turn_budget`` 0), so the first read that arrives then stops reading too.
 
         A client that waits for each answer never has input pending, so its socket is never
         paused: two epoll changes per command saved. One that pipelines is paused as soon as
         its commands queue up, with at most one read buffered (and the framer's cap on top).
+        Reading is not stopped for the output alone: a TLS layer pauses its producer during
+        the handshake, which needs the reading to go on.
         """
         session = self.session
         if session is None or session.closed or self._out is None:
             return
-        want_pause = self._out.paused or ((session.busy or session.yielded) and session.buffered > 0)
+        want_pause = (session.busy or session.yielded) and session.buffered > 0
         if want_pause and not self._reading_paused:
             self.transport.pauseProducing()
             self._reading_paused = True
@@ -458,7 +461,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._run(session.proceed())
 
     def _output_paused(self) -> None:
-        """More than the cap waits for the client: no command, chunk or read until it drains."""
+        """More than the cap waits for the client: no command or chunk until it drains."""
         if self.session is not None:
             self.session.turn_budget = 0
         if self._stall is None and not self._gone:

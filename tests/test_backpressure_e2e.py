@@ -347,3 +347,56 @@ def test_a_closing_connection_that_cannot_flush_is_aborted_after_the_grace(closi
     assert took > STALL * 0.5
     wait_closed(client, 30)
     assert not log_lines(root, "took no output")
+
+
+# ---------------------------------------------------------------- the same over implicit TLS
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pop3ShieldServer, object, list]]:
+    trustme = pytest.importorskip("trustme")
+    root = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(root / "server.pem"))
+    listed = write_maildir(root / "mail" / "tls" / "Maildir", 3000)
+    server = Pop3ShieldServer(listen=f"ssl:0:interface=127.0.0.1:privateKey={root / 'server.pem'}",
+                              server_toml="output_buffer_limit = 65536\n")
+    from unittest import mock
+
+    # the helper checks for a plaintext greeting; here the listening line is the sign of life
+    with mock.patch("tests.support.pop3shield_server.wait_for_pop3_greeting", lambda *a, **k: b""):
+        server.start(root / "run", {"tls": PASSWORD}, root / "mail")
+    try:
+        yield server, ca, listed
+    finally:
+        server.stop()
+
+
+def tls_socket(server: Pop3ShieldServer, ca: object) -> object:
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    raw = socket.create_connection((server.host, server.port), timeout=30)
+    return context.wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def test_over_tls_a_non_reading_pipeliner_freezes_nobody_and_gets_every_reply(tls_server) -> None:
+    server, ca, listed = tls_server
+    expected = listing(listed, uid=True)
+    client = Client.__new__(Client)
+    client.sock, client.buffer = tls_socket(server, ca), b""
+    assert client.line().startswith(b"+OK")
+    client.login("tls")
+    count = 200  # 18 MB of replies
+    client.send(b"UIDL\r\n" * count)
+    for _ in range(5):
+        time.sleep(0.2)
+        started = time.monotonic()
+        with tls_socket(server, ca) as other:
+            assert other.recv(512).startswith(b"+OK")
+        assert time.monotonic() - started < 0.5
+    for n in range(count):
+        assert client.read(len(expected)) == expected, f"reply {n + 1} differs"
+    client.send(b"QUIT\r\n")
+    assert client.line() == b"+OK Logging out.\r\n"
+    client.close()
