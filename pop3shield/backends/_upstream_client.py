@@ -95,6 +95,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         self._closed = False
         self._paused = False
         self.tls = False
+        #: called once the events of one read are handled (a relayed body writes them in one go)
+        self.after_read: Callable[[], None] | None = None
         self.greeting = self._queue(Expect(Kind.SINGLE))
 
     # -- connection ------------------------------------------------------------------------
@@ -121,6 +123,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             self._event(event)
             if self._closed:
                 return
+        if self.after_read is not None:
+            self.after_read()
         self._arm()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
