@@ -327,7 +327,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                      session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port)
             self._ended = "PROXY header from an untrusted peer"
             self.session.connection_lost()
-            self.transport.loseConnection()
+            self.lose_connection()
             return
         self.resetTimeout()
         self._octets_in += len(data)
@@ -547,6 +547,16 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._ended is None:  # a timeout already said more
             self._ended = action.reason
         log.debug("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
+        self.lose_connection()
+
+    def lose_connection(self) -> None:
+        """Close once what was written is sent, within write_stall_timeout; use this, not the
+        transport's loseConnection, once the session started: a TLS transport does not close
+        while the connection's output producer is registered."""
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None  # closing has its own grace from now on
         if self._out is not None:
             self._out.close()
         self.transport.loseConnection()
