@@ -2,7 +2,8 @@
 
 The session renders every answer from the listing the backend gave at login; only RETR, TOP
 (a StreamMessage) and QUIT (a Commit) go back to the backend. A multi-line LIST or UIDL of more
-than LISTING_CHUNK messages is a SendListing: chunks made as the I/O layer pulls them.
+than LISTING_INLINE messages is a SendListing: chunks of LISTING_CHUNK lines made as the I/O
+layer pulls them.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pop3shield.core import actions as A
 from pop3shield.core import grammar, responses
 from pop3shield.core._base import MessageEntry, State
 
-#: messages per chunk of a streamed LIST/UIDL; a maildrop of at most this many is one Send
+#: messages per chunk of a streamed LIST/UIDL
 LISTING_CHUNK = 500
+#: a maildrop of at most this many messages is listed in one Send (a few KB: a turn of pipelined
+#: listings stays small); a larger one is a SendListing
+LISTING_INLINE = 100
 
 
 class Transaction:
@@ -63,7 +67,7 @@ class Transaction:
             return
         live = len(self._messages) - len(self._deleted)
         status = responses.ok(f"{live} messages")
-        if len(self._messages) <= LISTING_CHUNK:
+        if len(self._messages) <= LISTING_INLINE:
             self._send(status + self._listing_lines(0, len(self._messages), uid) + b".\r\n")
             return
         # a large maildrop: the listing goes out chunk by chunk as the client takes it

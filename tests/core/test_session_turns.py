@@ -13,7 +13,7 @@ import pytest
 
 from pop3shield.core import Session, actions as A
 from pop3shield.core import responses
-from pop3shield.core._transaction import LISTING_CHUNK
+from pop3shield.core._transaction import LISTING_CHUNK, LISTING_INLINE
 from pop3shield.core.settings import SessionSettings
 
 
@@ -44,11 +44,19 @@ def rendered(messages: list[Entry], uid: bool, deleted: set[int] = frozenset()) 
 
 @pytest.mark.parametrize("uid", [False, True])
 def test_a_small_listing_is_one_send(uid: bool) -> None:
-    messages = entries(LISTING_CHUNK)
+    messages = entries(LISTING_INLINE)
     session = session_with(messages)
     actions = session.receive_data(b"UIDL\r\n" if uid else b"LIST\r\n")
     assert actions == [A.Send(rendered(messages, uid))]
     assert not session.busy
+
+
+def test_a_listing_just_over_the_inline_size_is_one_chunk() -> None:
+    messages = entries(LISTING_INLINE + 1)
+    session = session_with(messages)
+    (listing,) = session.receive_data(b"LIST\r\n")
+    assert isinstance(listing, A.SendListing)
+    assert list(listing.chunks) == [rendered(messages, False)]
 
 
 @pytest.mark.parametrize("uid", [False, True])
