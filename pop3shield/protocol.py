@@ -330,6 +330,8 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.lose_connection()
             return
         self.resetTimeout()
+        if self._turn is None and self._out is not None and not self._out.paused:
+            self.session.turn_budget = COMMANDS_PER_TURN  # a read is a turn of its own
         self._octets_in += len(data)
         self.factory.metrics.received_bytes(len(data))
         self._commands_seen.feed(data, self.session.state is State.SASL, self.factory.metrics.command)
