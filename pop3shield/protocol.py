@@ -50,6 +50,8 @@ from pop3shield.state import IState, LocalState, StateUnavailable, address_key, 
 log = Logger(namespace="pop3shield.server")
 
 
+#: actions that may wait in the output batch: anything else first flushes what was said before it
+_BATCHED = (A.Send, A.Report, A.LoggedIn)
 #: lines one connection runs per turn of the reactor before the others get theirs
 COMMANDS_PER_TURN = 32
 #: octets of a streamed listing one connection writes per turn of the reactor
@@ -408,11 +410,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # ------------------------------------------------------------------ actions
 
     def _run(self, actions: Sequence[A.Action]) -> None:
+        out = self._out
         for action in actions:
+            if out is not None and not isinstance(action, _BATCHED):
+                out.flush()  # what was said goes first, before anything else happens (e.g. STARTTLS)
             handler = getattr(self, "_do_" + type(action).__name__)
             handler(action)
-        if self._out is not None:
-            self._out.flush()  # the replies of one batch of input: one write
+        if out is not None:
+            out.flush()  # the replies of one batch of input: one write
         self._update_reading()
         self._update_timeout()
         self._schedule_turn()

@@ -169,3 +169,21 @@ def test_a_large_listing_goes_out_a_bounded_amount_per_turn_and_stops_when_pause
     assert lines[0] == b"+OK %d messages" % count
     assert lines[1:count + 1] == [b"%d %s" % (n, uid.encode()) for n, (uid, _) in enumerate(listed, 1)]
     assert lines[count + 1:] == [b".", b"+OK", b""]
+
+
+def test_replies_are_written_before_any_action_that_is_not_a_reply(mailroot: Path) -> None:
+    """Batching never reorders: an action such as STARTTLS sees every earlier reply on the wire."""
+    from pop3shield.core import actions as A
+
+    class Marker:
+        pass
+
+    proto, transport = connect(make_factory(mailroot, TurnClock()))
+    take(transport)
+    seen: list[bytes] = []
+    proto._do_Marker = lambda action: seen.append(transport.value())  # as a STARTTLS would run
+    writes = Writes(transport)
+    proto._run([A.Send(b"+OK one\r\n"), A.Send(b"+OK two\r\n"), Marker(), A.Send(b"+OK three\r\n")])
+    assert seen == [b"+OK one\r\n+OK two\r\n"]
+    assert take(transport) == b"+OK one\r\n+OK two\r\n+OK three\r\n"
+    assert writes.count == 2

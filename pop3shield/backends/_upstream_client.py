@@ -172,6 +172,18 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         self._arm()
         return d
 
+    def pipeline(self, requests: list[tuple[bytes, Expect | Kind]]) -> list[defer.Deferred[Response]]:
+        """Several requests at once (the upstream offers PIPELINING): one write for all their
+        lines; a Deferred of each response, in order."""
+        if self._failure is not None or self._closed:
+            failure = self._failure or UpstreamFailure("connection closed")
+            return [defer.fail(failure) for _ in requests]
+        deferreds = [self._queue(expect if isinstance(expect, Expect) else Expect(expect))
+                     for _, expect in requests]
+        self.transport.write(b"".join(line + b"\r\n" for line, _ in requests))
+        self._arm()
+        return deferreds
+
     def send_line(self, line: bytes) -> None:
         """A line that gets no response of its own (a SASL continuation answer)."""
         if not self._closed:

@@ -367,8 +367,7 @@ class _Session:
     def _listing_requests(self) -> list[defer.Deferred[Any]]:
         """STAT, LIST and UIDL; the listings are bound by STAT's count, even when pipelined."""
         bound = Expect(Kind.MULTI, per_message=_MAX_LISTING_LINE)
-        p = self.protocol
-        return [p.request(b"STAT", Expect(counts=True)), p.request(b"LIST", bound), p.request(b"UIDL", bound)]
+        return self.protocol.pipeline([(b"STAT", Expect(counts=True)), (b"LIST", bound), (b"UIDL", bound)])
 
     async def _login_and_list(self, caps: dict[str, tuple[str, ...]]) -> list[ListedMessage]:
         """The login and the listing, pipelined behind it when the upstream offers PIPELINING
@@ -554,9 +553,9 @@ class UpstreamMailbox:
         failed: list[Hashable] = []
         self._released = True
         try:
-            if self.pipelining:
-                requests = [p.request(b"DELE %d" % k) for k in keys]
-                quit_d = p.request(b"QUIT")
+            if self.pipelining:  # every DELE and the QUIT in one write
+                *requests, quit_d = p.pipeline([*((b"DELE %d" % k, Kind.SINGLE) for k in keys),
+                                                (b"QUIT", Kind.SINGLE)])
                 replies = [await r for r in requests]
             else:
                 replies = []
