@@ -149,6 +149,10 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     #: worker processes sharing the listening sockets (1: one process, as before); default: the cores
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: octets waiting for a client beyond which its connection stops reading and producing
+    output_buffer_limit: int = 262144
+    #: seconds a client may take no output (or a closing connection may not flush) before the abort
+    write_stall_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -542,6 +546,8 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),
         shutdown_grace=_shutdown_grace(t, d.shutdown_grace),
         workers=t.integer("workers", d.workers, 1, 256),
+        output_buffer_limit=t.integer("output_buffer_limit", d.output_buffer_limit, 4096, 64 * 1024 * 1024),
+        write_stall_timeout=t.number("write_stall_timeout", d.write_stall_timeout, 0.0, above=True),
     )
     if config.proxy_protocol_networks:
         for index, item in enumerate(config.listen):

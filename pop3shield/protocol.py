@@ -4,8 +4,12 @@ The protocol feeds bytes to :class:`~pop3shield.core.session.Session` and carrie
 it returns: a login goes to the factory's backend (:class:`~pop3shield.backends.IBackend`), a
 message to the open mailbox (:class:`~pop3shield.backends.IMailbox`), QUIT's UPDATE to its commit.
 Reading from the socket is paused whenever the session waits for something (a login, a message
-being streamed, a commit, a slow analysis), so pipelined input stays bounded. Nothing here knows
-what the backend is.
+being streamed, a commit, a slow analysis) with input pending; while the client has not taken
+the output it was sent (more than ``output_buffer_limit`` waiting) no command runs, so pipelined
+input and output stay bounded. One connection runs at most COMMANDS_PER_TURN commands (or writes
+LISTING_OCTETS_PER_TURN of a listing) per turn of the reactor, then lets the others have theirs.
+A client that takes no output for ``write_stall_timeout`` seconds, or a connection that does not
+finish closing within it, is aborted. Nothing here knows what the backend is.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IHandshakeListener, ISSLTransport, ITLSTransport
+from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.policies import TimeoutMixin
@@ -55,28 +59,122 @@ from pop3shield.state import IState, LocalState, StateUnavailable, address_key, 
 log = Logger(namespace="pop3shield.server")
 
 
-@implementer(IConsumer)
-class _ClientStream:
-    """The client's transport as a backend's consumer: each write also counts as activity."""
+#: actions that may wait in the output batch: anything else first flushes what was said before it
+_BATCHED = (A.Send, A.Report, A.LoggedIn)
+#: lines one connection runs per turn of the reactor before the others get theirs
+COMMANDS_PER_TURN = 32
+#: octets of a streamed listing one connection writes per turn of the reactor
+LISTING_OCTETS_PER_TURN = 64 * 1024
 
-    def __init__(self, transport: Any, on_write: Callable[[], None], metrics: Metrics) -> None:
+
+def _buffering_transport(transport: Any) -> Any:
+    """The file descriptor under ``transport`` (TLS, PROXY wrappers) whose buffer pauses producers."""
+    for _ in range(4):
+        if transport is None or isinstance(getattr(type(transport), "bufferSize", None), int):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
+
+
+@implementer(IConsumer, IPushProducer)
+class _ClientStream:
+    """The client's transport for the session and the backends: one batched, bounded output.
+
+    Registered once, for the whole connection, as the transport's streaming producer, with the
+    transport's buffer limit set to ``cap``: when more than ``cap`` octets wait to be sent, the
+    transport pauses it, and with it the connection (``on_pause``: no reading, no command, no
+    chunk), until everything is sent (``on_resume``). A backend streaming a message (the Maildir's
+    :class:`~pop3shield.streaming.MessageSender`, the relay's reader) registers its producer here,
+    not with the transport, and is paused and resumed with the connection, so a message of any
+    size, a pipelined reply or a listing all stop at the same cap.
+
+    Replies are batched: :meth:`queue` collects them, :meth:`flush` (or the next :meth:`write`)
+    sends them in one ``transport.write``.
+    """
+
+    def __init__(self, transport: Any, cap: int, metrics: Metrics, on_write: Callable[[], None],
+                 on_pause: Callable[[], None], on_resume: Callable[[], None]) -> None:
         self.transport = transport
-        self.on_write = on_write
         self.metrics = metrics
-        #: octets the backend wrote: after the first one an -ERR can no longer be the answer
+        self.on_write = on_write
+        self.on_pause = on_pause
+        self.on_resume = on_resume
+        #: the transport holds more than the cap: nothing more is produced until it drains
+        self.paused = False
+        #: octets written through :meth:`write` (a backend's), to tell "nothing sent yet" apart
         self.written = 0
+        self._pending: list[bytes] = []
+        self._producer: Any = None
+        self._registered = False
+        buffering = _buffering_transport(transport)
+        if buffering is not None:
+            buffering.bufferSize = cap
+        transport.registerProducer(self, True)
+        self._registered = True
+
+    # -- the session's replies
+
+    def queue(self, data: bytes) -> None:
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending = []
+            self.transport.write(data)
+            self.metrics.sent_bytes(len(data))
+
+    def close(self) -> None:
+        """Flush and stop being the transport's producer (a TLS close waits for that)."""
+        self.flush()
+        self._producer = None
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
+
+    # -- IConsumer, for a backend sending a message
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.transport.registerProducer(producer, streaming)
+        self._producer = producer
+        if self.paused:
+            producer.pauseProducing()
 
     def unregisterProducer(self) -> None:
-        self.transport.unregisterProducer()
+        self._producer = None
 
     def write(self, data: bytes) -> None:
         self.written += len(data)
-        self.transport.write(data)
-        self.metrics.sent_bytes(len(data))
+        if self._pending:
+            self._pending.append(data)
+            self.flush()
+        else:
+            self.transport.write(data)
+            self.metrics.sent_bytes(len(data))
         self.on_write()
+
+    # -- IPushProducer, driven by the transport's buffer
+
+    def pauseProducing(self) -> None:
+        if self.paused:
+            return
+        self.paused = True
+        if self._producer is not None:
+            self._producer.pauseProducing()
+        self.on_pause()
+
+    def resumeProducing(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self._producer is not None:
+            self._producer.resumeProducing()
+        self.on_resume()
+
+    def stopProducing(self) -> None:
+        self._registered = False
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.stopProducing()
 
 
 @implementer(IHandshakeListener)
@@ -96,6 +194,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._set_addresses((getattr(peer, "host", None), getattr(peer, "port", None)),
                             (getattr(host, "host", None), getattr(host, "port", None)))
         self._streaming = False  # a message is going out: mid-message nothing more can be said
+        self._out: _ClientStream | None = None  # the client's output, once the session starts
+        self._listing: Any = None  # the chunks of a listing still to send
+        self._turn: Any = None  # the call that runs the next turn of this connection
+        self._stall: Any = None  # the timer of a client that takes no output
+        self._closing: Any = None  # the grace timer of a closing connection
         self._committing = False
         self._reading_paused = False
         self._timeout_state: State | None = None
@@ -199,6 +302,9 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self.session = Session(f.settings, self.client_address, challenge=f.challenge(),
                                quick_check=f.quick_check, tls=tls,
                                can_starttls=f.tls is not None and not tls and ITLSTransport.providedBy(self.transport))
+        self.session.turn_budget = COMMANDS_PER_TURN
+        self._out = _ClientStream(self.transport, f.output_buffer_limit, f.metrics, self.resetTimeout,
+                                  self._output_paused, self._output_resumed)
         log.debug("session {session} connect from {address}:{port}", session=self.session_id,
                   address=self.ctx.client_address, port=self.ctx.client_port)
         if f.login_deadline:
@@ -251,9 +357,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                      session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port)
             self._ended = "PROXY header from an untrusted peer"
             self.session.connection_lost()
-            self.transport.loseConnection()
+            self.lose_connection()
             return
         self.resetTimeout()
+        if self._turn is None and self._out is not None and not self._out.paused:
+            self.session.turn_budget = COMMANDS_PER_TURN  # a read is a turn of its own
         self._octets_in += len(data)
         self.factory.metrics.received_bytes(len(data))
         self._commands_seen.feed(data, self.session.state is State.SASL, self.factory.metrics.command)
@@ -265,7 +373,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         self._ended = f"timeout in {self.session.state.value}"
         log.debug("session {session} timed out in {state}", session=self.session_id, state=self.session.state.value)
-        if self._streaming:
+        if self._streaming or self._listing is not None:
             self.session.connection_lost()
             self.transport.abortConnection()
             return
@@ -282,6 +390,12 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _connection_lost(self, reason: Failure | None) -> None:
         self._gone = True
         self.setTimeout(None)
+        # work queued for this client is dropped: its next turn, the rest of a listing, the timers
+        self._listing = None
+        for timer in (self._turn, self._stall, self._closing):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._turn = self._stall = self._closing = None
         self._proxy_reader = None
         if self._proxy_deadline is not None and self._proxy_deadline.active():
             self._proxy_deadline.cancel()
@@ -334,29 +448,122 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     # ------------------------------------------------------------------ actions
 
     def _run(self, actions: Sequence[A.Action]) -> None:
+        out = self._out
         for action in actions:
+            if out is not None and not isinstance(action, _BATCHED):
+                out.flush()  # what was said goes first, before anything else happens (e.g. STARTTLS)
             handler = getattr(self, "_do_" + type(action).__name__)
             handler(action)
+        if out is not None:
+            out.flush()  # the replies of one batch of input: one write
         self._update_reading()
         self._update_timeout()
+        self._schedule_turn()
 
     def _update_reading(self) -> None:
-        """Stop reading while the session waits with input pending; this bounds pipelined input.
+        """Stop reading while the session waits, or has used up its turn, with input pending;
+        this bounds pipelined input. While the client has not taken its output the turn is used
+        up at once (``turn_budget`` 0), so the first read that arrives then stops reading too.
 
         A client that waits for each answer never has input pending, so its socket is never
         paused: two epoll changes per command saved. One that pipelines is paused as soon as
         its commands queue up, with at most one read buffered (and the framer's cap on top).
+        Reading is not stopped for the output alone: a TLS layer pauses its producer during
+        the handshake, which needs the reading to go on.
         """
         session = self.session
-        if session is None or session.closed:
+        if session is None or session.closed or self._out is None:
             return
-        want_pause = session.busy and session.buffered > 0
+        want_pause = (session.busy or session.yielded) and session.buffered > 0
         if want_pause and not self._reading_paused:
             self.transport.pauseProducing()
             self._reading_paused = True
         elif not want_pause and self._reading_paused:
             self._reading_paused = False
             self.transport.resumeProducing()
+
+    # ------------------------------------------------------------------ turns, output, stalls
+
+    def _schedule_turn(self) -> None:
+        """Another turn for this connection, after the others had theirs, when work is left."""
+        session = self.session
+        if self._turn is not None or self._gone or session is None or session.closed:
+            return
+        if self._out is None or self._out.paused:
+            return  # the output's resumption schedules it
+        if session.yielded or (self._listing is not None and not session.closed):
+            self._turn = self.factory.reactor.callLater(0, self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        session = self.session
+        if self._gone or session is None or session.closed or self._out is None or self._out.paused:
+            return
+        if self._listing is not None:
+            self._pump_listing()
+            return
+        session.turn_budget = COMMANDS_PER_TURN
+        self._run(session.proceed())
+
+    def _output_paused(self) -> None:
+        """More than the cap waits for the client: no command or chunk until it drains."""
+        if self.session is not None:
+            self.session.turn_budget = 0
+        if self._stall is None and not self._gone:
+            self._stall = self.factory.reactor.callLater(self.factory.write_stall_timeout, self._stalled)
+        self._update_reading()
+
+    def _output_resumed(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+        self._update_reading()
+        self._schedule_turn()
+
+    def _stalled(self) -> None:
+        """The client took nothing for write_stall_timeout: a message in flight keeps it no longer."""
+        self._stall = None
+        if self._gone:
+            return
+        log.info("session {session} aborted: client {address}:{port} took no output for {timeout:g} s",
+                 session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port,
+                 timeout=self.factory.write_stall_timeout)
+        self._abort("write stall")
+
+    def _close_overdue(self) -> None:
+        self._closing = None
+        if self._gone:
+            return
+        log.info("session {session} aborted: output to {address}:{port} not flushed {timeout:g} s after closing",
+                 session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port,
+                 timeout=self.factory.write_stall_timeout)
+        self._abort(None)
+
+    def _abort(self, ended: str | None) -> None:
+        if ended is not None and self._ended is None:
+            self._ended = ended
+        self._listing = None
+        if self.session is not None:
+            self.session.connection_lost()
+        self.transport.abortConnection()
+
+    def _pump_listing(self) -> None:
+        """Write a listing's chunks while the client takes them, a bounded amount per turn."""
+        budget = LISTING_OCTETS_PER_TURN
+        out = self._out
+        assert out is not None
+        while self._listing is not None and not out.paused:
+            if budget <= 0:
+                self._schedule_turn()
+                return
+            chunk = next(self._listing, None)
+            if chunk is None:
+                self._listing = None
+                self._run(self.session.listing_sent())
+                return
+            out.write(chunk)
+            budget -= len(chunk)
 
     def _update_timeout(self) -> None:
         """RFC 1939: at least 10 minutes once logged in; a shorter limit before."""
@@ -374,14 +581,33 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
                               ctx.server_port, user)
 
     def _do_Send(self, action: A.Send) -> None:
-        self.transport.write(action.data)
-        self.factory.metrics.sent_bytes(len(action.data))
+        assert self._out is not None
+        self._out.queue(action.data)
+
+    def _do_SendListing(self, action: A.SendListing) -> None:
+        self._listing = iter(action.chunks)
+        self._pump_listing()
 
     def _do_Close(self, action: A.Close) -> None:
         if self._ended is None:  # a timeout already said more
             self._ended = action.reason
         log.debug("session {session} closing: {reason}", session=self.session_id, reason=action.reason)
+        self.lose_connection()
+
+    def lose_connection(self) -> None:
+        """Close once what was written is sent, within write_stall_timeout; use this, not the
+        transport's loseConnection, once the session started: a TLS transport does not close
+        while the connection's output producer is registered."""
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None  # closing has its own grace from now on
+        if self._out is not None:
+            self._out.close()
         self.transport.loseConnection()
+        if self._closing is None and not self._gone:
+            # a client that does not take the last bytes does not hold the connection open
+            self._closing = self.factory.reactor.callLater(self.factory.write_stall_timeout, self._close_overdue)
 
     # ------------------------------------------------------------------ STLS and shutdown
 
@@ -404,12 +630,14 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         """The shutdown grace is over: say so if the session can still speak, and close, without UPDATE.
 
         A session in UPDATE (QUIT's deletions under way) is left alone here (the drain's final abort
-        ends its connection; the deletions themselves finish in their thread); one sending a message is cut.
+        ends its connection; the deletions themselves finish in their thread); one sending a message or
+        a listing is cut (a status line in the middle of either would corrupt it).
         """
         if self._committing:
             return
         self._ended = "server shutdown"
-        if self.session is None or self.session.closed or self._streaming or self._tls_pending:
+        if (self.session is None or self.session.closed or self._streaming or self._listing is not None
+                or self._tls_pending):
             if self.session is not None:
                 self.session.connection_lost()
             self.transport.abortConnection()
@@ -592,23 +820,24 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _do_StreamMessage(self, action: A.StreamMessage) -> None:
         self._streaming = True
-        consumer = _ClientStream(self.transport, self.resetTimeout, self.factory.metrics)
+        consumer = self._out
+        assert consumer is not None
         d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
                                 consumer, prefetch=action.prefetch)
-        d.addCallbacks(self._stream_done, self._stream_error, errbackArgs=(consumer,))
+        d.addCallbacks(self._stream_done, self._stream_error, errbackArgs=(consumer.written,))
 
     def _stream_done(self, sent: int) -> None:
         self._streaming = False
         self._guard(lambda _: self.session.stream_finished())(None)
 
-    def _stream_error(self, failure: Failure, consumer: _ClientStream) -> None:
+    def _stream_error(self, failure: Failure, written_before: int) -> None:
         self._streaming = False
         if self.session is None or self.session.closed:
             return
         broken = failure.check(BackendBroken) is not None
         if broken:
             self.factory.events.backend_failure(self._context(), failure.getErrorMessage())
-        if failure.check(MessageUnavailable) and not consumer.written:
+        if failure.check(MessageUnavailable) and self._out is not None and self._out.written == written_before:
             # nothing was written for it: the client gets an -ERR; the session goes on unless
             # the backend itself broke
             log.warn("session {session} message unavailable: {error}", session=self.session_id,
@@ -618,8 +847,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         # part of the response is out: it cannot be completed, so the connection is cut
         log.warn("session {session} message cut off mid-response, connection cut: {error}", session=self.session_id,
                  error=failure.getErrorMessage())
-        self.session.connection_lost()
-        self.transport.abortConnection()
+        self._abort(None)
 
     # update
 
@@ -687,6 +915,8 @@ class POP3ServerFactory(ServerFactory):
         state: IState | None = None,
         metrics: Metrics | None = None,
         tls: Any = None,
+        output_buffer_limit: int = 256 * 1024,
+        write_stall_timeout: float = 60.0,
     ) -> None:
         self.settings = settings
         self.backend = backend
@@ -730,6 +960,10 @@ class POP3ServerFactory(ServerFactory):
         self.tls = tls
         #: the open connections, which SIGTERM's grace period waits for
         self.connections = Connections(reactor)
+        #: octets waiting for a client beyond which its connection stops (reading, commands, chunks)
+        self.output_buffer_limit = output_buffer_limit
+        #: seconds a client may take no output (or a closing connection may not flush) before the abort
+        self.write_stall_timeout = write_stall_timeout
 
     def challenge(self) -> bytes | None:
         """The APOP timestamp for the greeting, only when APOP is enabled."""

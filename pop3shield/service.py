@@ -515,6 +515,7 @@ def make_service(config: Config, reactor: Any = None,
         log_rate_limit=config.logging.rate_limit, log_global_rate_limit=config.logging.global_rate_limit,
         proxy_protocol_networks=server.proxy_protocol_networks, proxy_protocol_timeout=server.proxy_protocol_timeout,
         metrics=metrics, tls=tls,
+        output_buffer_limit=server.output_buffer_limit, write_stall_timeout=server.write_stall_timeout,
     )
     top = service.MultiService()
     from pop3shield.lifecycle import Reloader, SignalHandlers

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from zope.interface import implementer
 
-from pop3shield.core.dotstuff import DotStuffer, wire_size
+from pop3shield.core.dotstuff import DotStuffer
 
 CHUNK = 64 * 1024
 
@@ -51,7 +51,10 @@ class WireCount:
     def add(self, chunk: bytes) -> None:
         if not chunk:
             return
-        bare_lf = chunk.count(b"\n") - chunk.count(b"\r\n")
+        if b"\r" in chunk:
+            bare_lf = chunk.count(b"\n") - chunk.count(b"\r\n")
+        else:  # LF line ends only: no two-byte count
+            bare_lf = chunk.count(b"\n")
         if self._last == b"\r" and chunk[:1] == b"\n":
             bare_lf -= 1  # CR | LF split across chunks: that LF was not bare
         self.running += len(chunk) + bare_lf
@@ -105,16 +108,19 @@ class MessageSender:
         that is one write and no producer bookkeeping.
         """
         self._held = prefix
-        if (
-            first_chunk is not None
-            and len(first_chunk) < CHUNK
-            and (self.expected is None or wire_size(first_chunk) == self.expected)
-        ):
-            self._stopped = True
-            self._emit(self.stuffer.feed(first_chunk) + self.stuffer.finish())
-            self._close_source()
-            self._done.callback(self.sent)
-            return self._done
+        if first_chunk is not None and len(first_chunk) < CHUNK:
+            stuffer = self.stuffer
+            out = stuffer.feed(first_chunk)
+            end = stuffer.finish()
+            if self.expected is None or stuffer.octets == self.expected:
+                self._stopped = True
+                self._emit(out + end)
+                self._close_source()
+                self._done.callback(self.sent)
+                return self._done
+            # not the promised size: the checked path below decides (the file may be growing),
+            # with a fresh encoder (only RETR makes a promise, so there is no TOP count to keep)
+            self.stuffer = DotStuffer()
         self.consumer.registerProducer(self, True)
         self._registered = True
         if first_chunk is not None:

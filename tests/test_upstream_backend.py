@@ -49,6 +49,7 @@ class Collector:
         self.registered = 0
         self.pauses = 0
         self.pause_every = pause_every
+        self.writes = 0
         self._resumes: list[Any] = []
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -61,6 +62,7 @@ class Collector:
 
     def write(self, data: bytes) -> None:
         self.data += data
+        self.writes += 1
         if self.pause_every and self.producer is not None and len(self.data) // self.pause_every > self.pauses:
             self.pauses += 1
             self.producer.pauseProducing()
@@ -173,6 +175,20 @@ class RelayedSession(_DovecotCase):
             self.assertTrue(bytes(top.data).endswith(b"\r\n\r\n.\r\n"))
             self.assertIn(b"X-Test-Id: plain-ascii", bytes(top.data))
             self.assertNotIn(b"Hello Bob", bytes(top.data))
+            box.release()
+        return defer.ensureDeferred(run())
+
+    def test_a_small_message_reaches_the_client_in_one_write(self) -> defer.Deferred[None]:
+        """Status line, body and terminator of one upstream read go out together."""
+        async def run() -> None:
+            box = await self.backend().login(creds("alice"), CLIENT)
+            small = [m for m in box.listing if m.size < 8192]
+            self.assertTrue(small)
+            for message in small:
+                out = Collector()
+                await box.send_message(message.key, None, b"+OK %d octets\r\n" % message.size, out)
+                self.assertTrue(bytes(out.data).endswith(b"\r\n.\r\n"))
+                self.assertEqual(out.writes, 1, message)
             box.release()
         return defer.ensureDeferred(run())
 

@@ -95,6 +95,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         self._closed = False
         self._paused = False
         self.tls = False
+        #: called once the events of one read are handled (a relayed body writes them in one go)
+        self.after_read: Callable[[], None] | None = None
         self.greeting = self._queue(Expect(Kind.SINGLE))
 
     # -- connection ------------------------------------------------------------------------
@@ -121,6 +123,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             self._event(event)
             if self._closed:
                 return
+        if self.after_read is not None:
+            self.after_read()
         self._arm()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
@@ -167,6 +171,18 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         self.transport.write(line + b"\r\n")
         self._arm()
         return d
+
+    def pipeline(self, requests: list[tuple[bytes, Expect | Kind]]) -> list[defer.Deferred[Response]]:
+        """Several requests at once (the upstream offers PIPELINING): one write for all their
+        lines; a Deferred of each response, in order."""
+        if self._failure is not None or self._closed:
+            failure = self._failure or UpstreamFailure("connection closed")
+            return [defer.fail(failure) for _ in requests]
+        deferreds = [self._queue(expect if isinstance(expect, Expect) else Expect(expect))
+                     for _, expect in requests]
+        self.transport.write(b"".join(line + b"\r\n" for line, _ in requests))
+        self._arm()
+        return deferreds
 
     def send_line(self, line: bytes) -> None:
         """A line that gets no response of its own (a SASL continuation answer)."""

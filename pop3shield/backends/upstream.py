@@ -367,8 +367,7 @@ class _Session:
     def _listing_requests(self) -> list[defer.Deferred[Any]]:
         """STAT, LIST and UIDL; the listings are bound by STAT's count, even when pipelined."""
         bound = Expect(Kind.MULTI, per_message=_MAX_LISTING_LINE)
-        p = self.protocol
-        return [p.request(b"STAT", Expect(counts=True)), p.request(b"LIST", bound), p.request(b"UIDL", bound)]
+        return self.protocol.pipeline([(b"STAT", Expect(counts=True)), (b"LIST", bound), (b"UIDL", bound)])
 
     async def _login_and_list(self, caps: dict[str, tuple[str, ...]]) -> list[ListedMessage]:
         """The login and the listing, pipelined behind it when the upstream offers PIPELINING
@@ -484,6 +483,15 @@ class UpstreamMailbox:
         written = [0]
         started = [False]
         producer = PausingProducer(self.protocol)
+        # what one upstream read gave (status line, body pieces, terminator) goes out in one write
+        held: list[bytes] = []
+
+        def flush() -> None:
+            if held:
+                data = held[0] if len(held) == 1 else b"".join(held)
+                held.clear()
+                consumer.write(data)
+                written[0] += len(data)
 
         asked = self.protocol.reactor.seconds() if self.metrics is not None else 0.0
 
@@ -492,22 +500,24 @@ class UpstreamMailbox:
                 self.metrics.observe_upstream(self.protocol.reactor.seconds() - asked)
             started[0] = True
             consumer.registerProducer(producer, True)
-            consumer.write(status)
-            written[0] += len(status)
+            held.append(status)
+            self.protocol.after_read = flush
 
         def on_body(data: bytes) -> None:
-            consumer.write(data)
-            written[0] += len(data)
+            held.append(data)
 
         def finished(_reply: Any) -> int:
             if not started[0]:
                 raise MessageUnavailable(f"{self.name}: the upstream answered -ERR to {command.decode()}")
-            consumer.write(b".\r\n")
-            written[0] += 3
+            self.protocol.after_read = None
+            held.append(b".\r\n")
+            flush()
             self._unregister(consumer)
             return written[0]
 
         def failed(failure: Any) -> Any:
+            self.protocol.after_read = None
+            held.clear()  # a response cut off: what it held never reaches the client
             if started[0]:
                 self._unregister(consumer)
                 log.warn("{name}: {command} cut off: {reason}", name=self.name,
@@ -543,9 +553,9 @@ class UpstreamMailbox:
         failed: list[Hashable] = []
         self._released = True
         try:
-            if self.pipelining:
-                requests = [p.request(b"DELE %d" % k) for k in keys]
-                quit_d = p.request(b"QUIT")
+            if self.pipelining:  # every DELE and the QUIT in one write
+                *requests, quit_d = p.pipeline([*((b"DELE %d" % k, Kind.SINGLE) for k in keys),
+                                                (b"QUIT", Kind.SINGLE)])
                 replies = [await r for r in requests]
             else:
                 replies = []

@@ -48,6 +48,9 @@ class Screening:
     _pending: Screened | None
     _current: Screened | None
     _quick_check: Any
+    #: lines that may still run in this turn of the I/O layer's loop (None: no limit)
+    turn_budget: int | None = None
+    _yielded = False
 
     def _first_bytes(self, data: bytes) -> bool:
         """A TLS ClientHello has no line end: judge it on arrival, not at a newline that never comes."""
@@ -91,12 +94,23 @@ class Screening:
         return False
 
     def _process(self) -> None:
-        """Run pending lines until the session has to wait or is closed."""
+        """Run pending lines until the session has to wait, is closed, or its turn is used up.
+
+        ``turn_budget`` (None: no limit) is how many more lines may run before the session
+        yields: then ``yielded`` is set, the lines stay in the framer, and the I/O layer calls
+        :meth:`~pop3shield.core.session.Session.proceed` in a later turn of its loop.
+        """
+        self._yielded = False
         while not self.busy and self.state is not State.CLOSED:
+            if self.turn_budget is not None and self.turn_budget <= 0:
+                self._yielded = self._framer.buffered > 0
+                return
             self._framer.line_limit = self._line_limit()
             event = self._framer.next_event()
             if event is None:
                 return
+            if self.turn_budget is not None:
+                self.turn_budget -= 1
             if isinstance(event, Overflow):
                 self._send(responses.err("Too much pipelined input.", "SYS/TEMP"))
                 self._close("input buffer full")

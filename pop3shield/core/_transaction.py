@@ -1,16 +1,24 @@
 """The TRANSACTION commands: STAT, LIST, UIDL, RETR, TOP, DELE, NOOP, RSET and QUIT into UPDATE.
 
 The session renders every answer from the listing the backend gave at login; only RETR, TOP
-(a StreamMessage) and QUIT (a Commit) go back to the backend.
+(a StreamMessage) and QUIT (a Commit) go back to the backend. A multi-line LIST or UIDL of more
+than LISTING_INLINE messages is a SendListing: chunks of LISTING_CHUNK lines made as the I/O
+layer pulls them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable, Iterator
 
 from pop3shield.core import actions as A
 from pop3shield.core import grammar, responses
 from pop3shield.core._base import MessageEntry, State
+
+#: messages per chunk of a streamed LIST/UIDL
+LISTING_CHUNK = 500
+#: a maildrop of at most this many messages is listed in one Send (a few KB: a turn of pipelined
+#: listings stays small); a larger one is a SendListing
+LISTING_INLINE = 100
 
 
 class Transaction:
@@ -45,20 +53,49 @@ class Transaction:
         self._send(responses.ok(f"{len(live)} {sum(m.size for _, m in live)}"))
 
     def _cmd_list(self, args: tuple[bytes, ...]) -> None:
-        self._listing(args, lambda m: str(m.size))
+        self._listing(args, uid=False)
 
     def _cmd_uidl(self, args: tuple[bytes, ...]) -> None:
-        self._listing(args, lambda m: m.uid)
+        self._listing(args, uid=True)
 
-    def _listing(self, args: tuple[bytes, ...], value: Callable[[MessageEntry], str]) -> None:
+    def _listing(self, args: tuple[bytes, ...], *, uid: bool) -> None:
         if args:
             found = self._message(args[0])
             if found is not None:
-                self._send(responses.ok(f"{found[0]} {value(found[1])}"))
+                number, entry = found
+                self._send(responses.ok(f"{number} {entry.uid if uid else entry.size}"))
             return
-        live = self._live()
-        lines = [f"{n} {value(m)}".encode("ascii") for n, m in live]
-        self._send(responses.multiline(responses.ok(f"{len(live)} messages"), lines))
+        live = len(self._messages) - len(self._deleted)
+        status = responses.ok(f"{live} messages")
+        if len(self._messages) <= LISTING_INLINE:
+            self._send(status + self._listing_lines(0, len(self._messages), uid) + b".\r\n")
+            return
+        # a large maildrop: the listing goes out chunk by chunk as the client takes it
+        self._ask(A.SendListing(self._listing_chunks(status, uid)))
+
+    def _listing_chunks(self, status: bytes, uid: bool) -> Iterator[bytes]:
+        """The listing in chunks of LISTING_CHUNK messages; the session is busy while they are
+        pulled, so the deletion marks cannot change under them."""
+        total = len(self._messages)
+        for start in range(0, total, LISTING_CHUNK):
+            chunk = self._listing_lines(start, min(start + LISTING_CHUNK, total), uid)
+            if start == 0:
+                chunk = status + chunk
+            if start + LISTING_CHUNK >= total:
+                chunk += b".\r\n"
+            if chunk:
+                yield chunk
+
+    def _listing_lines(self, start: int, stop: int, uid: bool) -> bytes:
+        """``n value`` CRLF for the live messages start..stop-1 (0-based). No line starts with
+        a ``.`` (each starts with its number), so none needs dot-stuffing."""
+        part = self._messages[start:stop]
+        deleted = self._deleted
+        if uid:
+            lines = [f"{n} {m.uid}\r\n" for n, m in enumerate(part, start + 1) if n - 1 not in deleted]
+        else:
+            lines = [f"{n} {m.size}\r\n" for n, m in enumerate(part, start + 1) if n - 1 not in deleted]
+        return "".join(lines).encode("ascii")
 
     def _cmd_retr(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])

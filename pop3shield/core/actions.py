@@ -2,11 +2,13 @@
 
 The session never touches a socket, a file or a clock. It returns these values in order; the
 Twisted layer carries them out and reports results back through the session's methods
-(``login_succeeded``, ``stream_finished``, ``commit_finished``, ``analysis_finished``).
+(``login_succeeded``, ``stream_finished``, ``listing_sent``, ``commit_finished``,
+``analysis_finished``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -18,6 +20,18 @@ class Send:
     """Write these bytes to the client."""
 
     data: bytes
+
+
+@dataclass(frozen=True)
+class SendListing:
+    """Write these chunks to the client in order, each only when the client has taken the ones
+    before (backpressure), then answer with listing_sent.
+
+    A multi-line LIST or UIDL of a large maildrop: the chunks (status line, a few hundred
+    lines each, the terminator) are made as they are pulled, never the whole listing at once.
+    """
+
+    chunks: Iterator[bytes] = field(repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -97,4 +111,4 @@ class StartTLS:
     """
 
 
-Action = Send | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn | StartTLS
+Action = Send | SendListing | Close | Authenticate | StreamMessage | Commit | Analyze | Report | LoggedIn | StartTLS

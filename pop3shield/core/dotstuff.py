@@ -52,6 +52,10 @@ def _normalise(chunk: bytes) -> bytes:
     The chunk-boundary case (CR at the end of the previous chunk) is fixed up
     by the caller. Already-CRLF data is returned as is without copying.
     """
+    if b"\r" not in chunk:
+        # LF line ends only, as most Maildir files store them: one pass (a single-byte search
+        # first, since counting two-byte patterns costs several times as much)
+        return chunk.replace(b"\n", _CRLF)
     lf = chunk.count(b"\n")
     if lf == 0 or lf == chunk.count(_CRLF):
         return chunk
@@ -75,7 +79,7 @@ class DotStuffer:
         send(enc.finish())
     """
 
-    __slots__ = ("_remaining", "_in_headers", "_tail", "_done", "_finished")
+    __slots__ = ("_remaining", "_in_headers", "_tail", "_done", "_finished", "octets")
 
     def __init__(self, body_lines: int | None = None) -> None:
         if body_lines is not None and body_lines < 0:
@@ -85,6 +89,9 @@ class DotStuffer:
         self._tail = _INITIAL_TAIL
         self._done = False
         self._finished = False
+        #: octets of the message emitted so far, normalised and before stuffing (for RETR, after
+        #: finish() plus the CRLF it added, this is :func:`wire_size` of the message)
+        self.octets = 0
 
     @property
     def done(self) -> bool:
@@ -114,6 +121,7 @@ class DotStuffer:
             data = data[: self._top_cut(data)]
         out = self._stuff(data)
         self._remember(data)
+        self.octets += len(data)
         return out
 
     def finish(self) -> bytes:
@@ -126,6 +134,7 @@ class DotStuffer:
         self._done = True
         if self._tail.endswith(b"\n"):
             return _TERMINATOR
+        self.octets += len(_CRLF)
         return _CRLF + _TERMINATOR
 
     def _stuff(self, data: bytes) -> bytes:
@@ -228,7 +237,10 @@ def wire_size_chunks(chunks: Iterable[bytes]) -> int:
         if not chunk:
             continue
         total += len(chunk)
-        bare_lf += chunk.count(b"\n") - chunk.count(_CRLF)
+        if b"\r" in chunk:
+            bare_lf += chunk.count(b"\n") - chunk.count(_CRLF)
+        else:
+            bare_lf += chunk.count(b"\n")
         if prev_cr and chunk[:1] == b"\n":
             bare_lf -= 1  # CR | LF split across chunks: that LF was not bare
         last = chunk[-1:]

@@ -1,7 +1,8 @@
 """The POP3 session state machine, sans I/O: the public face of the core.
 
 Bytes go in through :meth:`Session.receive_data`; a list of :mod:`actions <pop3shield.core.actions>`
-comes out. Every line passes the protections before any command runs. While the session waits for
+comes out. Every line passes the protections before any command runs. The I/O layer may bound
+the lines run per turn of its loop (``turn_budget``); the rest waits for :meth:`Session.proceed`. While the session waits for
 the I/O layer (a login, a message being streamed, a commit, a slow analysis) it is ``busy``: input
 stays in the bounded framer and the I/O layer stops reading from the socket. A result method
 called when its action is not outstanding raises :class:`~pop3shield.core.errors.SessionMisuse`.
@@ -214,6 +215,20 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         self._close("shutdown")
         return self._flush()
 
+    def listing_sent(self) -> list[A.Action]:
+        """Every chunk of a :class:`~pop3shield.core.actions.SendListing` was written."""
+        if not self._answer("listing_sent", A.SendListing):
+            return []
+        self._process()
+        return self._flush()
+
+    def proceed(self) -> list[A.Action]:
+        """Run the lines left when the last turn's ``turn_budget`` ran out (see ``yielded``)."""
+        if self.state is State.CLOSED or not self._started:
+            return []
+        self._process()
+        return self._flush()
+
     def timed_out(self) -> list[A.Action]:
         """The inactivity timer fired (RFC 1939: an autologout deletes nothing)."""
         if self.state is State.CLOSED:
@@ -230,6 +245,11 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
     def busy(self) -> bool:
         """The session waits for the I/O layer (a login, a message, a commit, an analysis)."""
         return self._awaiting is not None
+
+    @property
+    def yielded(self) -> bool:
+        """Lines are waiting only because this turn's ``turn_budget`` ran out: call :meth:`proceed`."""
+        return self._yielded and not self.busy and self.state is not State.CLOSED
 
     @property
     def closed(self) -> bool:

@@ -11,6 +11,7 @@ Twisted layer does:
   ``login_failed()``;
 * ``StreamMessage`` -> the status line and a dot-stuffed fake body go into the transcript, then
   ``stream_finished()``;
+* ``SendListing`` -> every chunk goes into the transcript, then ``listing_sent()``;
 * ``Commit`` -> ``commit_finished()``;
 * ``Analyze`` -> ``analysis_finished`` with the verdicts of ``analysis`` (clean by default).
 """
@@ -41,7 +42,7 @@ PASSWORD = b"s3cret-Pa55word"
 NOP_MARK = b"\x90\x90\x90\x90"
 FORMAT_MARK = b"%n%n%n%n"
 SLOW_MARK = b"SLOWPATH"
-BUSY_TYPES = (A.Authenticate, A.StreamMessage, A.Commit, A.Analyze)
+BUSY_TYPES = (A.Authenticate, A.StreamMessage, A.SendListing, A.Commit, A.Analyze)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ class Driver:
         self.logins: list[A.Authenticate] = []
         self.streams: list[A.StreamMessage] = []
         self.commits: list[A.Commit] = []
+        self.listings: list[A.SendListing] = []
         self.analyses: list[A.Analyze] = []
         self.pending: Any = None  # the unanswered busy action, in manual mode
         self.closed_at: int | None = None  # index in self.actions of the first Close
@@ -241,6 +243,9 @@ class Driver:
             elif isinstance(action, A.StreamMessage):
                 self.streams.append(action)
                 answer = self._answer(action, self._stream)
+            elif isinstance(action, A.SendListing):
+                self.listings.append(action)
+                answer = self._answer(action, self._listing)
             elif isinstance(action, A.Commit):
                 self.commits.append(action)
                 answer = self._answer(action, lambda a: self.session.commit_finished())
@@ -260,6 +265,11 @@ class Driver:
         if self.users.get(action.username) == action.secret:
             return self.session.login_succeeded(self.entries)
         return self.session.login_failed()
+
+    def _listing(self, action: A.SendListing) -> list[Any]:
+        for chunk in action.chunks:
+            self.transcript += chunk
+        return self.session.listing_sent()
 
     def _stream(self, action: A.StreamMessage) -> list[Any]:
         self.transcript += action.status

@@ -328,3 +328,15 @@ def test_large_message_streams_quickly() -> None:
         total += len(enc.feed(data[i : i + 65536]))
     total += len(enc.finish())
     assert total == wire_size(data) + data.count(b"\n.") + 3
+
+
+@settings(max_examples=400)
+@given(chunked())
+def test_the_encoders_octet_count_is_the_wire_size(case: tuple[bytes, list[int]]) -> None:
+    """MessageSender checks a small RETR against its promise with this count, not a second pass."""
+    data, cuts = case
+    enc = DotStuffer()
+    for a, b in _pieces(data, cuts):
+        enc.feed(data[a:b])
+    enc.finish()
+    assert enc.octets == wire_size(data)

@@ -39,9 +39,11 @@ RESULTS = {
     "stream_finished": lambda s: s.stream_finished(),
     "stream_failed": lambda s: s.stream_failed(),
     "commit_finished": lambda s: s.commit_finished(),
+    "listing_sent": lambda s: s.listing_sent(),
 }
 EXPECTED = {"login_succeeded": "Authenticate", "login_failed": "Authenticate", "analysis_finished": "Analyze",
-            "stream_finished": "StreamMessage", "stream_failed": "StreamMessage", "commit_finished": "Commit"}
+            "stream_finished": "StreamMessage", "stream_failed": "StreamMessage", "commit_finished": "Commit",
+            "listing_sent": "SendListing"}
 
 
 def started() -> Session:

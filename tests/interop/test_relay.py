@@ -519,7 +519,10 @@ def _logs_in_then(retr_answer: bytes):
 @pytest.mark.parametrize("answer, first_byte_out", [
     (b"+OK " + b"x" * 600 + b"\r\n", False),           # a status line over RFC 2449's 512 octets
     (b"+OK\x00 injected\r\n", False),                   # a NUL in the status line
-    (b"+OK\r\nSubject: hi\r\n\r\nbo\x00dy\r\n.\r\n", True),  # a NUL inside the body
+    # a NUL inside the body: its status line is held until the end of the upstream read that
+    # brought it, so when both came in one read nothing went out yet and the -ERR is the answer;
+    # when they came apart, the status line is out and the connection is cut
+    (b"+OK\r\nSubject: hi\r\n\r\nbo\x00dy\r\n.\r\n", None),
 ], ids=["long-status", "nul-status", "nul-body"])
 def test_hostile_upstream_mid_session_closes_both_sides_with_an_event(tmp_path, answer, first_byte_out) -> None:
     fake = FakeUpstream(_logs_in_then(answer))
@@ -538,6 +541,8 @@ def test_hostile_upstream_mid_session_closes_both_sides_with_an_event(tmp_path, 
             with contextlib.suppress(ConnectionResetError):  # mid-message the connection is cut (RST)
                 while chunk := reader.read1(65536):
                     rest += chunk
+        if first_byte_out is None:
+            first_byte_out = not rest.startswith(b"-ERR")
         if first_byte_out:
             # whatever arrived before the cut: a prefix of the message, never the NUL, never an end
             assert (b"+OK 22 octets\r\nSubject: hi\r\n").startswith(rest[:29]) and not rest.endswith(b".\r\n")

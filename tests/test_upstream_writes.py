@@ -1,0 +1,64 @@
+"""The relay's writes toward the upstream: pipelined requests go out in one write, in order."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from pop3shield.backends._upstream_client import UpstreamFailure, UpstreamProtocol
+from pop3shield.core.upstream import DEFAULT_MAX_LINE, Expect, Kind
+
+
+class CountingTransport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        super().write(data)
+
+
+def connected() -> tuple[UpstreamProtocol, CountingTransport, list]:
+    protocol = UpstreamProtocol(reactor=Clock(), response_timeout=5.0, max_line=DEFAULT_MAX_LINE)
+    transport = CountingTransport()
+    protocol.makeConnection(transport)
+    greeting: list = []
+    protocol.greeting.addCallback(greeting.append)
+    protocol.dataReceived(b"+OK ready\r\n")
+    assert greeting and greeting[0].status.ok
+    return protocol, transport, greeting
+
+
+def test_pipelined_requests_are_one_write_and_answered_in_order() -> None:
+    protocol, transport, _ = connected()
+    replies: list = []
+    ds = protocol.pipeline([(b"DELE 1", Kind.SINGLE), (b"DELE 2", Kind.SINGLE), (b"QUIT", Kind.SINGLE)])
+    assert transport.writes == [b"DELE 1\r\nDELE 2\r\nQUIT\r\n"]
+    for d in ds:
+        d.addCallback(lambda r: replies.append(r.status.ok))
+    protocol.dataReceived(b"+OK\r\n-ERR no\r\n+OK bye\r\n")
+    assert replies == [True, False, True]
+
+
+def test_a_pipelined_listing_collects_each_body() -> None:
+    protocol, transport, _ = connected()
+    bound = Expect(Kind.MULTI, per_message=100)
+    stat, listed, uidl = protocol.pipeline([(b"STAT", Expect(counts=True)), (b"LIST", bound), (b"UIDL", bound)])
+    assert transport.writes == [b"STAT\r\nLIST\r\nUIDL\r\n"]
+    out: list = []
+    for d in (stat, listed, uidl):
+        d.addCallback(out.append)
+    protocol.dataReceived(b"+OK 1 22\r\n+OK\r\n1 22\r\n.\r\n+OK\r\n1 uid-one\r\n.\r\n")
+    assert [r.status.ok for r in out] == [True, True, True]
+    assert out[1].body == b"1 22\r\n" and out[2].body == b"1 uid-one\r\n"
+
+
+def test_pipelining_on_a_failed_connection_fails_every_request() -> None:
+    protocol, transport, _ = connected()
+    protocol.abort("gone")
+    failures: list = []
+    for d in protocol.pipeline([(b"DELE 1", Kind.SINGLE), (b"QUIT", Kind.SINGLE)]):
+        d.addErrback(lambda f: failures.append(f.check(UpstreamFailure)))
+    assert failures == [UpstreamFailure, UpstreamFailure]
+    assert transport.writes == []
