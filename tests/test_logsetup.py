@@ -270,11 +270,12 @@ def test_a_failed_emulation_is_logged_without_the_argument(monkeypatch: pytest.M
 
     secret = b"correct horse battery staple 2026 and more"
 
-    def broken(windows, budget):
+    def broken(windows, budget, pair=None):
         raise ValueError(f"hook choked on {secret!r}")
 
     monkeypatch.setattr(emulate, "AVAILABLE", True)
     monkeypatch.setattr(deep, "_static", lambda window: [])
+    monkeypatch.setattr(deep, "_screen", lambda window: window)  # as if text could be a decoder
     monkeypatch.setattr(deep, "_emulate", broken)
     seen: list[dict] = []
     globalLogPublisher.addObserver(seen.append)
