@@ -52,6 +52,9 @@ class Connections:
     def __len__(self) -> int:
         return len(self._open)
 
+    def __iter__(self) -> Any:
+        return iter(tuple(self._open))
+
     def add(self, connection: Any) -> None:
         self._open.add(connection)
 

@@ -19,6 +19,10 @@ TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 TOO_MANY_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
 TOO_FAST_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many new connections from your address, try again later.\r\n"
 STATE_UNAVAILABLE = b"-ERR [SYS/TEMP] Temporary server problem, try again later.\r\n"
+#: what an evicted connection is told (Dovecot's login processes do the same when they are full)
+EVICTED = b"-ERR [SYS/TEMP] Server full, disconnecting the oldest clients not logged in.\r\n"
+#: seconds an evicted connection has to take that line before it is aborted
+EVICTION_GRACE = 1.0
 
 
 class FailureDelays:
@@ -52,6 +56,11 @@ class ConnectionLimits:
             return TOO_MANY
         self.connections += 1
         return None
+
+    def take_over(self) -> None:
+        """Count a new connection in the place of one being evicted (it is counted until it has closed,
+        within :data:`EVICTION_GRACE` seconds)."""
+        self.connections += 1
 
     def release(self) -> None:
         """An admitted connection ended."""

@@ -162,6 +162,9 @@ class Metrics:
                                 "(max_connections), address (connections of one address before login), rate (new "
                                 "connections a second of one address), state (the shared state unreachable).",
                                 ["reason"], registry=r)
+        self.evictions = Counter("pop3shield_connections_evicted", "Connections not logged in closed to make "
+                                 "room for a new one at max_connections (the oldest, of the address with the "
+                                 "most such connections).", registry=r)
         for result in ("accepted", "refused"):
             self.connections.labels(result)
         for reason in CONNECTION_REFUSALS:
@@ -197,6 +200,10 @@ class Metrics:
     def connection_refused(self, reason: str) -> None:
         """A connection limit said no: ``total``, ``address``, ``rate``, ``state``."""
         self.refusals.labels(reason if reason in CONNECTION_REFUSALS else "total").inc()
+
+    def connection_evicted(self) -> None:
+        """``max_connections`` was reached and the oldest connection waiting to log in made room."""
+        self.evictions.inc()
 
     def connection_closed(self) -> None:
         self.connections_open.dec()

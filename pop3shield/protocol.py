@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -44,6 +45,8 @@ from pop3shield.core.settings import SessionSettings
 from pop3shield.events import EventLog, RateLimiter, SessionContext
 from pop3shield.lifecycle import Connections
 from pop3shield.limits import (
+    EVICTED,
+    EVICTION_GRACE,
     STATE_UNAVAILABLE,
     TOO_FAST_FROM_ADDRESS,
     TOO_MANY_FROM_ADDRESS,
@@ -320,6 +323,35 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     _greeting: Any = None
     _prelogin_timer: Any = None
+
+    _evicted = False
+
+    @property
+    def connected_at(self) -> float:
+        return self._started
+
+    def waiting_for_login(self) -> bool:
+        """Admitted, its session started, not logged in and not in the middle of a login: evictable."""
+        return (self._admitted and not self._logged_in and not self._gone and not self._evicted
+                and self.session is not None and not self.session.closed and not self._tls_pending
+                and not isinstance(self.session.awaiting, A.Authenticate))  # a login under way is left alone
+
+    def evict(self) -> None:
+        """The server is full and this is the oldest connection waiting to log in: told, then closed."""
+        self._evicted = True
+        self._ended = "evicted: server full"
+        log.debug("session {session} from {address}:{port} evicted: max_connections reached",
+                  session=self.session_id, address=self.ctx.client_address, port=self.ctx.client_port)
+        session = self.session
+        assert session is not None and self._out is not None
+        session.connection_lost()  # nothing more from the core: not logged in, nothing to keep
+        self._out.write(EVICTED)
+        self.lose_connection()
+        self.factory.reactor.callLater(EVICTION_GRACE, self._abort_evicted)
+
+    def _abort_evicted(self) -> None:
+        if not self._gone:
+            self.transport.abortConnection()  # its place is already another's: no write_stall_timeout
 
     def _login_deadline_reached(self) -> None:
         """``server.login_deadline`` after the connection, still not logged in: dropped (Dovecot's 180 s)."""
@@ -979,8 +1011,10 @@ class POP3ServerFactory(ServerFactory):
         """
         refusal = self.limits.admit()
         if refusal is not None:
-            self.metrics.connection_refused("total")
-            return defer.succeed(refusal)
+            if not self._evict_oldest_waiting():
+                self.metrics.connection_refused("total")
+                return defer.succeed(refusal)
+            self.limits.take_over()
         limits = self.policy.for_address(address)
         if limits.rate > 0:  # new connections a second from the address, shared like the counts
             d = self.state.take(address_key(address), limits.rate, limits.burst)
@@ -1012,6 +1046,19 @@ class POP3ServerFactory(ServerFactory):
             return STATE_UNAVAILABLE
         d.addCallbacks(decided, unavailable)
         return d
+
+    def _evict_oldest_waiting(self) -> bool:
+        """At ``max_connections``: close the oldest connection not logged in, of the address holding the
+        most such connections, so that a slowloris of half-open connections cannot lock everyone out
+        (new clients push its connections out, not the other way round). False: none to evict."""
+        waiting = [connection for connection in self.connections if connection.waiting_for_login()]
+        if not waiting:
+            return False
+        per_address = Counter(connection.client_address for connection in waiting)
+        victim = min(waiting, key=lambda c: (-per_address[c.client_address], c.connected_at))
+        victim.evict()
+        self.metrics.connection_evicted()
+        return True
 
     def release(self, address: str | None, member: str, *, counted: bool) -> None:
         """An admitted connection ended; ``counted``: it still counts against its address (not logged in)."""

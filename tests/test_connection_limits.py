@@ -143,3 +143,121 @@ def test_a_small_max_connections_lowers_the_unset_per_address_default() -> None:
         parse_config({"server": {"max_connections": 100, "max_connections_per_ip": 200}, **AUTH}, "p.toml", ".")
     assert str(info.value) == ("p.toml: server.max_connections_per_ip: must not exceed server.max_connections "
                                "(100), got 200")
+
+
+EVICTED = b"-ERR [SYS/TEMP] Server full, disconnecting the oldest clients not logged in.\r\n"
+SERVER_FULL = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+
+
+def _command(sock: socket.socket, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        assert chunk, reply
+        reply += chunk
+    return reply
+
+
+def _greeted(host: str, port: int, source: str) -> tuple[socket.socket, bytes]:
+    """A connection and its first line, read without buffering past it."""
+    sock = socket.create_connection((host, port), timeout=10, source_address=(source, 0))
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        line += chunk
+    return sock, line
+
+
+def test_a_full_server_evicts_the_oldest_waiting_connection_of_the_busiest_address(tmp_path: Path) -> None:
+    """Slowloris: half-open connections fill max_connections; a new client pushes the oldest of the
+    address holding the most out (Dovecot's login processes do the same), never a logged-in session."""
+    server = Pop3ShieldServer(server_toml="max_connections = 6\nmax_connections_per_ip = 6",
+                              extra_toml='[metrics]\nlisten = "tcp:0:interface=127.0.0.1"\n')
+    host, port = server.start(tmp_path / "srv", {"alice": "alice-secret", "bob": "bob-secret"}, tmp_path / "mail")
+    held: list[socket.socket] = []
+    try:
+        mhost, mport, _ = _metrics_address(server)
+        # one client of 127.0.5.1 waits at the greeting, then four half-open ones of 127.0.6.1 fill it
+        lone, greeting = _greeted(host, port, "127.0.5.1")
+        assert greeting.startswith(b"+OK")
+        time.sleep(0.05)
+        attackers = []
+        for _ in range(4):
+            sock, greeting = _greeted(host, port, "127.0.6.1")
+            assert greeting.startswith(b"+OK"), greeting
+            attackers.append(sock)
+            time.sleep(0.05)
+        # a logged-in session is never evicted
+        alice, greeting = _greeted(host, port, "127.0.7.1")
+        assert greeting.startswith(b"+OK")
+        assert _command(alice, b"USER alice").startswith(b"+OK")
+        assert _command(alice, b"PASS alice-secret").startswith(b"+OK")
+        # full: the next client gets in, and the oldest of 127.0.6.1 (not the older lone one) is told and closed
+        bob, greeting = _greeted(host, port, "127.0.8.1")
+        assert greeting.startswith(b"+OK"), greeting
+        attackers[0].settimeout(10)
+        assert attackers[0].makefile("rb").read() == EVICTED
+        assert _command(bob, b"USER bob").startswith(b"+OK")
+        assert _command(bob, b"PASS bob-secret").startswith(b"+OK")
+        # the lone client and the logged-in session still work
+        capabilities = _command(lone, b"CAPA")
+        while not capabilities.endswith(b"\r\n.\r\n"):
+            capabilities += lone.recv(4096)
+        assert capabilities.startswith(b"+OK")
+        assert _command(alice, b"STAT").startswith(b"+OK")
+        # each new client (each from an address of its own) evicts the oldest waiting connection of the
+        # address with the most: two more of 127.0.6.1, then, all at one each, the oldest: lone, then the last
+        for index, victim in enumerate([attackers[1], attackers[2], lone, attackers[3]]):
+            sock, greeting = _greeted(host, port, f"127.0.9.{index + 1}")
+            assert greeting.startswith(b"+OK"), greeting
+            held.append(sock)
+            victim.settimeout(10)
+            assert victim.makefile("rb").read() == EVICTED
+        parsed = samples(scrape(mhost, mport))
+        assert value(parsed, "pop3shield_connections_evicted_total") == 5
+        for sock in held:
+            sock.close()
+        held.clear()
+        time.sleep(0.5)
+        users = []
+        for _ in range(4):  # alice and bob hold two places; four more logged-in sessions fill the server
+            sock, greeting = _greeted(host, port, "127.0.10.1")
+            assert greeting.startswith(b"+OK"), greeting
+            users.append(sock)
+        # the four are waiting to log in: a seventh evicts the oldest of them, not alice or bob
+        sock, greeting = _greeted(host, port, "127.0.11.1")
+        assert greeting.startswith(b"+OK")
+        users[0].settimeout(10)
+        assert users[0].makefile("rb").read() == EVICTED
+        held.extend([sock, *users[1:]])
+        assert _command(alice, b"NOOP").startswith(b"+OK") and _command(bob, b"NOOP").startswith(b"+OK")
+        for sock in (alice, bob, lone, *attackers):
+            sock.close()
+    finally:
+        for sock in held:
+            sock.close()
+        server.stop()
+
+
+def test_a_server_full_of_logged_in_sessions_refuses(tmp_path: Path) -> None:
+    server = Pop3ShieldServer(server_toml="max_connections = 2\nmax_connections_per_ip = 2")
+    host, port = server.start(tmp_path / "srv", {"alice": "alice-secret", "bob": "bob-secret"}, tmp_path / "mail")
+    sessions = []
+    try:
+        for user in ("alice", "bob"):
+            sock, greeting = _greeted(host, port, "127.0.12.1")
+            assert greeting.startswith(b"+OK")
+            assert _command(sock, f"USER {user}".encode()).startswith(b"+OK")
+            assert _command(sock, f"PASS {user}-secret".encode()).startswith(b"+OK")
+            sessions.append(sock)
+        sock, answer = _greeted(host, port, "127.0.12.2")
+        assert answer == SERVER_FULL and _closed(sock)
+        sock.close()
+        assert _command(sessions[0], b"STAT").startswith(b"+OK")
+    finally:
+        for sock in sessions:
+            sock.close()
+        server.stop()

@@ -461,8 +461,12 @@ def test_refused_connections_are_counted(tmp_path: Path) -> None:
     try:
         host, port, _ = _metrics_address(server)
         before = _wait_closed(host, port)
-        first = Client(server)  # holds the one connection allowed
+        first = Client(server)  # holds the one connection allowed, logged in (a waiting one would be evicted)
         assert first.greeting.startswith(b"+OK")
+        first.send(b"USER alice\r\n")
+        assert first.line().startswith(b"+OK")
+        first.send(f"PASS {PASSWORD}\r\n".encode())
+        assert first.line().startswith(b"+OK")
         refused = socket.create_connection((server.host, server.port), timeout=10)
         reply = refused.recv(1024)
         refused.close()

@@ -276,6 +276,11 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         self._awaiting = action
         self._out.append(action)
 
+    @property
+    def awaiting(self) -> A.Action | None:
+        """The busy action whose result the session waits for (None: it waits for the client)."""
+        return self._awaiting
+
     def _answer(self, method: str, kind: type) -> bool:
         """Accept the result of a busy action of type ``kind``; False if the session is closed.
 
