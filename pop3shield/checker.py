@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pop3shield.credentials import AddressedCredentials
+from pop3shield.hashpool import CLEAN, HashPool
 from pop3shield.passwd import (
     PLAIN,
     PasswdEntry,
@@ -132,9 +133,9 @@ class PasswdFileChecker:
         address = getattr(credentials, "client_address", _UNKNOWN_ADDRESS)
         if IUsernamePassword.providedBy(credentials):
             password = _password(getattr(credentials, "password", None))
-            d = deferToThreadPool(reactor, pool, self._check, user, password, address)
+            d = _in_pool(reactor, pool, credentials, self._check, user, password, address)
         else:
-            d = deferToThreadPool(reactor, pool, self._check_hashed, user, credentials, address)
+            d = _in_pool(reactor, pool, credentials, self._check_hashed, user, credentials, address)
         d.addCallback(self._result, address)
         return d
 
@@ -168,7 +169,7 @@ class PasswdFileChecker:
         def blocking() -> tuple[str | _Refused | None, Any]:
             verdict = self._check(user, password, address)
             return verdict, (then(verdict) if isinstance(verdict, str) else None)
-        d = deferToThreadPool(reactor, pool, blocking)
+        d = _in_pool(reactor, pool, credentials, blocking)
         d.addCallback(lambda pair: (self._result(pair[0], address), pair[1]))
         return d
 
@@ -264,6 +265,14 @@ class PasswdFileChecker:
             # One message for unknown user and wrong password alike.
             raise UnauthorizedLogin("invalid credentials")
         return user.encode("utf-8")
+
+
+def _in_pool(reactor: Any, pool: Any, credentials: Any, function: Any, *args: Any) -> defer.Deferred[Any]:
+    """``function(*args)`` in the hashing threads; a :class:`~pop3shield.hashpool.HashPool` serves
+    them by ``credentials.standing``."""
+    if isinstance(pool, HashPool):
+        return pool.run(getattr(credentials, "standing", CLEAN), function, *args)
+    return deferToThreadPool(reactor, pool, function, *args)
 
 
 def _policy(entry: PasswdEntry, address: Any) -> str | _Refused:

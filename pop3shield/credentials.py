@@ -20,9 +20,11 @@ __all__ = ["APOPCredentials", "AddressedCredentials"]
 class AddressedCredentials(UsernamePassword):
     """USER/PASS or SASL credentials plus the client's address (None: no IP, e.g. a unix socket)."""
 
-    def __init__(self, username: bytes, password: bytes, client_address: str | None) -> None:
+    def __init__(self, username: bytes, password: bytes, client_address: str | None, standing: int = 1) -> None:
         super().__init__(username, password)
         self.client_address = client_address
+        #: the attempt's place in the hashing queue (pop3shield.hashpool: 0 trusted, 1 clean, 2 suspect)
+        self.standing = standing
 
     def __repr__(self) -> str:  # never the password
         return f"<AddressedCredentials {self.username!r} from {self.client_address!r}>"

@@ -14,6 +14,8 @@ finish closing within it, is aborted. Nothing here knows what the backend is.
 
 from __future__ import annotations
 
+import dataclasses
+
 import secrets
 import time
 from collections import Counter
@@ -54,7 +56,9 @@ from pop3shield.limits import (
     ConnectionLimits,
     ConnectionPolicy,
     FailureDelays,
+    KnownPairs,
 )
+from pop3shield.hashpool import CLEAN, SUSPECT, TRUSTED
 from pop3shield.metrics import CommandScanner, Metrics
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
 from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
@@ -750,12 +754,24 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return None  # the client left while the state answered: no hashing for nobody
         f = self.factory
         self._login_deadline = self._login_arrived + f.delays.delay(max(counts) + 1)
-        if any(limit and count >= limit for count, limit in zip(counts, f.penalty_thresholds)):
-            # an active penalty (address, user or pair): refused at the deadline unchecked, so no
-            # thread hashes for a guesser (a right password is refused too, until it is forgotten)
+        over_address, over_user, over_pair = (bool(limit and count >= limit)
+                                              for count, limit in zip(counts, f.penalty_thresholds))
+        # the attempt's own history: its address's failures and the pair's (a user name being guessed
+        # from elsewhere says nothing about this client)
+        own_failures = counts[0] or counts[2]
+        if over_address or over_pair or (over_user and own_failures):
+            # an active penalty: refused at the deadline unchecked, so no thread hashes for a guesser
+            # (a right password is refused too, until it is forgotten); a user name guessed from many
+            # addresses is checked only for a client whose address and pair have no failures, once
+            # per such address, so its owner still logs in from a clean address
             log.debug("session {session} login not checked: failures address={address} user={user} pair={pair}",
                       session=self.session_id, address=counts[0], user=counts[1], pair=counts[2])
             raise LoginRefused("penalty")
+        # its place in the hashing queue: a guesser's attempts wait behind everyone's (hashpool)
+        standing = SUSPECT if own_failures else TRUSTED if f.known_pairs.known(self.client_address, \
+            self._login_user) else CLEAN
+        if standing != CLEAN:
+            client = dataclasses.replace(client, standing=standing)
         return f.backend.login(credentials, client)
 
     def _login_ok(self, mailbox: Any) -> None:
@@ -766,6 +782,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         f = self.factory
         address, user = self.client_address or "-", self._login_user or ""
+        f.known_pairs.add(self.client_address, user)
         d = f.state.succeeded(address, user)  # forgives this pair's failures only
         d.addErrback(self._state_error, "clearing the failures of a valid login")
         slot = user_key(user, self.client_address)
@@ -992,6 +1009,8 @@ class POP3ServerFactory(ServerFactory):
         self.tls = tls
         #: the open connections, which SIGTERM's grace period waits for
         self.connections = Connections(reactor)
+        #: who logged in from where lately: their next login is hashed first (hashpool)
+        self.known_pairs = KnownPairs(reactor.seconds)
         #: octets waiting for a client beyond which its connection stops (reading, commands, chunks)
         self.output_buffer_limit = output_buffer_limit
         #: seconds a client may take no output (or a closing connection may not flush) before the abort

@@ -23,7 +23,6 @@ from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
 from pop3shield.analysis import Analyzer
 from pop3shield.backends import IBackend
@@ -32,6 +31,7 @@ from pop3shield.backends.routing import split_endpoint
 from pop3shield.checker import PasswdFileChecker
 from pop3shield.config import Config, ConfigError
 from pop3shield.events import EventLog
+from pop3shield.hashpool import HashPool
 from pop3shield.metrics import Metrics, metrics_site
 from pop3shield.protocol import POP3ServerFactory
 from pop3shield.realm import MaildirRealm
@@ -220,7 +220,7 @@ def _check_same_files(config: Config, warn: Callable[[str, str], None]) -> None:
                 warn(key, f"{resolved} is also {other}")
 
 
-def hash_pool(reactor: Any) -> ThreadPool:
+def hash_pool(reactor: Any) -> Any:
     """The threads that verify password hashes, apart from the mailbox I/O ones (``server.hash_threads``).
 
     A login flood fills this pool's queue, never the reactor's pool that reads messages, so the
@@ -475,7 +475,8 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
-    hashing = ThreadPool(minthreads=0, maxthreads=config.server.hash_threads, name="pop3shield-hash")
+    # attempts with a failure history wait behind clean ones and hold one thread at most
+    hashing = HashPool(reactor, config.server.hash_threads)
     reactor.pop3shield_hash_pool = hashing  # the checkers built below verify in it
     metrics = Metrics()
     backend = build_backend(config, reactor, metrics)
@@ -490,7 +491,7 @@ def make_service(config: Config, reactor: Any = None,
     from pop3shield.logsetup import log_writer
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool),
-                         ("hash", lambda: hashing)],
+                         ("hash", lambda: hashing.pool)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     if config.server.workers > 1 and adopted is None:  # twistd (pop3shield run starts a supervisor instead)
         log.info("twistd runs one process: server.workers = {workers} is ignored (pop3shield run starts workers)",

@@ -71,6 +71,9 @@ class ClientInfo:
     port: int | None
     server_address: str | None = None
     server_port: int | None = None
+    #: the attempt's place in the hashing queue (pop3shield.hashpool): 0 this user logged in from
+    #: this address lately, 1 no failures, 2 its address or pair has recent failures
+    standing: int = 1
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,9 @@ class MaildirBackend:
         username = credentials.username.encode("utf-8")
         if credentials.mechanism == "APOP":
             checked: Any = APOPCredentials(username, credentials.challenge or b"", credentials.secret, client.address)
+            checked.standing = client.standing
         else:
-            checked = AddressedCredentials(username, credentials.secret, client.address)
+            checked = AddressedCredentials(username, credentials.secret, client.address, client.standing)
         d = self._one_hop(checked)
         if d is None:
             d = self.portal.login(checked, None, IMaildrop)

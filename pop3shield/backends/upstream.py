@@ -220,7 +220,7 @@ class UpstreamBackend:
         from pop3shield.checker import AddressedCredentials, LoginDisabled
 
         creds = AddressedCredentials(credentials.username.encode("utf-8"), credentials.secret,
-                                     client.address)
+                                     client.address, client.standing)
         try:
             await self.checker.requestAvatarId(creds)
         except LoginDisabled as exc:

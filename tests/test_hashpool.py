@@ -1,0 +1,90 @@
+"""pop3shield.hashpool: trusted login attempts first, then clean ones, then suspect ones, which hold one thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from pop3shield.hashpool import CLEAN, SUSPECT, TRUSTED, HashPool
+
+
+class HashPoolTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.pool = HashPool(reactor, threads=2, suspect_threads=1)
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.gate = threading.Event()
+        self.addCleanup(self.gate.set)
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+
+    def work(self, name: str, block: bool = True) -> str:
+        if block:
+            self.gate.wait(10)
+        with self.lock:
+            self.order.append(name)
+        return name
+
+    @defer.inlineCallbacks
+    def test_suspect_attempts_hold_one_thread_and_wait_behind_clean_ones(self):
+        first = self.pool.run(SUSPECT, self.work, "s1")
+        second = self.pool.run(SUSPECT, self.work, "s2")  # the one suspect thread is taken: it waits
+        clean = self.pool.run(CLEAN, self.work, "c1", False)  # the other thread is free for it
+        self.assertEqual((yield clean), "c1")
+        self.assertEqual((self.pool.running, self.pool.running_suspect, self.pool.queued), (1, 1, 1))
+        late_clean = self.pool.run(CLEAN, self.work, "c2")  # queued ahead of s2 although it came later
+        self.gate.set()
+        results = yield defer.gatherResults([first, second, late_clean])
+        self.assertEqual(results, ["s1", "s2", "c2"])
+        self.assertLess(self.order.index("c2"), self.order.index("s2"))
+        self.assertEqual((self.pool.running, self.pool.running_suspect, self.pool.queued), (0, 0, 0))
+
+    @defer.inlineCallbacks
+    def test_failures_reach_the_caller_and_free_the_thread(self):
+        def broken() -> None:
+            raise ValueError("no")
+        with self.assertRaises(ValueError):
+            yield self.pool.run(SUSPECT, broken)
+        self.assertEqual((self.pool.running, self.pool.running_suspect), (0, 0))
+        self.assertEqual((yield self.pool.run(SUSPECT, self.work, "after", False)), "after")
+
+    @defer.inlineCallbacks
+    def test_a_cancelled_queued_attempt_never_runs(self):
+        self.pool.run(CLEAN, self.work, "a")
+        self.pool.run(CLEAN, self.work, "b")  # both threads busy
+        waiting = self.pool.run(CLEAN, self.work, "never", False)
+        waiting.cancel()
+        self.failureResultOf(waiting, defer.CancelledError)
+        self.assertEqual(self.pool.queued, 0)
+        self.gate.set()
+        d = self.pool.run(CLEAN, self.work, "last", False)
+        self.assertEqual((yield d), "last")
+        time.sleep(0.1)
+        self.assertNotIn("never", self.order)
+
+    @defer.inlineCallbacks
+    def test_trusted_attempts_go_before_clean_ones(self):
+        self.pool.run(CLEAN, self.work, "a")
+        self.pool.run(CLEAN, self.work, "b")  # both threads busy
+        clean = self.pool.run(CLEAN, self.work, "clean")
+        trusted = self.pool.run(TRUSTED, self.work, "trusted")  # came last, served first
+        self.gate.set()
+        yield defer.gatherResults([clean, trusted])
+        self.assertLess(self.order.index("trusted"), self.order.index("clean"))
+
+
+def test_known_pairs_are_bounded_and_forgotten() -> None:
+    from pop3shield.limits import KnownPairs
+
+    now = [0.0]
+    pairs = KnownPairs(lambda: now[0], ttl=10.0, max_entries=2)
+    pairs.add("127.0.0.1", "alice")
+    pairs.add("127.0.0.2", "bob")
+    assert pairs.known("127.0.0.1", "alice") and not pairs.known("127.0.0.2", "alice")
+    pairs.add("127.0.0.3", "carol")  # the least recently logged in goes
+    assert not pairs.known("127.0.0.1", "alice") and pairs.known("127.0.0.2", "bob") and len(pairs) == 2
+    now[0] = 11.0
+    assert not pairs.known("127.0.0.3", "carol") and not pairs.known(None, None)
