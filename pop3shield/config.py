@@ -141,6 +141,10 @@ class ServerConfig:
     thread_pool_size: int = 10
     #: threads that verify password hashes, apart from thread_pool_size's mailbox I/O
     hash_threads: int = 4
+    #: of those, how many may hash for logins of pairs that did not log in lately (fresh addresses,
+    #: guessers); 0: the cores divided among the workers, so a flood of first guesses keeps every
+    #: core busy but never crowds out a user who logged in before
+    hash_threads_untrusted: int = 0
     #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()
     #: seconds a trusted proxy has to send that header
@@ -541,6 +545,7 @@ def _parse_server(ctx: _Context, data: dict[str, Any]) -> ServerConfig:
         input_buffer_limit=t.integer("input_buffer_limit", d.input_buffer_limit, MIN_INPUT_BUFFER),
         thread_pool_size=t.integer("thread_pool_size", d.thread_pool_size, 1, 256),
         hash_threads=t.integer("hash_threads", d.hash_threads, 1, 256),
+        hash_threads_untrusted=t.integer("hash_threads_untrusted", d.hash_threads_untrusted, 0, 256),
         proxy_protocol_networks=tuple(_network(t, f"proxy_protocol_networks[{i}]", text) for i, text in
                                       enumerate(t.array("proxy_protocol_networks", []))),
         proxy_protocol_timeout=_proxy_timeout(t, d.proxy_protocol_timeout),

@@ -9,12 +9,11 @@ left here is policy and this process's own total.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AddressLimits", "ConnectionLimits", "ConnectionPolicy", "FailureDelays", "KnownPairs"]
+__all__ = ["AddressLimits", "ConnectionLimits", "ConnectionPolicy", "FailureDelays"]
 
 TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
 TOO_MANY_FROM_ADDRESS = b"-ERR [SYS/TEMP] Too many connections from your address.\r\n"
@@ -99,38 +98,3 @@ class ConnectionPolicy:
             if any(net.version == ip.version and ip in net for net in networks):
                 return limits
         return self.default
-
-
-class KnownPairs:
-    """(address, user) pairs that logged in lately, in this process: their next login is hashed first.
-
-    Only an order of work (:mod:`pop3shield.hashpool`), never a reason to let anyone in, so it is
-    per process and needs no shared state. Bounded: the pair that logged in least lately goes first, in O(1).
-    """
-
-    def __init__(self, clock: Callable[[], float], ttl: float = 7 * 86400.0, max_entries: int = 100_000) -> None:
-        self.clock = clock
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._pairs: OrderedDict[tuple[str | None, str], float] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    def add(self, address: str | None, user: str) -> None:
-        key = (address, user)
-        self._pairs[key] = self.clock()
-        self._pairs.move_to_end(key)
-        while len(self._pairs) > self.max_entries:
-            self._pairs.popitem(last=False)
-
-    def known(self, address: str | None, user: str | None) -> bool:
-        if user is None:
-            return False
-        seen = self._pairs.get((address, user))
-        if seen is None:
-            return False
-        if self.clock() - seen > self.ttl:
-            del self._pairs[(address, user)]
-            return False
-        return True

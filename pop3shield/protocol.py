@@ -56,12 +56,11 @@ from pop3shield.limits import (
     ConnectionLimits,
     ConnectionPolicy,
     FailureDelays,
-    KnownPairs,
 )
 from pop3shield.hashpool import CLEAN, SUSPECT, TRUSTED
 from pop3shield.metrics import CommandScanner, Metrics
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
-from pop3shield.state import IState, LocalState, StateUnavailable, address_key, user_key
+from pop3shield.state import IState, LocalState, LoginHistory, StateUnavailable, address_key, user_key
 
 log = Logger(namespace="pop3shield.server")
 
@@ -749,27 +748,27 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     _login_arrived = 0.0
     _login_deadline = 0.0
 
-    def _check_login(self, counts: tuple[int, int, int], credentials: Credentials, client: ClientInfo) -> Any:
+    def _check_login(self, history: LoginHistory, credentials: Credentials, client: ClientInfo) -> Any:
         if self.session is None or self.session.closed:
             return None  # the client left while the state answered: no hashing for nobody
         f = self.factory
-        self._login_deadline = self._login_arrived + f.delays.delay(max(counts) + 1)
-        over_address, over_user, over_pair = (bool(limit and count >= limit)
-                                              for count, limit in zip(counts, f.penalty_thresholds))
+        self._login_deadline = self._login_arrived + f.delays.delay(history.level + 1)
+        over_address, over_user, over_pair = (bool(limit and count >= limit) for count, limit in
+                                              zip((history.address, history.user, history.pair),
+                                                  f.penalty_thresholds))
         # the attempt's own history: its address's failures and the pair's (a user name being guessed
         # from elsewhere says nothing about this client)
-        own_failures = counts[0] or counts[2]
-        if over_address or over_pair or (over_user and own_failures):
+        if over_address or over_pair or (over_user and history.own_failures):
             # an active penalty: refused at the deadline unchecked, so no thread hashes for a guesser
             # (a right password is refused too, until it is forgotten); a user name guessed from many
             # addresses is checked only for a client whose address and pair have no failures, once
             # per such address, so its owner still logs in from a clean address
             log.debug("session {session} login not checked: failures address={address} user={user} pair={pair}",
-                      session=self.session_id, address=counts[0], user=counts[1], pair=counts[2])
+                      session=self.session_id, address=history.address, user=history.user, pair=history.pair)
             raise LoginRefused("penalty")
-        # its place in the hashing queue: a guesser's attempts wait behind everyone's (hashpool)
-        standing = SUSPECT if own_failures else TRUSTED if f.known_pairs.known(self.client_address, \
-            self._login_user) else CLEAN
+        # its place in the hashing queue: a guesser's attempts wait behind everyone's; a pair that
+        # logged in lately (on any worker: the state remembers) goes first (hashpool)
+        standing = SUSPECT if history.own_failures else TRUSTED if history.known else CLEAN
         if standing != CLEAN:
             client = dataclasses.replace(client, standing=standing)
         return f.backend.login(credentials, client)
@@ -782,8 +781,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             return
         f = self.factory
         address, user = self.client_address or "-", self._login_user or ""
-        f.known_pairs.add(self.client_address, user)
-        d = f.state.succeeded(address, user)  # forgives this pair's failures only
+        d = f.state.succeeded(address, user)  # forgives this pair's failures only, and marks it known
         d.addErrback(self._state_error, "clearing the failures of a valid login")
         slot = user_key(user, self.client_address)
         d = f.state.acquire(slot, self.session_id, f.max_connections_per_user_ip)
@@ -1009,8 +1007,6 @@ class POP3ServerFactory(ServerFactory):
         self.tls = tls
         #: the open connections, which SIGTERM's grace period waits for
         self.connections = Connections(reactor)
-        #: who logged in from where lately: their next login is hashed first (hashpool)
-        self.known_pairs = KnownPairs(reactor.seconds)
         #: octets waiting for a client beyond which its connection stops (reading, commands, chunks)
         self.output_buffer_limit = output_buffer_limit
         #: seconds a client may take no output (or a closing connection may not flush) before the abort

@@ -457,6 +457,15 @@ def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
     return [c for c in dict.fromkeys(checkers) if hasattr(c, "reload")], routes
 
 
+def untrusted_hash_threads(config: Config, *, workers: bool) -> int:
+    """``server.hash_threads_untrusted``, or (0) this process's share of the cores: the cores divided
+    among ``server.workers`` in a worker, all of them in a single process (twistd)."""
+    if config.server.hash_threads_untrusted:
+        return config.server.hash_threads_untrusted
+    processes = config.server.workers if workers else 1
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def make_service(config: Config, reactor: Any = None,
                  announce: Callable[[str], None] | None = None, *, signals: bool = True, state: Any = None,
                  adopted: Any = None) -> service.MultiService:
@@ -475,8 +484,10 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
-    # attempts with a failure history wait behind clean ones and hold one thread at most
-    hashing = HashPool(reactor, config.server.hash_threads)
+    # attempts with a failure history wait behind clean ones and hold one thread at most; untrusted
+    # ones (clean or suspect) hold no more threads than this process's share of the cores
+    hashing = HashPool(reactor, config.server.hash_threads,
+                       untrusted_threads=untrusted_hash_threads(config, workers=adopted is not None))
     reactor.pop3shield_hash_pool = hashing  # the checkers built below verify in it
     metrics = Metrics()
     backend = build_backend(config, reactor, metrics)

@@ -9,7 +9,10 @@ Deferred so that no implementation can block the reactor:
   caller can answer from it before a password is hashed); :meth:`~IState.succeeded` forgives
   the failures of that one pair only (they are taken off the address's and the user's counts
   too), so holding one valid account does not reset the penalty for guessing others. Counts are
-  forgotten after ``failure_ttl`` seconds without a new failure.
+  forgotten after ``failure_ttl`` seconds without a new failure. A valid login also marks the
+  pair *known* for ``known_ttl`` seconds; :meth:`~IState.counts` returns the counts and that mark
+  together (:class:`LoginHistory`), so every process puts the next login of a user from an
+  address it logged in from before at the head of its hashing queue (:mod:`pop3shield.hashpool`).
 * **Connections**, as sets of members under a key (:func:`address_key` before login,
   :func:`user_key` after it): :meth:`~IState.acquire` adds a member unless the set
   already has ``limit``, :meth:`~IState.release` removes it. Every member carries an expiry
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
@@ -40,14 +44,38 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-__all__ = ["Failover", "IState", "LocalState", "RedisState", "StateUnavailable", "address_key", "build_state",
-           "user_key"]
+__all__ = ["Failover", "IState", "LocalState", "LoginHistory", "RedisState", "StateUnavailable", "address_key",
+           "build_state", "user_key"]
 
 log = Logger(namespace="pop3shield.state")
 
 #: a quiet period after which failures are forgotten (Dovecot's anvil forgets after a while too)
 FAILURE_TTL = 15 * 60.0
 CONNECTION_TTL = 60.0
+#: how long a pair that logged in stays known (its logins hashed first)
+KNOWN_TTL = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoginHistory:
+    """What the shared state says of a login attempt before its password is checked."""
+
+    #: failures of the client's address, of the user name (from anywhere), of the (address, user) pair
+    address: int = 0
+    user: int = 0
+    pair: int = 0
+    #: the pair logged in lately: an order of work only (hashed first), never a reason to let anyone in
+    known: bool = False
+
+    @property
+    def level(self) -> int:
+        """The penalty level the attempt meets: the largest of the three counts."""
+        return max(self.address, self.user, self.pair)
+
+    @property
+    def own_failures(self) -> bool:
+        """Failures of this client's own address or pair (a name guessed from elsewhere is not its doing)."""
+        return bool(self.address or self.pair)
 
 
 class StateUnavailable(Exception):
@@ -63,11 +91,12 @@ class IState(Interface):
     def penalty(address: str, user: str | None) -> defer.Deferred[int]:
         """The penalty level a login attempt would meet now (0: none)."""
 
-    def counts(address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
-        """The failure counts of the address, the user name and the pair (0 where there is none)."""
+    def counts(address: str, user: str | None) -> defer.Deferred[LoginHistory]:
+        """The failure counts of the address, the user name and the pair (0 where there is none),
+        and whether the pair is known (logged in within ``known_ttl``)."""
 
     def succeeded(address: str, user: str) -> defer.Deferred[None]:
-        """A valid login: forget the failures of this (address, user) pair, and only those."""
+        """A valid login: forget the failures of this (address, user) pair, and only those; mark it known."""
 
     def take(key: str, rate: float, burst: int) -> defer.Deferred[bool]:
         """Take a token from the bucket ``key`` (refilled at ``rate`` a second, ``burst`` at most); False if empty."""
@@ -103,6 +132,11 @@ def failure_keys(address: str, user: str | None) -> list[str]:
     return keys
 
 
+def known_key(address: str, user: str) -> str:
+    """The mark of a pair that logged in lately."""
+    return f"known:{address}\x00{user}"
+
+
 # --------------------------------------------------------------------------- in this process
 
 
@@ -111,11 +145,14 @@ class LocalState:
     """The default: this process's dicts, bounded (least recently touched evicted in O(1))."""
 
     def __init__(self, clock: Callable[[], float], *, failure_ttl: float = FAILURE_TTL,
-                 max_entries: int = 100_000) -> None:
+                 known_ttl: float = KNOWN_TTL, max_entries: int = 100_000) -> None:
         self.clock = clock
         self.failure_ttl = failure_ttl
+        self.known_ttl = known_ttl
         self.max_entries = max_entries
         self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        #: known pairs: key -> when it last logged in (the least recent evicted first, in O(1))
+        self._known: OrderedDict[str, float] = OrderedDict()
         self._sets: dict[str, set[str]] = {}
         #: token buckets: key -> (tokens, time); least recently used evicted in O(1) (a full bucket
         #: is what a forgotten one would be, so eviction only ever forgives)
@@ -152,16 +189,32 @@ class LocalState:
         now = self.clock()
         return max(self._count(key, now) for key in failure_keys(address, user))
 
-    def counts_now(self, address: str, user: str | None) -> tuple[int, int, int]:
+    def counts_now(self, address: str, user: str | None) -> LoginHistory:
         now = self.clock()
         found = [self._count(key, now) for key in failure_keys(address, user)]
-        return (found[0], found[1], found[2]) if user is not None else (found[0], 0, 0)
+        if user is None:
+            return LoginHistory(found[0])
+        return LoginHistory(found[0], found[1], found[2], self._is_known(known_key(address, user), now))
 
-    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+    def _is_known(self, key: str, now: float) -> bool:
+        seen = self._known.get(key)
+        if seen is None:
+            return False
+        if now - seen > self.known_ttl:
+            del self._known[key]
+            return False
+        return True
+
+    def counts(self, address: str, user: str | None) -> defer.Deferred[LoginHistory]:
         return defer.succeed(self.counts_now(address, user))
 
     def succeeded_now(self, address: str, user: str) -> None:
         now = self.clock()
+        known = known_key(address, user)
+        self._known[known] = now
+        self._known.move_to_end(known)
+        while len(self._known) > self.max_entries:
+            self._known.popitem(last=False)
         keys = failure_keys(address, user)
         forgiven = self._count(keys[2], now)
         if not forgiven:
@@ -237,8 +290,10 @@ for i, key in ipairs(KEYS) do
 end
 return level
 """
-# KEYS: address, user, pair counters. The pair's failures come off the other two.
+# KEYS: address, user, pair counters, the pair's known mark; ARGV[1]: how long it stays known, ms.
+# The pair's failures come off the other two.
 _SUCCEEDED = """
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[1])
 local n = tonumber(redis.call('GET', KEYS[3]) or '0')
 if n > 0 then
   for i = 1, 2 do
@@ -293,7 +348,7 @@ class RedisState:
 
     def __init__(self, url: str, reactor: Any, *, timeout: float = 0.5, threads: int = 2, max_queue: int = 256,
                  prefix: str = "pop3shield:", failure_ttl: float = FAILURE_TTL,
-                 connection_ttl: float = CONNECTION_TTL) -> None:
+                 connection_ttl: float = CONNECTION_TTL, known_ttl: float = KNOWN_TTL) -> None:
         import redis  # the blocking client, used from the thread pool below only
 
         self.url = url
@@ -302,6 +357,7 @@ class RedisState:
         self.max_queue = max_queue
         self.prefix = prefix
         self.failure_ttl_ms = int(failure_ttl * 1000)
+        self.known_ttl_ms = int(known_ttl * 1000)
         self.connection_ttl = connection_ttl
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            retry_on_timeout=False, max_connections=threads + 1,
@@ -358,15 +414,19 @@ class RedisState:
     def penalty_blocking(self, address: str, user: str | None) -> int:
         return max(int(v or 0) for v in self.client.mget(self._keys(failure_keys(address, user))))
 
-    def counts_blocking(self, address: str, user: str | None) -> tuple[int, int, int]:
-        found = [int(v or 0) for v in self.client.mget(self._keys(failure_keys(address, user)))]
-        return (found[0], found[1], found[2]) if user is not None else (found[0], 0, 0)
+    def counts_blocking(self, address: str, user: str | None) -> LoginHistory:
+        if user is None:
+            return LoginHistory(int(self.client.get(self._keys(failure_keys(address, None))[0]) or 0))
+        found = self.client.mget(self._keys(failure_keys(address, user) + [known_key(address, user)]))
+        a, u, p = (int(v or 0) for v in found[:3])
+        return LoginHistory(a, u, p, found[3] is not None)
 
-    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+    def counts(self, address: str, user: str | None) -> defer.Deferred[LoginHistory]:
         return self._call(self.counts_blocking, address, user)
 
     def succeeded_blocking(self, address: str, user: str) -> None:
-        self._scripts["succeeded"](keys=self._keys(failure_keys(address, user)))
+        self._scripts["succeeded"](keys=self._keys(failure_keys(address, user) + [known_key(address, user)]),
+                                   args=[self.known_ttl_ms])
 
     def acquire_blocking(self, key: str, member: str, limit: int) -> bool:
         ttl = int(self.connection_ttl * 1000)
@@ -491,7 +551,7 @@ class Failover:
     def penalty(self, address: str, user: str | None) -> defer.Deferred[int]:
         return self._run("penalty", address, user)
 
-    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
+    def counts(self, address: str, user: str | None) -> defer.Deferred[LoginHistory]:
         return self._run("counts", address, user)
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:

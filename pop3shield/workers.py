@@ -51,7 +51,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 from pop3shield.service import raise_backlog, uses_tls_section
-from pop3shield.state import IState, LocalState, StateUnavailable
+from pop3shield.state import IState, LocalState, LoginHistory, StateUnavailable
 
 __all__ = ["RemoteState", "Supervisor", "adopt_port", "run_supervisor"]
 
@@ -72,7 +72,7 @@ FIRST_FD = 3
 # that takes the raw box, the low-level API AMP offers "for simple messages for which the overhead
 # of parsing is too great"): there are six of them in every session. Field names: k key, m member,
 # l limit, a address, u user (absent: None), r rate, b burst, o the answer (b"1"/b"0", a level, or
-# for counts three levels separated by spaces).
+# for counts three levels and the known mark, 1 or 0, separated by spaces).
 ACQUIRE, RELEASE, FAILED, PENALTY, SUCCEEDED = b"acquire", b"release", b"failed", b"penalty", b"succeeded"
 COUNTS, TAKE = b"counts", b"take"
 
@@ -143,8 +143,8 @@ class StateServer(amp.AMP):
 
     def _counts(self, box: amp.AmpBox) -> amp.AmpBox:
         user = box.get(b"u")
-        counts = self.shared.counts_now(_text(box[b"a"]), None if user is None else _text(user))
-        return amp.AmpBox(o=b"%d %d %d" % counts)
+        h = self.shared.counts_now(_text(box[b"a"]), None if user is None else _text(user))
+        return amp.AmpBox(o=b"%d %d %d %d" % (h.address, h.user, h.pair, h.known))
 
     def _take(self, box: amp.AmpBox) -> amp.AmpBox:
         ok = self.shared.take_now(_text(box[b"k"]), float(box[b"r"]), int(box[b"b"]))
@@ -246,10 +246,10 @@ class RemoteState:
     def penalty(self, address: str, user: str | None) -> defer.Deferred[int]:
         return self._call(PENALTY, **self._who(address, user)).addCallback(lambda box: int(box[b"o"]))
 
-    def counts(self, address: str, user: str | None) -> defer.Deferred[tuple[int, int, int]]:
-        def parse(box: amp.AmpBox) -> tuple[int, int, int]:
-            a, u, p = (int(n) for n in box[b"o"].split())
-            return a, u, p
+    def counts(self, address: str, user: str | None) -> defer.Deferred[LoginHistory]:
+        def parse(box: amp.AmpBox) -> LoginHistory:
+            a, u, p, known = (int(n) for n in box[b"o"].split())
+            return LoginHistory(a, u, p, bool(known))
         return self._call(COUNTS, **self._who(address, user)).addCallback(parse)
 
     def succeeded(self, address: str, user: str) -> defer.Deferred[None]:

@@ -25,6 +25,27 @@ def test_hash_threads_is_a_config_key() -> None:
     assert config.server.hash_threads == 2
 
 
+def test_untrusted_hash_threads_default_to_the_process_share_of_the_cores(monkeypatch) -> None:
+    from pop3shield.config import ConfigError
+    from pop3shield.service import untrusted_hash_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    config = parse_config({"server": {"workers": 2}, "auth": {"realm": "a:b"}}, "p.toml", ".")
+    assert config.server.hash_threads_untrusted == 0
+    assert untrusted_hash_threads(config, workers=True) == 2  # 4 cores, 2 workers
+    assert untrusted_hash_threads(config, workers=False) == 4  # one process (twistd)
+    config = parse_config({"server": {"workers": 8}, "auth": {"realm": "a:b"}}, "p.toml", ".")
+    assert untrusted_hash_threads(config, workers=True) == 1
+    config = parse_config({"server": {"hash_threads_untrusted": 3}, "auth": {"realm": "a:b"}}, "p.toml", ".")
+    assert untrusted_hash_threads(config, workers=True) == 3
+    try:
+        parse_config({"server": {"hash_threads_untrusted": -1}, "auth": {"realm": "a:b"}}, "p.toml", ".")
+    except ConfigError as exc:
+        assert "hash_threads_untrusted" in str(exc)
+    else:
+        raise AssertionError("a negative thread count was accepted")
+
+
 def test_retr_goes_on_while_the_hash_pool_is_saturated(tmp_path: Path) -> None:
     passwd = tmp_path / "users.passwd"
     hashed = hash_password("reader-secret", BLF_CRYPT)

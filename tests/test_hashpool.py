@@ -67,24 +67,36 @@ class HashPoolTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_trusted_attempts_go_before_clean_ones(self):
-        self.pool.run(CLEAN, self.work, "a")
-        self.pool.run(CLEAN, self.work, "b")  # both threads busy
-        clean = self.pool.run(CLEAN, self.work, "clean")
-        trusted = self.pool.run(TRUSTED, self.work, "trusted")  # came last, served first
+        pool = HashPool(reactor, threads=1)  # one thread: the order of service is the order of work
+        pool.start()
+        self.addCleanup(pool.stop)
+        pool.run(CLEAN, self.work, "busy")
+        clean = pool.run(CLEAN, self.work, "clean")
+        trusted = pool.run(TRUSTED, self.work, "trusted")  # came last, served first
         self.gate.set()
         yield defer.gatherResults([clean, trusted])
-        self.assertLess(self.order.index("trusted"), self.order.index("clean"))
+        self.assertEqual(self.order, ["busy", "trusted", "clean"])
 
+    @defer.inlineCallbacks
+    def test_untrusted_attempts_hold_at_most_their_threads_and_trusted_ones_find_one(self):
+        pool = HashPool(reactor, threads=3, suspect_threads=1, untrusted_threads=2)
+        pool.start()
+        self.addCleanup(pool.stop)
+        fresh = [pool.run(CLEAN, self.work, f"c{n}") for n in range(5)]  # a flood of first guesses
+        guess = pool.run(SUSPECT, self.work, "s")
+        self.assertEqual((pool.running, pool.running_untrusted, pool.running_suspect, pool.queued), (2, 2, 0, 4))
+        trusted = pool.run(TRUSTED, self.work, "known", False)  # the third thread is free for it
+        self.assertEqual((yield trusted), "known")
+        self.assertEqual(self.order, ["known"])
+        self.assertEqual((pool.running, pool.running_untrusted), (2, 2))
+        self.gate.set()
+        results = yield defer.gatherResults(fresh + [guess])
+        self.assertEqual(results, ["c0", "c1", "c2", "c3", "c4", "s"])
+        self.assertEqual(self.order[-1], "s")  # the suspect one after every clean one
+        self.assertEqual((pool.running, pool.running_untrusted, pool.running_suspect, pool.queued), (0, 0, 0, 0))
 
-def test_known_pairs_are_bounded_and_forgotten() -> None:
-    from pop3shield.limits import KnownPairs
-
-    now = [0.0]
-    pairs = KnownPairs(lambda: now[0], ttl=10.0, max_entries=2)
-    pairs.add("127.0.0.1", "alice")
-    pairs.add("127.0.0.2", "bob")
-    assert pairs.known("127.0.0.1", "alice") and not pairs.known("127.0.0.2", "alice")
-    pairs.add("127.0.0.3", "carol")  # the least recently logged in goes
-    assert not pairs.known("127.0.0.1", "alice") and pairs.known("127.0.0.2", "bob") and len(pairs) == 2
-    now[0] = 11.0
-    assert not pairs.known("127.0.0.3", "carol") and not pairs.known(None, None)
+    def test_limits_are_checked(self) -> None:
+        with self.assertRaises(ValueError):
+            HashPool(reactor, threads=2, untrusted_threads=0)
+        pool = HashPool(reactor, threads=2, suspect_threads=3, untrusted_threads=5)
+        self.assertEqual((pool.untrusted_threads, pool.suspect_threads), (2, 2))

@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from pop3shield.config import ConfigError, parse_config
 from pop3shield.limits import FailureDelays
-from pop3shield.state import LocalState
+from pop3shield.state import LocalState, LoginHistory
 from tests.test_protocol import connect, mailroot, make_factory, take  # noqa: F401 (fixture)
 
 
@@ -63,6 +63,25 @@ def test_failures_are_forgotten_after_a_quiet_period_and_bounded() -> None:
         state.failed(f"203.0.113.{n}", f"u{n}")
     assert len(state._failures) == 30  # the least recently touched went first
     assert result(state.penalty("203.0.113.99", "u99")) == 1 and result(state.penalty("192.0.2.1", "bob")) == 0
+
+
+def test_a_valid_login_marks_its_pair_known_bounded_and_forgotten() -> None:
+    clock = Clock()
+    state = LocalState(clock.seconds, known_ttl=100, max_entries=3)
+    state.failed("192.0.2.1", "bob")
+    assert result(state.counts("192.0.2.1", "bob")) == LoginHistory(1, 1, 1, known=False)
+    result(state.succeeded("192.0.2.1", "bob"))
+    assert result(state.counts("192.0.2.1", "bob")) == LoginHistory(0, 0, 0, known=True)
+    assert not result(state.counts("192.0.2.2", "bob")).known  # the pair, not the user
+    assert not result(state.counts("192.0.2.1", None)).known
+    clock.advance(50)
+    result(state.succeeded("192.0.2.2", "ann"))
+    result(state.succeeded("192.0.2.3", "cy"))
+    result(state.succeeded("192.0.2.4", "dan"))  # the least recently logged in pair goes
+    assert not result(state.counts("192.0.2.1", "bob")).known
+    assert result(state.counts("192.0.2.2", "ann")).known
+    clock.advance(101)
+    assert not result(state.counts("192.0.2.3", "cy")).known and len(state._known) == 2
 
 
 def test_connection_sets_have_a_limit_and_release() -> None:

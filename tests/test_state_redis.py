@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from pop3shield.state import LoginHistory
 from tests.support.redis import RedisServer
-
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,9 @@ def test_valid_login_forgives_its_own_pair_only(state) -> None:
     assert state.failed_blocking("192.0.2.1", "bob") == 4
     state.succeeded_blocking("192.0.2.1", "bob")
     assert state.penalty_blocking("192.0.2.1", "bob") == 0
-    assert state.client.keys(state.prefix + "*") == []  # nothing left behind
+    # no failure counter left behind; what remains is the two pairs' known marks, which expire
+    assert sorted(state.client.keys(state.prefix + "*")) == [
+        (state.prefix + "known:192.0.2.1\x00alice").encode(), (state.prefix + "known:192.0.2.1\x00bob").encode()]
 
 
 def test_failure_counters_carry_the_quiet_period_as_ttl(state) -> None:
@@ -98,6 +100,16 @@ def test_the_token_bucket_is_shared_and_refills(state) -> None:
 def test_failure_counts_of_address_user_and_pair(state) -> None:
     state.failed_blocking("192.0.2.1", "bob")
     state.failed_blocking("192.0.2.1", "carol")
-    assert state.counts_blocking("192.0.2.1", "bob") == (2, 1, 1)
-    assert state.counts_blocking("192.0.2.9", "bob") == (0, 1, 0)
-    assert state.counts_blocking("192.0.2.1", None) == (2, 0, 0)
+    assert state.counts_blocking("192.0.2.1", "bob") == LoginHistory(2, 1, 1, known=False)
+    assert state.counts_blocking("192.0.2.9", "bob") == LoginHistory(0, 1, 0)
+    assert state.counts_blocking("192.0.2.1", None) == LoginHistory(2, 0, 0)
+
+
+def test_a_valid_login_marks_its_pair_known_for_every_process(state) -> None:
+    """What a worker or host learns at a login orders the next one's hashing on any other (hashpool)."""
+    state.failed_blocking("192.0.2.1", "bob")
+    state.succeeded_blocking("192.0.2.1", "bob")
+    assert state.counts_blocking("192.0.2.1", "bob") == LoginHistory(0, 0, 0, known=True)
+    assert not state.counts_blocking("192.0.2.2", "bob").known and not state.counts_blocking("192.0.2.1", "ann").known
+    ttl = state.client.pttl(state.prefix + "known:192.0.2.1\x00bob")
+    assert 0 < ttl <= state.known_ttl_ms

@@ -418,3 +418,38 @@ def test_twistd_runs_one_process_and_says_so(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def test_known_pairs_and_failure_counts_are_shared_through_the_supervisor() -> None:
+    """A login on one worker puts that pair's next login first in every worker's hashing queue (hashpool)."""
+    from twisted.internet.task import Clock
+    from twisted.test.iosim import connectedServerAndClient
+
+    from pop3shield.state import LoginHistory
+    from pop3shield.workers import RemoteState, SharedLocalState, StateServer, WorkerChannel
+
+    class Parent:
+        state = SharedLocalState(Clock().seconds)
+
+        def channel_lost(self, channel: object) -> None:
+            pass
+
+    parent = Parent()
+    workers = []
+    for _ in range(2):
+        channel, _server, pump = connectedServerAndClient(lambda: StateServer(parent), WorkerChannel)
+        channel.transport.connected = True  # what a real UNIX transport says (iosim's fake has no such flag)
+        workers.append((RemoteState(channel), pump))
+
+    def ask(n: int, d):
+        out: list = []
+        d.addBoth(out.append)
+        workers[n][1].flush()
+        assert out, "the supervisor answered"
+        return out[0]
+
+    assert ask(0, workers[0][0].failed("192.0.2.1", "bob")) == 1
+    assert ask(1, workers[1][0].counts("192.0.2.1", "bob")) == LoginHistory(1, 1, 1, known=False)
+    ask(0, workers[0][0].succeeded("192.0.2.1", "bob"))
+    assert ask(1, workers[1][0].counts("192.0.2.1", "bob")) == LoginHistory(0, 0, 0, known=True)
+    assert ask(1, workers[1][0].counts("192.0.2.1", None)) == LoginHistory(0)
