@@ -139,11 +139,11 @@ class ServerConfig:
     auth_unchecked_pair: int = 10
     input_buffer_limit: int = 65536
     thread_pool_size: int = 10
-    #: threads that verify password hashes, apart from thread_pool_size's mailbox I/O
+    #: threads that verify password hashes for logins of a user from an address it logged in from
+    #: lately, apart from thread_pool_size's mailbox I/O
     hash_threads: int = 4
-    #: of those, how many may hash for logins of pairs that did not log in lately (fresh addresses,
-    #: guessers); 0: the cores divided among the workers, so a flood of first guesses keeps every
-    #: core busy but never crowds out a user who logged in before
+    #: low-priority threads (nice 19) that verify the other logins (fresh addresses, guessers); 0: the
+    #: cores divided among the workers, so a flood of first guesses never crowds out a known user
     hash_threads_untrusted: int = 0
     #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()

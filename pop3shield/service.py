@@ -484,8 +484,8 @@ def make_service(config: Config, reactor: Any = None,
 
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
-    # attempts with a failure history wait behind clean ones and hold one thread at most; untrusted
-    # ones (clean or suspect) hold no more threads than this process's share of the cores
+    # known pairs hash on threads of their own; the others (clean, then suspect, which hold one
+    # thread at most) on low-priority ones, no more than this process's share of the cores
     hashing = HashPool(reactor, config.server.hash_threads,
                        untrusted_threads=untrusted_hash_threads(config, workers=adopted is not None))
     reactor.pop3shield_hash_pool = hashing  # the checkers built below verify in it
@@ -502,7 +502,7 @@ def make_service(config: Config, reactor: Any = None,
     from pop3shield.logsetup import log_writer
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool),
-                         ("hash", lambda: hashing.pool)],
+                         ("hash", lambda: hashing.pool), ("hash_untrusted", lambda: hashing.untrusted_pool)],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     if config.server.workers > 1 and adopted is None:  # twistd (pop3shield run starts a supervisor instead)
         log.info("twistd runs one process: server.workers = {workers} is ignored (pop3shield run starts workers)",

@@ -103,3 +103,51 @@ def test_retr_goes_on_while_the_hash_pool_is_saturated(tmp_path: Path) -> None:
     assert max(answered) - flood_start > FLOOD * cost * 0.3, (answered, cost)
     assert sum(1 for t in answered if t > retr_done) >= FLOOD // 3, (retr_done, answered)
     assert retr_done - retr_start < FLOOD * cost / 4, (retr_done - retr_start, cost)
+
+
+def test_a_known_user_is_hashed_before_a_flood_from_fresh_addresses_on_every_worker(tmp_path: Path) -> None:
+    """brute-many: each fresh address's first guess is clean and may be hashed, but only on the
+    low-priority untrusted threads; a user who logged in from its address before goes first,
+    whichever worker takes its connection (the supervisor's state remembers the pair)."""
+    passwd = tmp_path / "users.passwd"
+    passwd.write_text(f"known:{hash_password('known-secret', BLF_CRYPT)}\n"
+                      f"victim:{hash_password('victim-secret', BLF_CRYPT)}\n", encoding="utf-8")
+    passwd.chmod(0o600)
+    server = Pop3ShieldServer(passwd_file=passwd, workers=2,
+                              server_toml="hash_threads = 2\nhash_threads_untrusted = 1\nauth_failure_delay = 0\n"
+                                          "auth_unchecked_address = 0\nauth_unchecked_user = 0\n"
+                                          "auth_unchecked_pair = 0")
+    host, port = server.start(tmp_path / "srv", {"known": "", "victim": ""}, tmp_path / "mail")
+    answered: list[float] = []
+    logins: list[float] = []
+
+    def login(address: str, user: str, password: str) -> bytes:
+        with socket.create_connection((host, port), timeout=120, source_address=(address, 0)) as sock:
+            r = sock.makefile("rb")
+            r.readline()
+            sock.sendall(f"USER {user}\r\nPASS {password}\r\n".encode())
+            r.readline()
+            reply = r.readline()
+            sock.sendall(b"QUIT\r\n")
+            return reply
+
+    def guess(n: int) -> None:
+        assert login(f"127.0.3.{n + 1}", "victim", "wrong").startswith(b"-ERR [AUTH]")
+        answered.append(time.monotonic())
+    try:
+        assert login("127.0.0.1", "known", "known-secret").startswith(b"+OK"), server.diagnostics()
+        flood = [threading.Thread(target=guess, args=(n,), daemon=True) for n in range(FLOOD)]
+        for thread in flood:
+            thread.start()
+        time.sleep(0.5)  # the guesses are queued for the two low-priority threads (one a worker)
+        for _ in range(4):  # on either worker: known to both through the supervisor
+            assert login("127.0.0.1", "known", "known-secret").startswith(b"+OK"), server.diagnostics()
+            logins.append(time.monotonic())
+        for thread in flood:
+            thread.join(120)
+    finally:
+        server.stop()
+    assert len(answered) == FLOOD
+    # ordering, not timing: every known login came while most of the flood still waited for its hash
+    for done in logins:
+        assert sum(1 for t in answered if t > done) >= FLOOD // 3, (logins, sorted(answered))

@@ -35,12 +35,21 @@ class HashPoolTests(unittest.TestCase):
         clean = self.pool.run(CLEAN, self.work, "c1", False)  # the other thread is free for it
         self.assertEqual((yield clean), "c1")
         self.assertEqual((self.pool.running, self.pool.running_suspect, self.pool.queued), (1, 1, 1))
-        late_clean = self.pool.run(CLEAN, self.work, "c2")  # queued ahead of s2 although it came later
         self.gate.set()
-        results = yield defer.gatherResults([first, second, late_clean])
-        self.assertEqual(results, ["s1", "s2", "c2"])
-        self.assertLess(self.order.index("c2"), self.order.index("s2"))
+        self.assertEqual((yield defer.gatherResults([first, second])), ["s1", "s2"])
         self.assertEqual((self.pool.running, self.pool.running_suspect, self.pool.queued), (0, 0, 0))
+
+    @defer.inlineCallbacks
+    def test_a_clean_attempt_that_came_later_goes_before_a_suspect_one(self):
+        pool = HashPool(reactor, threads=1, untrusted_threads=1)  # one thread: service order is work order
+        pool.start()
+        self.addCleanup(pool.stop)
+        first = pool.run(SUSPECT, self.work, "s1")
+        suspect = pool.run(SUSPECT, self.work, "s2")
+        clean = pool.run(CLEAN, self.work, "c2")
+        self.gate.set()
+        self.assertEqual((yield defer.gatherResults([first, suspect, clean])), ["s1", "s2", "c2"])
+        self.assertEqual(self.order, ["s1", "c2", "s2"])
 
     @defer.inlineCallbacks
     def test_failures_reach_the_caller_and_free_the_thread(self):
@@ -66,16 +75,19 @@ class HashPoolTests(unittest.TestCase):
         self.assertNotIn("never", self.order)
 
     @defer.inlineCallbacks
-    def test_trusted_attempts_go_before_clean_ones(self):
-        pool = HashPool(reactor, threads=1)  # one thread: the order of service is the order of work
+    def test_trusted_attempts_do_not_wait_for_clean_ones(self):
+        pool = HashPool(reactor, threads=1, untrusted_threads=1)
         pool.start()
         self.addCleanup(pool.stop)
-        pool.run(CLEAN, self.work, "busy")
-        clean = pool.run(CLEAN, self.work, "clean")
-        trusted = pool.run(TRUSTED, self.work, "trusted")  # came last, served first
+        pool.run(CLEAN, self.work, "busy")  # holds the one untrusted thread
+        clean = pool.run(CLEAN, self.work, "clean", False)
+        trusted = pool.run(TRUSTED, self.work, "trusted", False)  # came last, served at once
+        self.assertEqual((yield trusted), "trusted")
+        self.assertEqual(self.order, ["trusted"])
+        self.assertEqual(pool.queued, 1)
         self.gate.set()
-        yield defer.gatherResults([clean, trusted])
-        self.assertEqual(self.order, ["busy", "trusted", "clean"])
+        self.assertEqual((yield clean), "clean")
+        self.assertEqual(self.order, ["trusted", "busy", "clean"])
 
     @defer.inlineCallbacks
     def test_untrusted_attempts_hold_at_most_their_threads_and_trusted_ones_find_one(self):
@@ -92,11 +104,27 @@ class HashPoolTests(unittest.TestCase):
         self.gate.set()
         results = yield defer.gatherResults(fresh + [guess])
         self.assertEqual(results, ["c0", "c1", "c2", "c3", "c4", "s"])
-        self.assertEqual(self.order[-1], "s")  # the suspect one after every clean one
         self.assertEqual((pool.running, pool.running_untrusted, pool.running_suspect, pool.queued), (0, 0, 0, 0))
 
     def test_limits_are_checked(self) -> None:
         with self.assertRaises(ValueError):
             HashPool(reactor, threads=2, untrusted_threads=0)
-        pool = HashPool(reactor, threads=2, suspect_threads=3, untrusted_threads=5)
+        pool = HashPool(reactor, threads=2, suspect_threads=3, untrusted_threads=2)
         self.assertEqual((pool.untrusted_threads, pool.suspect_threads), (2, 2))
+
+    @defer.inlineCallbacks
+    def test_untrusted_attempts_hash_at_the_lowest_priority_and_trusted_ones_do_not(self):
+        import os
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            raise unittest.SkipTest("per-thread nice values are Linux's")
+
+        def niceness() -> int:
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        clean, suspect, trusted = yield defer.gatherResults([
+            self.pool.run(CLEAN, niceness), self.pool.run(SUSPECT, niceness), self.pool.run(TRUSTED, niceness)])
+        self.assertEqual((clean, suspect), (19, 19))
+        self.assertEqual(trusted, ours)
+        self.assertEqual(os.getpriority(os.PRIO_PROCESS, 0), ours)  # the process (and its reactor) untouched
