@@ -56,6 +56,23 @@ def _at_low_priority(function: Callable[..., Any], *args: Any) -> Any:
     return function(*args)
 
 
+class _Gauges:
+    """``queued`` and ``working`` of the trusted or the untrusted side of a :class:`HashPool`."""
+
+    def __init__(self, pool: HashPool, trusted: bool) -> None:
+        self._pool, self._trusted = pool, trusted
+
+    @property
+    def queued(self) -> int:
+        queues = self._pool._queues
+        return len(queues[TRUSTED]) if self._trusted else len(queues[CLEAN]) + len(queues[SUSPECT])
+
+    @property
+    def working(self) -> int:
+        pool = self._pool
+        return pool.running - pool.running_untrusted if self._trusted else pool.running_untrusted
+
+
 class HashPool:
     """``threads`` hashing threads for trusted attempts; ``untrusted_threads`` low-priority ones
     (default: as many) for clean and then suspect attempts, at most ``suspect_threads`` of those
@@ -83,6 +100,10 @@ class HashPool:
     @property
     def queued(self) -> int:
         return sum(len(queue) for queue in self._queues)
+
+    def gauges(self, trusted: bool) -> Any:
+        """The queue and the busy threads of one side, as the metrics read a thread pool."""
+        return _Gauges(self, trusted)
 
     def start(self) -> None:
         self.pool.start()

@@ -107,7 +107,8 @@ class _Readings(Collector):
             if pool is None:
                 continue
             queued.add_metric([name], _qsize(pool))
-            working.add_metric([name], len(getattr(pool, "working", ())))
+            busy = getattr(pool, "working", ())
+            working.add_metric([name], busy if isinstance(busy, int) else len(busy))
         yield queued
         yield working
         dropped = CounterMetricFamily("pop3shield_log_dropped_lines",
@@ -125,6 +126,8 @@ class _Readings(Collector):
 
 
 def _qsize(pool: Any) -> int:
+    if isinstance(getattr(pool, "queued", None), int):  # a pool that queues work itself (hashpool)
+        return pool.queued
     q = getattr(pool, "q", None)  # twisted.python.threadpool.ThreadPool's queue of work
     try:
         return int(q.qsize()) if q is not None else 0

@@ -502,7 +502,8 @@ def make_service(config: Config, reactor: Any = None,
     from pop3shield.logsetup import log_writer
 
     metrics.watch(pools=[("reactor", reactor.getThreadPool), ("analysis", lambda: analyzer.pool),
-                         ("hash", lambda: hashing.pool), ("hash_untrusted", lambda: hashing.untrusted_pool)],
+                         ("hash", lambda: hashing.gauges(trusted=True)),
+                         ("hash_untrusted", lambda: hashing.gauges(trusted=False))],
                   writers=[("events", lambda: events.writer), ("server", log_writer)])
     if config.server.workers > 1 and adopted is None:  # twistd (pop3shield run starts a supervisor instead)
         log.info("twistd runs one process: server.workers = {workers} is ignored (pop3shield run starts workers)",

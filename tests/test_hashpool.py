@@ -97,6 +97,8 @@ class HashPoolTests(unittest.TestCase):
         fresh = [pool.run(CLEAN, self.work, f"c{n}") for n in range(5)]  # a flood of first guesses
         guess = pool.run(SUSPECT, self.work, "s")
         self.assertEqual((pool.running, pool.running_untrusted, pool.running_suspect, pool.queued), (2, 2, 0, 4))
+        untrusted, trusted_side = pool.gauges(trusted=False), pool.gauges(trusted=True)
+        self.assertEqual((untrusted.queued, untrusted.working, trusted_side.queued, trusted_side.working), (4, 2, 0, 0))
         trusted = pool.run(TRUSTED, self.work, "known", False)  # the third thread is free for it
         self.assertEqual((yield trusted), "known")
         self.assertEqual(self.order, ["known"])

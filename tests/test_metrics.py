@@ -174,6 +174,9 @@ def test_counters_after_real_sessions(shield: Pop3ShieldServer) -> None:
     assert value(after, "pop3shield_threadpool_working", pool="reactor") >= 1
     assert value(after, "pop3shield_threadpool_queue_depth", pool="reactor") == 0
     assert ("pop3shield_threadpool_queue_depth", (("pool", "analysis"),)) in after
+    # the hash pool's own queues, both sides (idle again after the logins)
+    assert value(after, "pop3shield_threadpool_queue_depth", pool="hash") == 0
+    assert value(after, "pop3shield_threadpool_working", pool="hash_untrusted") == 0
     assert value(after, "pop3shield_log_dropped_lines_total", log="events") == 0
     assert ("pop3shield_log_dropped_lines_total", (("log", "events"),)) in after
     assert ("pop3shield_log_dropped_lines_total", (("log", "server"),)) in after
