@@ -254,6 +254,7 @@ class MessageSender:
                 if not self._consume(data):
                     self._reading = False
                     return
+        self._in_thread = True
         d = self.offload(self.source.read if reader is None else reader.read, CHUNK)
         d.addCallbacks(self._got, self._failed)
 
@@ -263,8 +264,14 @@ class MessageSender:
             self._positional = self._reader is not None
         return self._reader
 
+    #: a read runs in the thread pool: the file is closed when it returns, not under it (its
+    #: descriptor could be reused by then)
+    _in_thread = False
+    _close_when_read = False
+
     def _got(self, data: bytes) -> None:
         """A chunk read in the thread pool."""
+        self._thread_read_over()
         if self._consume(data):
             self._read_next()
         else:
@@ -341,8 +348,15 @@ class MessageSender:
         self._close_source()
         self._done.errback(SizeMismatch(self.expected or 0, self._final(), before_first_byte=self.sent == 0))
 
+    def _thread_read_over(self) -> None:
+        if self._in_thread:
+            self._in_thread = False
+            if self._close_when_read:
+                self._close_source()
+
     def _failed(self, failure: Any) -> None:
         """A read error after the status line: the response cannot be completed."""
+        self._thread_read_over()
         self._reading = False
         if self._stopped:
             return
@@ -357,6 +371,9 @@ class MessageSender:
             self.consumer.unregisterProducer()
 
     def _close_source(self) -> None:
+        if self._in_thread:
+            self._close_when_read = True
+            return
         try:
             self.source.close()
         except OSError:

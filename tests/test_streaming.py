@@ -435,3 +435,37 @@ def test_positional_reader_refuses_what_is_not_a_regular_file(tmp_path: Path) ->
         reader.offset = 99_995
         assert reader.read(10) == b"56789"  # short only at the end
         assert reader.read(10) == b""
+
+
+def test_a_connection_lost_during_a_thread_read_closes_the_file_when_the_read_returns(tmp_path: Path) -> None:
+    """Its descriptor must not be closed (and perhaps reused) under a read still running."""
+    data = AWKWARD["crlf"] * 8  # more chunks than go inline in one go
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    pending: list[tuple[defer.Deferred, object]] = []
+
+    def later(function, *args):  # type: ignore[no-untyped-def]
+        d: defer.Deferred = defer.Deferred()
+        pending.append((d, lambda: function(*args)))
+        return d
+    source = open(path, "rb")  # noqa: SIM115
+    transport = Transport()
+    sender = MessageSender(transport, source, DotStuffer(), later, expected=wire_size(data))
+    results: list[object] = []
+    sender.start(source.read(CHUNK), prefix=STATUS).addBoth(results.append)
+    assert not results and len(pending) == 1  # INLINE_CHUNKS cached chunks, then a read in the pool
+    sender.stopProducing()  # the client left meanwhile
+    assert results and isinstance(results[0], Failure) and results[0].check(ConnectionError)
+    assert not source.closed
+    d, run = pending.pop()
+    d.callback(run())  # type: ignore[operator]
+    assert source.closed
+    assert not transport.value().endswith(b".\r\n")
+
+
+def test_top_with_a_promise_counts_the_whole_file(tmp_path: Path) -> None:
+    """An encoder that cuts counts less than it is fed: a promise is then checked with WireCount."""
+    data = AWKWARD["crlf"]
+    path = tmp_path / "m"
+    path.write_bytes(data)
+    assert send_file(path, wire_size(data), 3) == (STATUS + stuff(data, 3), len(STATUS + stuff(data, 3)))
