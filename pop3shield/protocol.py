@@ -172,9 +172,12 @@ class _ClientStream:
         if not self.paused:
             return
         self.paused = False
-        if self._producer is not None:
-            self._producer.resumeProducing()
+        # the connection first (its stall timer stops), then the backend's producer: one that
+        # writes at once (a cached chunk) may fill the buffer and pause us again right here, and
+        # the stall timer that pause starts must not be cancelled by a resumption already over
         self.on_resume()
+        if self._producer is not None and not self.paused:
+            self._producer.resumeProducing()
 
     def stopProducing(self) -> None:
         self._registered = False

@@ -187,3 +187,37 @@ def test_replies_are_written_before_any_action_that_is_not_a_reply(mailroot: Pat
     assert seen == [b"+OK one\r\n+OK two\r\n"]
     assert take(transport) == b"+OK one\r\n+OK two\r\n+OK three\r\n"
     assert writes.count == 2
+
+
+def test_a_producer_that_refills_the_output_as_it_resumes_keeps_the_stall_timer(mailroot: Path) -> None:
+    """A backend producer may write at once when resumed (a chunk already in the page cache) and
+    fill the buffer again before the resumption returns: that pause must keep its stall timer."""
+    clock = Clock()
+    proto, transport = connect(make_factory(mailroot, clock, write_stall_timeout=5.0))
+    login(proto, transport)
+    out = transport.producer  # the connection's output
+
+    class Refill:
+        resumed = 0
+
+        def resumeProducing(self) -> None:
+            self.resumed += 1
+            out.write(b"x" * 10)
+            out.pauseProducing()  # the transport: more than the cap waits again
+
+        def pauseProducing(self) -> None:
+            pass
+
+        def stopProducing(self) -> None:
+            pass
+
+    producer = Refill()
+    out.registerProducer(producer, True)
+    out.pauseProducing()
+    clock.advance(4)
+    out.resumeProducing()  # drained: progress, so the timer starts over; and full again at once
+    assert producer.resumed == 1 and out.paused
+    clock.advance(4.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnected  # the client took nothing for 5 s after the refill

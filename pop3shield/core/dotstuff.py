@@ -24,14 +24,30 @@ already went out), and a '.' right after it is stuffed. Emitting eagerly means
 nothing is ever pending, so :meth:`DotStuffer.finish` never has held data to
 flush and no chunk has to be copied just to glue one byte in front of it.
 
-Performance: all work per chunk is done with ``bytes.count``/``find``/
-``replace`` (C loops); Python code runs a constant number of times per chunk,
-plus, once per TOP, a loop over the lines of the chunk where the cut happens.
-Memory: the encoder keeps at most 3 bytes of state besides the chunk in hand.
+Performance: all work per chunk is done in C loops; Python code runs a
+constant number of times per chunk, plus, once per TOP, a loop over the lines
+of the chunk where the cut happens. Two scans per chunk are all a CRLF message
+costs: one to learn that it holds no bare LF (then it is already normalised,
+and is not copied), one to find the lines that start with '.':
+
+* Bare LFs: an :class:`io.IncrementalNewlineDecoder` (in-memory, no I/O; its
+  C scan skips every byte above CR in a tight loop) is fed the chunk as
+  Latin-1 text (one code point per byte) and records which line ends it has
+  seen, keeping a CR at the end of a chunk for the next one, as the encoder's
+  line model does. While it has seen no bare LF, a chunk needs no
+  normalisation; once it has, every later chunk goes through
+  :func:`_normalise` (counts and replaces), which handles any mix.
+* Dot lines: a compiled ``\r\n.`` pattern's ``sub`` (``_sre`` searches a
+  literal prefix faster than ``bytes.replace``, which scans twice).
+
+Memory: the encoder keeps at most 3 bytes of state besides the chunk in hand
+(and, for the bare-LF scan, one pending CR).
 """
 
 from __future__ import annotations
 
+import io
+import re
 from collections.abc import Iterable
 
 __all__ = ["DotStuffer", "stuff", "unstuff", "wire_size", "wire_size_chunks"]
@@ -44,6 +60,11 @@ _BLANK_LINE = b"\r\n\r\n"
 # message that begins with an empty line has an empty header block.
 _INITIAL_TAIL = b"\r\n"
 _TAIL_LEN = len(_BLANK_LINE) - 1
+# A line that starts with '.' after a CRLF (the chunk's first line is the caller's):
+# the occurrences cannot overlap, so this sub is exactly bytes.replace(b"\r\n.", b"\r\n..").
+_DOT_LINE = re.compile(rb"\r\n\.")
+# IncrementalNewlineDecoder.newlines values that include no bare LF ("\n" alone)
+_NO_BARE_LF = (None, "\r", "\r\n", ("\r", "\r\n"))
 
 
 def _normalise(chunk: bytes) -> bytes:
@@ -79,7 +100,7 @@ class DotStuffer:
         send(enc.finish())
     """
 
-    __slots__ = ("_remaining", "_in_headers", "_tail", "_done", "_finished", "octets")
+    __slots__ = ("_remaining", "_in_headers", "_tail", "_done", "_finished", "octets", "_line_ends")
 
     def __init__(self, body_lines: int | None = None) -> None:
         if body_lines is not None and body_lines < 0:
@@ -92,6 +113,19 @@ class DotStuffer:
         #: octets of the message emitted so far, normalised and before stuffing (for RETR, after
         #: finish() plus the CRLF it added, this is :func:`wire_size` of the message)
         self.octets = 0
+        #: the bare-LF scan while no bare LF has been seen (chunks need no normalising); None after
+        self._line_ends: io.IncrementalNewlineDecoder | None = io.IncrementalNewlineDecoder(None, False)
+
+    @property
+    def whole(self) -> bool:
+        """True for RETR (the whole message): then :attr:`octets` counts every octet fed so far."""
+        return self._remaining is None
+
+    @property
+    def final_octets(self) -> int:
+        """:attr:`octets` as it will be after :meth:`finish` (which adds a CRLF if the data does not
+        end with LF): for RETR, :func:`wire_size` of everything fed so far."""
+        return self.octets if self._tail.endswith(b"\n") else self.octets + len(_CRLF)
 
     @property
     def done(self) -> bool:
@@ -113,10 +147,18 @@ class DotStuffer:
         if self._done or not chunk:
             return b""
         chunk = bytes(chunk)
-        data = _normalise(chunk)
-        if self._tail.endswith(b"\r") and chunk.startswith(b"\n"):
-            # The CR of this CRLF already went out with the previous chunk.
-            data = data[1:]
+        line_ends = self._line_ends
+        if line_ends is not None:
+            line_ends.decode(chunk.decode("latin-1"))
+            if line_ends.newlines in _NO_BARE_LF:
+                # every LF follows a CR (a chunk-leading LF, the CR that ended the last chunk):
+                # the chunk is its own normalised form
+                data = chunk
+            else:
+                self._line_ends = None  # a bare LF: this chunk and every later one is normalised
+                data = self._normalised(chunk)
+        else:
+            data = self._normalised(chunk)
         if self._remaining is not None:
             data = data[: self._top_cut(data)]
         out = self._stuff(data)
@@ -137,9 +179,16 @@ class DotStuffer:
         self.octets += len(_CRLF)
         return _CRLF + _TERMINATOR
 
+    def _normalised(self, chunk: bytes) -> bytes:
+        data = _normalise(chunk)
+        if self._tail.endswith(b"\r") and chunk.startswith(b"\n"):
+            # The CR of this CRLF already went out with the previous chunk.
+            data = data[1:]
+        return data
+
     def _stuff(self, data: bytes) -> bytes:
         """Dot-stuff normalised data, using the emitted tail for the chunk boundary."""
-        out = data.replace(b"\r\n.", b"\r\n..")
+        out = _DOT_LINE.sub(b"\r\n..", data)
         if self._tail.endswith(b"\n"):
             if out.startswith(b"."):
                 out = b"." + out

@@ -7,6 +7,8 @@ checked against an independent statement of the rules.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -340,3 +342,77 @@ def test_the_encoders_octet_count_is_the_wire_size(case: tuple[bytes, list[int]]
         enc.feed(data[a:b])
     enc.finish()
     assert enc.octets == wire_size(data)
+
+
+# -- the no-bare-LF fast path against the normalising path ----------------------------------
+
+
+def encode_both_ways(data: bytes, cuts: list[int], body_lines: int | None = None) -> tuple[list[bytes], list[bytes]]:
+    """Per chunk its output, ``octets`` and ``final_octets``; then the finish and ``octets``: of the
+    default encoder and of one forced onto the normalising path from the start
+    (``_line_ends = None`` is its state after a bare LF)."""
+    fast, slow = DotStuffer(body_lines), DotStuffer(body_lines)
+    slow._line_ends = None
+    outs: tuple[list[bytes], list[bytes]] = ([], [])
+    for a, b in _pieces(data, cuts):
+        for enc, out in zip((fast, slow), outs):
+            out.append(enc.feed(data[a:b]))
+            out.append(str(enc.octets).encode())
+            out.append(str(enc.final_octets).encode())
+    for enc, out in zip((fast, slow), outs):
+        out.append(enc.finish())
+        out.append(str(enc.octets).encode())
+    return outs
+
+
+crlf_messages = st.lists(
+    st.sampled_from([b"\r\n", b".", b"a", b"\r\n.", b"..", b"\r\n\r\n", b"\r", b"\r\r\n", b"\r\n..\r\n"]),
+    max_size=40,
+).map(b"".join)
+# mostly CRLF, then one bare LF somewhere: the switch from one path to the other mid-message
+switching = st.tuples(crlf_messages, st.sampled_from([b"\n", b"\n.", b"\r\n\n", b".\n"]), messages).map(b"".join)
+
+
+@settings(max_examples=600)
+@given(st.one_of(crlf_messages, switching, messages).flatmap(
+    lambda data: st.tuples(st.just(data), st.lists(st.integers(0, len(data)), max_size=12))), body_lines)
+def test_fast_path_gives_the_same_bytes_and_counts_as_the_normalising_path(
+        case: tuple[bytes, list[int]], n: int | None) -> None:
+    data, cuts = case
+    fast, slow = encode_both_ways(data, cuts, n)
+    assert fast == slow
+    assert b"".join(fast[0::3]) == ref_stuff(data, n)  # the chunks' outputs, then the finish
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"a\r\n", b".b\r\n"],  # a dot line at a chunk start, after CRLF
+        [b"a\r", b"\n.b\r\n"],  # CR | LF split, then a dot
+        [b"a\r", b"\n", b".", b"b\r\n"],  # one byte at a time around the split
+        [b"a\r", b"\r\n"],  # lone CR at the end of a chunk, CRLF next
+        [b"a\r", b"b\n"],  # lone CR, then a bare LF in the next chunk
+        [b"x\r\n.y\r\n", b"z\n.w"],  # CRLF chunk, then LF-only with a dot line, no final newline
+        [b"\n"],  # a bare LF first
+        [b"\r", b"\n"],
+        [b"no final newline"],
+        [b"end\r"],
+        [b".", b".\r\n", b".\r\n"],
+    ],
+)
+def test_fast_path_awkward_chunkings(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    cuts = list(itertools.accumulate(len(c) for c in chunks))[:-1]
+    fast, slow = encode_both_ways(data, cuts)
+    assert fast == slow
+    assert b"".join(fast[0::3]) == ref_stuff(data)
+
+
+def test_crlf_only_chunks_are_not_copied() -> None:
+    """A CRLF chunk with no dot line goes out as the very object fed in (a stuffed one is one copy)."""
+    enc = DotStuffer()
+    chunk = b"Subject: x\r\n\r\n" + b"line\r\n" * 10000
+    assert enc.feed(chunk) is chunk
+    assert enc._line_ends is not None  # still on the fast path
+    enc.feed(b"bare\n")
+    assert enc._line_ends is None
