@@ -111,6 +111,8 @@ class Screening:
                 return
             if self.turn_budget is not None:
                 self.turn_budget -= 1
+            if self._replies is not None and type(event) is Line and self._replay(event):
+                continue
             if isinstance(event, Overflow):
                 self._send(responses.err("Too much pipelined input.", "SYS/TEMP"))
                 self._close("input buffer full")
@@ -180,20 +182,22 @@ class Screening:
             triggers.insert(0, Finding(trigger, "Protocol violation."))
         self._screen(line, self._arguments(line.content), triggers, lead=1 if problems else 0)
 
-    def _screen(self, line: Line | Overlong, args: list[tuple[bytes, str]], triggers: list[Finding],
-                lead: int = 0) -> None:
+    def _screen(self, line: Line | Overlong, args: Sequence[tuple[bytes, str]], triggers: list[Finding],
+                lead: int = 0, verdicts: Sequence[Any] | None = None) -> None:
         """The malicious-code check, fast tier here, slow tier through the I/O layer.
 
         Its finding goes first (an exploit is the more useful verdict than "too long"), except
         behind ``lead`` byte-level violations: a NUL or a Latin-1 byte is first of all not POP3.
+        ``verdicts``: the fast tier's, one per argument, when the caller already asked it.
         """
         if not self.engine.active("malicious_code") or self._quick_check is None:
             self._resume(Screened(line, tuple(triggers), lead, self._sample_of(line)))
             return
         slow: list[bytes] = []
         reasons: list[str] = []
-        for value, field in args:
-            verdict = self._quick_check(value, field)
+        if verdicts is None:
+            verdicts = [self._quick_check(value, field) for value, field in args]
+        for (value, _), verdict in zip(args, verdicts):
             if verdict is None:
                 slow.append(value)
             elif verdict.malicious:
