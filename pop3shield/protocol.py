@@ -400,7 +400,10 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.session.turn_budget = COMMANDS_PER_TURN  # a read is a turn of its own
         self._octets_in += len(data)
         self.factory.metrics.received_bytes(len(data))
-        self._commands_seen.feed(data, self.session.state is State.SASL, self.factory.metrics.command)
+        keywords: list[bytes] = []
+        self._commands_seen.feed(data, self.session.state is State.SASL, keywords.append)
+        if keywords:
+            self.factory.metrics.commands_seen(keywords)
         self._run(self.session.receive_data(data))
 
     def timeoutConnection(self) -> None:
@@ -486,10 +489,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
     def _run(self, actions: Sequence[A.Action]) -> None:
         out = self._out
         for action in actions:
+            kind = type(action)
+            if kind is A.Send and out is not None:
+                out.queue(action.data)  # what _do_Send does, without a lookup per reply
+                continue
             if out is not None and not isinstance(action, _BATCHED):
                 out.flush()  # what was said goes first, before anything else happens (e.g. STARTTLS)
-            handler = getattr(self, "_do_" + type(action).__name__)
-            handler(action)
+            getattr(self, "_do_" + kind.__name__)(action)
         if out is not None:
             out.flush()  # the replies of one batch of input: one write
         self._update_reading()
