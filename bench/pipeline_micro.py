@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import statistics
 import sys
@@ -28,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not os.environ.get("PYTHONPATH"):  # PYTHONPATH names the tree to measure (another checkout, say)
+    sys.path.insert(0, str(ROOT))
 
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noqa: E402
 from twisted.cred.portal import Portal  # noqa: E402

@@ -51,6 +51,9 @@ class Screening:
     #: lines that may still run in this turn of the I/O layer's loop (None: no limit)
     turn_budget: int | None = None
     _yielded = False
+    #: the framer's line limit (see :meth:`_line_limit`) and the state it was worked out for
+    _limit_state: State | None = None
+    _limit = 0
 
     def _first_bytes(self, data: bytes) -> bool:
         """A TLS ClientHello has no line end: judge it on arrival, not at a newline that never comes."""
@@ -105,7 +108,10 @@ class Screening:
             if self.turn_budget is not None and self.turn_budget <= 0:
                 self._yielded = self._framer.buffered > 0
                 return
-            self._framer.line_limit = self._line_limit()
+            if self.state is not self._limit_state:  # the limit is a function of the state alone
+                self._limit_state = self.state
+                self._limit = self._line_limit()
+            self._framer.line_limit = self._limit
             event = self._framer.next_event()
             if event is None:
                 return

@@ -9,6 +9,7 @@ layer pulls them.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from typing import Any
 
 from pop3shield.core import actions as A
 from pop3shield.core import grammar, responses
@@ -38,6 +39,8 @@ class Transaction:
     _replies: dict[bytes, tuple[tuple[tuple[bytes, str], ...], bytes]] | None = None
     #: False: every line takes the whole way (the reference the tests compare the replay with)
     replay_replies = True
+    #: (line limit, strict_crlf, the fast tier or None), set with the first remembered reply
+    _replay_terms: tuple[int, bool, Any]
 
     def _remember(self, reply: bytes) -> None:
         """Keep the reply of the line being run if running that line again must give it again.
@@ -54,6 +57,11 @@ class Transaction:
         replies = self._replies
         if replies is None:
             replies = self._replies = {}
+            # what the replay checks of each line, fixed for the connection: the line limit in
+            # TRANSACTION, whether a bare LF is a violation, the fast tier if the protection is on
+            limits = self.limits
+            check = self._quick_check if self.engine.active("malicious_code") else None
+            self._replay_terms = (limits.line_length_limit, limits.strict_crlf, check)
         elif len(replies) >= REPLIES_KEPT:
             return
         content = screened.line.content
@@ -71,14 +79,18 @@ class Transaction:
         undecided or malicious verdict goes on the whole way from there, with these verdicts).
         """
         entry = self._replies.get(line.content) if self._replies is not None else None
-        if (entry is None or self.state is not State.TRANSACTION or self._commands >= self._command_limit
-                or line.length > self.limits.line_length_limit or (line.bare_lf and self.limits.strict_crlf)):
+        if entry is None or self.state is not State.TRANSACTION or self._commands >= self._command_limit:
+            return False
+        line_limit, strict_crlf, check = self._replay_terms
+        if line.bare_lf:
+            if strict_crlf or len(line.content) + 1 > line_limit:
+                return False
+        elif len(line.content) + 2 > line_limit:
             return False
         self._commands += 1
         self.commands += 1
         args, reply = entry
-        check = self._quick_check
-        if args and check is not None and self.engine.active("malicious_code"):
+        if args and check is not None:
             verdicts = [check(value, field) for value, field in args]
             for verdict in verdicts:
                 if verdict is None or verdict.malicious:
