@@ -47,6 +47,9 @@ class Screening:
 
     _pending: Screened | None
     _current: Screened | None
+    _awaiting: Any
+    _framer: Any
+    _replies: Any
     _quick_check: Any
     #: lines that may still run in this turn of the I/O layer's loop (None: no limit)
     turn_budget: int | None = None
@@ -104,20 +107,22 @@ class Screening:
         :meth:`~pop3shield.core.session.Session.proceed` in a later turn of its loop.
         """
         self._yielded = False
-        while not self.busy and self.state is not State.CLOSED:
-            if self.turn_budget is not None and self.turn_budget <= 0:
-                self._yielded = self._framer.buffered > 0
+        framer = self._framer
+        while self._awaiting is None and self.state is not State.CLOSED:  # not busy, not closed
+            budget = self.turn_budget
+            if budget is not None and budget <= 0:
+                self._yielded = framer.buffered > 0
                 return
             if self.state is not self._limit_state:  # the limit is a function of the state alone
                 self._limit_state = self.state
                 self._limit = self._line_limit()
-            self._framer.line_limit = self._limit
-            event = self._framer.next_event()
+            framer.line_limit = self._limit
+            event = framer.next_event()
             if event is None:
                 return
-            if self.turn_budget is not None:
-                self.turn_budget -= 1
-            if self._replies is not None and type(event) is Line and self._replay(event):
+            if budget is not None:
+                self.turn_budget = budget - 1
+            if type(event) is Line and self._replies is not None and self._replay(event):
                 continue
             if isinstance(event, Overflow):
                 self._send(responses.err("Too much pipelined input.", "SYS/TEMP"))

@@ -36,7 +36,7 @@ class Transaction:
     _deleted: set[int]
     #: the replies of STAT, NOOP, LIST n and UIDL n by line (None: nothing remembered), each with
     #: the arguments the detector's fast tier judges; see :meth:`_replay`
-    _replies: dict[bytes, tuple[tuple[tuple[bytes, str], ...], bytes]] | None = None
+    _replies: dict[bytes, tuple[tuple[tuple[bytes, str], ...], A.Send]] | None = None
     #: False: every line takes the whole way (the reference the tests compare the replay with)
     replay_replies = True
     #: (line limit, strict_crlf, the fast tier or None), set with the first remembered reply
@@ -65,7 +65,7 @@ class Transaction:
         elif len(replies) >= REPLIES_KEPT:
             return
         content = screened.line.content
-        replies[content] = (tuple(self._arguments(content)), reply)
+        replies[content] = (tuple(self._arguments(content)), A.Send(reply))  # a Send is immutable: shared
 
     def _forget_replies(self) -> None:
         self._replies = None
@@ -78,25 +78,30 @@ class Transaction:
         strict_crlf; the detector's fast tier is asked about each argument as before (an
         undecided or malicious verdict goes on the whole way from there, with these verdicts).
         """
-        entry = self._replies.get(line.content) if self._replies is not None else None
+        content = line.content
+        entry = self._replies.get(content) if self._replies is not None else None
         if entry is None or self.state is not State.TRANSACTION or self._commands >= self._command_limit:
             return False
         line_limit, strict_crlf, check = self._replay_terms
         if line.bare_lf:
-            if strict_crlf or len(line.content) + 1 > line_limit:
+            if strict_crlf or len(content) + 1 > line_limit:
                 return False
-        elif len(line.content) + 2 > line_limit:
+        elif len(content) + 2 > line_limit:
             return False
         self._commands += 1
         self.commands += 1
         args, reply = entry
         if args and check is not None:
-            verdicts = [check(value, field) for value, field in args]
+            if len(args) == 1:  # LIST n, UIDL n
+                value, field = args[0]
+                verdicts = [check(value, field)]
+            else:
+                verdicts = [check(value, field) for value, field in args]
             for verdict in verdicts:
                 if verdict is None or verdict.malicious:
                     self._screen(line, args, [], 0, verdicts)
                     return True
-        self._out.append(A.Send(reply))
+        self._out.append(reply)
         return True
 
     def _message(self, raw: bytes) -> tuple[int, MessageEntry] | None:
