@@ -326,27 +326,34 @@ class CommandScanner:
 
     def feed(self, data: bytes, in_sasl: bool, count: Callable[[bytes], None]) -> None:
         """Call ``count`` with the first word of each line that ends in ``data``, in order."""
+        for keyword in self.keywords(data, in_sasl):
+            count(keyword)
+
+    def keywords(self, data: bytes, in_sasl: bool) -> list[bytes]:
+        """The first word of each command line that ends in ``data``, in order."""
         start, size = 0, len(data)
+        found: list[bytes] = []
         if self._started:  # the end of the line the last read began
             end = data.find(b"\n")
             room = _KEYWORD_BYTES - len(self._head)
             if room > 0:
                 self._head += data[:min(size if end < 0 else end, room)]
             if end < 0:
-                return
+                return found
             if not self._sasl:
-                count(self._head.partition(b" ")[0].rstrip(b"\r"))
+                found.append(self._head.partition(b" ")[0].rstrip(b"\r"))
             self._head, self._started = b"", False
             start = end + 1
         last = data.rfind(b"\n", start)
         if last >= 0:  # the lines begun and ended here, all begun in the state the session is in now
             if not in_sasl:
-                for line in data[start:last].split(b"\n"):
-                    count(line[:_KEYWORD_BYTES].partition(b" ")[0].rstrip(b"\r"))
+                found += [line[:_KEYWORD_BYTES].partition(b" ")[0].rstrip(b"\r")
+                          for line in data[start:last].split(b"\n")]
             start = last + 1
         if start < size:  # a line begins: keep its first bytes
             self._started, self._sasl = True, in_sasl
             self._head = data[start:start + _KEYWORD_BYTES]
+        return found
 
 
 def metrics_site(metrics: Metrics) -> Any:

@@ -125,9 +125,10 @@ class _ClientStream:
         self._pending.append(data)
 
     def flush(self) -> None:
-        if self._pending:
-            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending = []
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()  # the same list for the whole connection: see POP3ServerProtocol._run
             self.transport.write(data)
             self.metrics.sent_bytes(len(data))
 
@@ -400,8 +401,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             self.session.turn_budget = COMMANDS_PER_TURN  # a read is a turn of its own
         self._octets_in += len(data)
         self.factory.metrics.received_bytes(len(data))
-        keywords: list[bytes] = []
-        self._commands_seen.feed(data, self.session.state is State.SASL, keywords.append)
+        keywords = self._commands_seen.keywords(data, self.session.state is State.SASL)
         if keywords:
             self.factory.metrics.commands_seen(keywords)
         self._run(self.session.receive_data(data))
@@ -488,10 +488,11 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
 
     def _run(self, actions: Sequence[A.Action]) -> None:
         out = self._out
+        pending = out._pending if out is not None else None
         for action in actions:
             kind = type(action)
-            if kind is A.Send and out is not None:
-                out.queue(action.data)  # what _do_Send does, without a lookup per reply
+            if kind is A.Send and pending is not None:
+                pending.append(action.data)  # what _do_Send (out.queue) does, without a call per reply
                 continue
             if out is not None and not isinstance(action, _BATCHED):
                 out.flush()  # what was said goes first, before anything else happens (e.g. STARTTLS)
