@@ -23,6 +23,10 @@ LISTING_CHUNK = 500
 LISTING_INLINE = 100
 
 
+#: what :meth:`Transaction._replay` did with a line: nothing (the whole way is still to go), answered
+#: it from a remembered reply, or took the line the whole way from the fast tier's verdicts on
+NOT_REPLAYED, REPLAYED, SCREENED = 0, 1, 2
+
 #: distinct lines whose replies one session remembers (a few bytes each; the pipelining clients
 #: repeat a handful of them)
 REPLIES_KEPT = 32
@@ -70,8 +74,8 @@ class Transaction:
     def _forget_replies(self) -> None:
         self._replies = None
 
-    def _replay(self, line: Line) -> bool:
-        """Run a line whose reply is remembered, if it runs as it did; False: take the whole way.
+    def _replay(self, line: Line) -> int:
+        """Run a line whose reply is remembered, if it runs as it did (NOT_REPLAYED: take the whole way).
 
         What is not a function of the line's bytes is checked here as the whole way checks it:
         the command count and its limit, the length against the line limit, a bare LF under
@@ -81,13 +85,13 @@ class Transaction:
         content = line.content
         entry = self._replies.get(content) if self._replies is not None else None
         if entry is None or self.state is not State.TRANSACTION or self._commands >= self._command_limit:
-            return False
+            return NOT_REPLAYED
         line_limit, strict_crlf, check = self._replay_terms
         if line.bare_lf:
             if strict_crlf or len(content) + 1 > line_limit:
-                return False
+                return NOT_REPLAYED
         elif len(content) + 2 > line_limit:
-            return False
+            return NOT_REPLAYED
         self._commands += 1
         self.commands += 1
         args, reply = entry
@@ -100,9 +104,9 @@ class Transaction:
             for verdict in verdicts:
                 if verdict is None or verdict.malicious:
                     self._screen(line, args, [], 0, verdicts)
-                    return True
+                    return SCREENED
         self._out.append(reply)
-        return True
+        return REPLAYED
 
     def _message(self, raw: bytes) -> tuple[int, MessageEntry] | None:
         """A live message by its 1-based number, or None after answering the error."""

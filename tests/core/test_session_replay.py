@@ -249,3 +249,33 @@ def test_every_action_of_a_batch_is_the_same_object_kind(kit: Any, chunked: bool
     assert replayed(fast) == 4
     assert a == b
     assert all(type(x) is A.Send for step in a for x in step)
+
+
+def test_a_replay_may_cost_a_fraction_of_a_line_of_the_turn(kit: Any) -> None:
+    """``replays_per_line`` replays cost one line of ``turn_budget``; a line the whole way costs one.
+    The replies are those of the whole way, in order; only the turns they come in are fewer."""
+    fast, slow = pair(kit, kit.make_settings())
+    for driver in (fast, slow):
+        driver.send(SHORT_LOGIN)
+    fast.session.replays_per_line = 4
+    stream = b"NOOP\r\n" * 20 + b"RSET\r\n" + b"STAT\r\n" * 9
+    per_turn = []
+    for driver in (fast, slow):
+        driver.session.turn_budget = 3
+        driver.send(stream)
+        turns = [driver.transcript.count(b"\r\n")]
+        while driver.session.yielded:
+            driver.session.turn_budget = 3
+            driver._run(driver.session.proceed)
+            turns.append(driver.transcript.count(b"\r\n"))
+        per_turn.append(turns)
+    assert fast.transcript == slow.transcript
+    # NOOP the whole way (1), then 8 replays (2); 8 replays (2), NOOP... ; RSET forgets: STAT the whole way
+    before = 3  # the greeting and the login's two replies
+    lines = [[b - a for a, b in zip([before, *turns], turns)] for turns in per_turn]
+    assert lines[1] == [3] * 10  # the whole way: 3 lines a turn
+    # turn 1: NOOP the whole way (1 line) and 8 replays (2); turn 2: the other 11 replays (2, three
+    # of a quarter carried) and RSET (1), which forgets; turn 3: STAT the whole way (1) and 5
+    # replays (the carried three make the first cost a line, the fifth the next); turn 4: the last 3
+    assert lines[0] == [9, 12, 6, 3]
+    assert observed(fast)["checks"] == observed(slow)["checks"]
