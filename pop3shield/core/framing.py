@@ -118,11 +118,18 @@ class LineFramer:
         last = data.rfind(b"\n")
         if last < 0 or self._pending_bytes + last + 1 > self.hard_limit:
             return 0
-        lines = bytes(data[:last]).split(b"\n")  # bytes: a line is a dict key later on
-        if max(map(len, lines)) > self.partial_cap - 1:
-            return 0
-        self._events.extend([Line(line[:-1], False) if line.endswith(b"\r") else Line(line, True)
-                             for line in lines])
+        whole = bytes(data[:last + 1])  # bytes: a line is a dict key later on
+        if whole.count(b"\n") == whole.count(b"\r\n"):  # every line ends in CRLF, as clients send
+            lines = whole[:-2].split(b"\r\n")
+            if max(map(len, lines)) > self.partial_cap - 2:  # the CR is part of the line here
+                return 0
+            self._events.extend([Line(line, False) for line in lines])
+        else:
+            lines = whole[:-1].split(b"\n")
+            if max(map(len, lines)) > self.partial_cap - 1:
+                return 0
+            self._events.extend([Line(line[:-1], False) if line.endswith(b"\r") else Line(line, True)
+                                 for line in lines])
         self._pending_bytes += last + 1
         return last + 1
 
