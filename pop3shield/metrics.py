@@ -18,6 +18,7 @@ reactor's thread pool, never on the reactor.
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -151,10 +152,11 @@ class Metrics:
                                 "a POP3 keyword).", ["command"], registry=r)
         self.sent = Counter("pop3shield_sent_bytes", "Bytes sent to clients.", registry=r)
         self.received = Counter("pop3shield_received_bytes", "Bytes received from clients.", registry=r)
-        self.verdicts = Counter("pop3shield_detector_verdicts", "Malicious-code detector verdicts per argument: "
-                                "tier 0 clean, malicious or undecided (sent to tier 1); tier 1 clean, "
-                                "malicious or refused (no capacity, or the analysis failed).",
-                                ["tier", "verdict"], registry=r)
+        self.verdicts = _Tally("pop3shield_detector_verdicts", "Malicious-code detector verdicts per argument: "
+                               "tier 0 clean, malicious or undecided (sent to tier 1); tier 1 clean, "
+                               "malicious or refused (no capacity, or the analysis failed).",
+                               ("tier", "verdict"))
+        r.register(self.verdicts)
         self.analysis_wait = Histogram("pop3shield_analysis_queue_seconds", "Time an analysis waited in the "
                                        "detector's queue for a thread.", buckets=_QUEUE_BUCKETS, registry=r)
         self.upstream_latency = Histogram("pop3shield_upstream_seconds", "Upstream POP3 round trips.",
@@ -173,10 +175,9 @@ class Metrics:
         for reason in CONNECTION_REFUSALS:
             self.refusals.labels(reason)
         self.upstream = UpstreamMetrics(self.upstream_latency, self.upstream_errors)
-        #: the labelled children counted per command and per argument, looked up once each
-        #: (``labels()`` takes a lock and builds a key at every call)
+        #: the labelled children counted per command, looked up once each (``labels()`` takes a
+        #: lock and builds a key at every call)
         self._command_counters: dict[bytes, Any] = {}
-        self._verdict_counters: dict[tuple[str, str], Any] = {}
         self.readings = _Readings()
         r.register(self.readings)
 
@@ -217,6 +218,17 @@ class Metrics:
 
     def command(self, keyword: bytes) -> None:
         """One command line, by its first word (bytes from the client: only known keywords count)."""
+        self._command_counter(keyword).inc()
+
+    def commands_seen(self, keywords: Sequence[bytes]) -> None:
+        """The command lines of one read, by their first words: one increment per keyword."""
+        if len(keywords) == 1:
+            self._command_counter(keywords[0]).inc()
+            return
+        for keyword, count in collections.Counter(keywords).items():
+            self._command_counter(keyword).inc(count)
+
+    def _command_counter(self, keyword: bytes) -> Any:
         counter = self._command_counters.get(keyword)
         if counter is None:
             try:
@@ -226,7 +238,7 @@ class Metrics:
             counter = self.commands.labels(word if word in COMMAND_KEYWORDS else "other")
             if len(self._command_counters) < 256:  # keywords as sent (any case): bounded
                 self._command_counters[keyword] = counter
-        counter.inc()
+        return counter
 
     def sent_bytes(self, count: int) -> None:
         self.sent.inc(count)
@@ -236,28 +248,31 @@ class Metrics:
 
     def quick_verdict(self, verdict: Any) -> None:
         """Tier 0's answer for one argument: None means undecided (it goes to tier 1)."""
-        self._verdict("0", _verdict_name(verdict, "undecided")).inc()
-
-    def _verdict(self, tier: str, name: str) -> Any:
-        counter = self._verdict_counters.get((tier, name))
-        if counter is None:
-            counter = self._verdict_counters[(tier, name)] = self.verdicts.labels(tier, name)
-        return counter
+        self.verdicts.add(("0", _verdict_name(verdict, "undecided")))
 
     def deep_verdicts(self, verdicts: Sequence[Any]) -> None:
         """Tier 1's answers: None means refused (the queue was full, or the analysis failed)."""
         for verdict in verdicts:
-            self._verdict("1", _verdict_name(verdict, "refused")).inc()
+            self.verdicts.add(("1", _verdict_name(verdict, "refused")))
 
     def counting_quick_check(self, check: Callable[[bytes, str], Any] | None) -> Callable[[bytes, str], Any] | None:
-        """``check`` (the detector's tier 0) with each verdict counted."""
+        """``check`` (the detector's tier 0) with each verdict counted (on the reactor: it runs
+        for every argument of every command, so it is a dict increment, not a locked counter)."""
         if check is None:
             return None
+        counts = self.verdicts.counts
+        undecided, clean, malicious = ("0", "undecided"), ("0", "clean"), ("0", "malicious")
 
         @functools.wraps(check)
         def quick_check(argument: bytes, field: str) -> Any:
             verdict = check(argument, field)
-            self.quick_verdict(verdict)
+            if verdict is None:
+                key = undecided
+            elif getattr(verdict, "malicious", False):
+                key = malicious
+            else:
+                key = clean
+            counts[key] = counts.get(key, 0) + 1
             return verdict
 
         return quick_check
@@ -265,6 +280,30 @@ class Metrics:
     def analysis_waited(self, seconds: float) -> None:
         """Called from the detector's pool thread when an analysis starts (thread-safe)."""
         self.analysis_wait.observe(max(0.0, seconds))
+
+
+class _Tally(Collector):
+    """A labelled counter kept as plain integers and read at scrape time.
+
+    For counts made on the reactor thread only, many times per command: an increment is a dict
+    update (prometheus_client's ``Counter.inc`` takes a lock). The exposition is the one a
+    ``Counter`` of the same name, help and labels gives, series in the order first counted.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.counts: dict[tuple[str, ...], int] = {}
+
+    def add(self, key: tuple[str, ...], amount: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + amount
+
+    def collect(self) -> Iterable[Any]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for key, count in list(self.counts.items()):  # a copy: the reactor may count meanwhile
+            family.add_metric(list(key), count)
+        yield family
 
 
 def _verdict_name(verdict: Any, none: str) -> str:
@@ -289,21 +328,35 @@ class CommandScanner:
         self._sasl = False  # ... while the session was in a SASL exchange
 
     def feed(self, data: bytes, in_sasl: bool, count: Callable[[bytes], None]) -> None:
+        """Call ``count`` with the first word of each line that ends in ``data``, in order."""
+        for keyword in self.keywords(data, in_sasl):
+            count(keyword)
+
+    def keywords(self, data: bytes, in_sasl: bool) -> list[bytes]:
+        """The first word of each command line that ends in ``data``, in order."""
         start, size = 0, len(data)
-        while start < size:
-            end = data.find(b"\n", start)
-            stop = size if end < 0 else end
-            if not self._started:
-                self._started, self._sasl = True, in_sasl
+        found: list[bytes] = []
+        if self._started:  # the end of the line the last read began
+            end = data.find(b"\n")
             room = _KEYWORD_BYTES - len(self._head)
             if room > 0:
-                self._head += data[start:min(stop, start + room)]
+                self._head += data[:min(size if end < 0 else end, room)]
             if end < 0:
-                return
+                return found
             if not self._sasl:
-                count(self._head.partition(b" ")[0].rstrip(b"\r"))
+                found.append(self._head.partition(b" ")[0].rstrip(b"\r"))
             self._head, self._started = b"", False
             start = end + 1
+        last = data.rfind(b"\n", start)
+        if last >= 0:  # the lines begun and ended here, all begun in the state the session is in now
+            if not in_sasl:
+                found += [line[:_KEYWORD_BYTES].partition(b" ")[0].rstrip(b"\r")
+                          for line in data[start:last].split(b"\n")]
+            start = last + 1
+        if start < size:  # a line begins: keep its first bytes
+            self._started, self._sasl = True, in_sasl
+            self._head = data[start:start + _KEYWORD_BYTES]
+        return found
 
 
 def metrics_site(metrics: Metrics) -> Any:

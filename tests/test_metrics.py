@@ -574,3 +574,91 @@ def test_log_writer_drops_and_errors_are_read_at_scrape_time() -> None:
     assert value(parsed, "pop3shield_log_write_errors_total", log="events") == 4
     assert value(parsed, "pop3shield_log_dropped_lines_total", log="events") == 0
     assert not any(dict(key[1]).get("log") == "server" for key in parsed)  # no writer: no series
+
+
+class LineByLineScanner:
+    """The scanner as it was, one line at a time: the reference for the one-split scanner."""
+
+    def __init__(self) -> None:
+        self._head, self._started, self._sasl = b"", False, False
+
+    def feed(self, data: bytes, in_sasl: bool, count) -> None:
+        start, size = 0, len(data)
+        while start < size:
+            end = data.find(b"\n", start)
+            stop = size if end < 0 else end
+            if not self._started:
+                self._started, self._sasl = True, in_sasl
+            room = 5 - len(self._head)
+            if room > 0:
+                self._head += data[start:min(stop, start + room)]
+            if end < 0:
+                return
+            if not self._sasl:
+                count(self._head.partition(b" ")[0].rstrip(b"\r"))
+            self._head, self._started = b"", False
+            start = end + 1
+
+
+def test_command_scanner_counts_as_the_line_by_line_scanner_did() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(st.binary(max_size=9), st.booleans()), max_size=10))
+    def check(reads: list[tuple[bytes, bool]]) -> None:
+        new, old = CommandScanner(), LineByLineScanner()
+        seen_new: list[bytes] = []
+        seen_old: list[bytes] = []
+        for data, in_sasl in reads:  # the session may enter or leave SASL between any two reads
+            new.feed(data, in_sasl, seen_new.append)
+            old.feed(data, in_sasl, seen_old.append)
+            assert seen_new == seen_old
+            # what is kept of a line begun and not ended (its SASL-ness matters only then)
+            assert (new._head, new._started) == (old._head, old._started)
+            assert not new._started or new._sasl == old._sasl
+
+    check()
+    scanner, seen = CommandScanner(), []
+    scanner.feed(b"STAT\r\nLIST 1\r\n\nNOOP\r\nUIDL 1\r\nQU", False, seen.append)
+    scanner.feed(b"IT\r\n", True, seen.append)  # begun before the SASL exchange: a command
+    assert seen == [b"STAT", b"LIST", b"", b"NOOP", b"UIDL", b"QUIT"]
+
+
+def test_a_read_of_commands_counts_as_each_command_would() -> None:
+    keywords = [b"STAT", b"LIST", b"UIDL", b"NOOP", b"stat", b"\xff", b"LIST", b""] * 7
+    one, batched = Metrics(), Metrics()
+    for keyword in keywords:
+        one.command(keyword)
+    batched.commands_seen(keywords[:1])
+    batched.commands_seen(keywords[1:])
+    assert generate_latest(one.registry) == generate_latest(batched.registry)
+
+
+def test_verdicts_expose_what_a_prometheus_counter_exposes() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    m = Metrics()
+    reference = CollectorRegistry()
+    counter = Counter("pop3shield_detector_verdicts", m.verdicts.documentation, ["tier", "verdict"],
+                      registry=reference)
+    assert generate_latest(m.registry).decode().count("pop3shield_detector_verdicts") == 2  # help and type
+    answers = [None, Verdict(False), Verdict(True, ("getpc",)), Verdict(False), None]
+    check = m.counting_quick_check(lambda argument, field: answers.pop(0))
+    assert check is not None
+    for _ in range(5):
+        verdict = check(b"x", "text")
+        name = "undecided" if verdict is None else "malicious" if verdict.malicious else "clean"
+        counter.labels("0", name).inc()
+    m.deep_verdicts([None, Verdict(False)])
+    counter.labels("1", "refused").inc()
+    counter.labels("1", "clean").inc()
+
+    def family(registry) -> str:
+        text = generate_latest(registry).decode()
+        return "\n".join(line for line in text.splitlines() if "pop3shield_detector_verdicts" in line)
+
+    assert family(m.registry) == family(reference)
+    names = [line.split()[2] for line in generate_latest(m.registry).decode().splitlines()
+             if line.startswith("# TYPE")]
+    assert names.index("pop3shield_detector_verdicts_total") == names.index("pop3shield_commands_total") + 3

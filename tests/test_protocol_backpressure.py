@@ -12,7 +12,7 @@ from pathlib import Path
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from pop3shield.protocol import COMMANDS_PER_TURN, LISTING_OCTETS_PER_TURN
+from pop3shield.protocol import COMMANDS_PER_TURN, LISTING_OCTETS_PER_TURN, REPLAYS_PER_LINE
 from tests.test_backpressure_e2e import write_maildir
 from tests.test_protocol import connect, login, make_factory, mailroot, take  # noqa: F401 - a fixture
 
@@ -53,25 +53,59 @@ def logged_lines(into: list[str]):
     return observer
 
 
+RSET_REPLY = b"+OK 2 messages (58 octets).\r\n"  # RSET is never answered from a remembered reply
+
+
 def test_pipelined_commands_run_a_turn_at_a_time_each_turn_one_write(mailroot: Path) -> None:
     clock = TurnClock()
     proto, transport = connect(make_factory(mailroot, clock))
     login(proto, transport)
     writes = Writes(transport)
-    proto.dataReceived(b"NOOP\r\n" * 100)
+    proto.dataReceived(b"RSET\r\n" * 100)
     first = take(transport)
-    assert first == b"+OK\r\n" * COMMANDS_PER_TURN  # a read is a turn: a whole budget
+    assert first == RSET_REPLY * COMMANDS_PER_TURN  # a read is a turn: a whole budget
     assert writes.count == 1  # the replies of one turn: one write
     assert transport.producerState == "paused"  # input waits while commands are pending
-    seen = len(first) // 5
+    seen = len(first) // len(RSET_REPLY)
     while seen < 100:
         clock.turn()
         out = take(transport)
-        assert out == b"+OK\r\n" * min(COMMANDS_PER_TURN, 100 - seen)
-        seen += len(out) // 5
+        assert out == RSET_REPLY * min(COMMANDS_PER_TURN, 100 - seen)
+        seen += len(out) // len(RSET_REPLY)
     assert writes.count == 4  # 32 + 32 + 32 + 4
     assert transport.producerState == "producing"
     assert clock.getDelayedCalls() == [] or all(c.getTime() > 1 for c in clock.getDelayedCalls())
+
+
+def test_replayed_replies_cost_a_quarter_of_a_line_of_the_turn(mailroot: Path) -> None:
+    """NOOP, STAT, LIST n, UIDL n answered again from a remembered reply: REPLAYS_PER_LINE of
+    them cost one line of a turn's budget, so a turn stays bounded (at most 4 x 32 of them)
+    while a client's 100 pipelined small commands are one turn and one write."""
+    clock = TurnClock()
+    proto, transport = connect(make_factory(mailroot, clock))
+    login(proto, transport)
+    writes = Writes(transport)
+    proto.dataReceived(b"NOOP\r\n" * 100)
+    assert take(transport) == b"+OK\r\n" * 100 and writes.count == 1
+    assert transport.producerState == "producing"
+    assert all(c.getTime() > 1 for c in clock.getDelayedCalls())  # no turn waiting
+    proto.dataReceived(b"NOOP\r\n" * 600)
+    turns = [len(take(transport)) // 5]
+    assert transport.producerState == "paused"
+    while sum(turns) < 600:
+        clock.turn()
+        turns.append(len(take(transport)) // 5)
+    most = COMMANDS_PER_TURN * REPLAYS_PER_LINE
+    # the quarter lines left over from a turn are carried into the next: within a line of the budget
+    assert all(most - REPLAYS_PER_LINE < n <= most for n in turns[:-1]) and 0 < turns[-1] <= most
+    assert len(turns) == 5 and writes.count == 1 + len(turns)
+    # whole-way lines and replays share the budget: a RSET (the whole way) forgets, the NOOP
+    # after it takes the whole way too, and the two replays after that cost a quarter each
+    proto.dataReceived((b"RSET\r\n" + b"NOOP\r\n" * 3) * 30)
+    first = take(transport)
+    rsets, noops = first.count(RSET_REPLY), first.count(b"+OK\r\n")
+    assert rsets in (12, 13) and rsets * 3 - 2 <= noops <= rsets * 3 + 2
+    assert 2 * rsets + (noops - rsets) / REPLAYS_PER_LINE <= COMMANDS_PER_TURN + 1
 
 
 def test_no_command_runs_while_the_client_has_not_taken_its_output(mailroot: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from pop3shield.core import actions as A
 from pop3shield.core import grammar, responses, sasl
 from pop3shield.core._base import HARD_LINE_LIMIT, State
+from pop3shield.core._transaction import REPLAYED
 from pop3shield.core.framing import Line, Overflow, Overlong
 from pop3shield.core.protections import Trigger
 from pop3shield.core.settings import Action
@@ -47,10 +48,21 @@ class Screening:
 
     _pending: Screened | None
     _current: Screened | None
+    _awaiting: Any
+    _framer: Any
+    _replies: Any
     _quick_check: Any
     #: lines that may still run in this turn of the I/O layer's loop (None: no limit)
     turn_budget: int | None = None
+    #: replayed lines (see ``_replay``) that cost one line of ``turn_budget``: a replay is a
+    #: dict lookup and an append, a few times cheaper than a line that takes the whole way
+    replays_per_line = 1
+    #: replays since one last cost a line
+    _replays = 0
     _yielded = False
+    #: the framer's line limit (see :meth:`_line_limit`) and the state it was worked out for
+    _limit_state: State | None = None
+    _limit = 0
 
     def _first_bytes(self, data: bytes) -> bool:
         """A TLS ClientHello has no line end: judge it on arrival, not at a newline that never comes."""
@@ -98,19 +110,35 @@ class Screening:
 
         ``turn_budget`` (None: no limit) is how many more lines may run before the session
         yields: then ``yielded`` is set, the lines stay in the framer, and the I/O layer calls
-        :meth:`~pop3shield.core.session.Session.proceed` in a later turn of its loop.
+        :meth:`~pop3shield.core.session.Session.proceed` in a later turn of its loop. A line
+        answered by a replayed reply costs 1/``replays_per_line`` of a line (1 by default).
         """
         self._yielded = False
-        while not self.busy and self.state is not State.CLOSED:
-            if self.turn_budget is not None and self.turn_budget <= 0:
-                self._yielded = self._framer.buffered > 0
+        framer = self._framer
+        while self._awaiting is None and self.state is not State.CLOSED:  # not busy, not closed
+            budget = self.turn_budget
+            if budget is not None and budget <= 0:
+                self._yielded = framer.buffered > 0
                 return
-            self._framer.line_limit = self._line_limit()
-            event = self._framer.next_event()
+            if self.state is not self._limit_state:  # the limit is a function of the state alone
+                self._limit_state = self.state
+                self._limit = self._line_limit()
+            framer.line_limit = self._limit
+            event = framer.next_event()
             if event is None:
                 return
-            if self.turn_budget is not None:
-                self.turn_budget -= 1
+            if budget is not None:
+                self.turn_budget = budget - 1
+            if type(event) is Line and self._replies is not None:
+                done = self._replay(event)
+                if done == REPLAYED and budget is not None and self.replays_per_line > 1:
+                    self._replays += 1
+                    if self._replays < self.replays_per_line:
+                        self.turn_budget = budget  # only every replays_per_line-th replay costs a line
+                    else:
+                        self._replays = 0
+                if done:
+                    continue
             if isinstance(event, Overflow):
                 self._send(responses.err("Too much pipelined input.", "SYS/TEMP"))
                 self._close("input buffer full")
@@ -180,20 +208,22 @@ class Screening:
             triggers.insert(0, Finding(trigger, "Protocol violation."))
         self._screen(line, self._arguments(line.content), triggers, lead=1 if problems else 0)
 
-    def _screen(self, line: Line | Overlong, args: list[tuple[bytes, str]], triggers: list[Finding],
-                lead: int = 0) -> None:
+    def _screen(self, line: Line | Overlong, args: Sequence[tuple[bytes, str]], triggers: list[Finding],
+                lead: int = 0, verdicts: Sequence[Any] | None = None) -> None:
         """The malicious-code check, fast tier here, slow tier through the I/O layer.
 
         Its finding goes first (an exploit is the more useful verdict than "too long"), except
         behind ``lead`` byte-level violations: a NUL or a Latin-1 byte is first of all not POP3.
+        ``verdicts``: the fast tier's, one per argument, when the caller already asked it.
         """
         if not self.engine.active("malicious_code") or self._quick_check is None:
             self._resume(Screened(line, tuple(triggers), lead, self._sample_of(line)))
             return
         slow: list[bytes] = []
         reasons: list[str] = []
-        for value, field in args:
-            verdict = self._quick_check(value, field)
+        if verdicts is None:
+            verdicts = [self._quick_check(value, field) for value, field in args]
+        for (value, _), verdict in zip(args, verdicts):
             if verdict is None:
                 slow.append(value)
             elif verdict.malicious:

@@ -9,10 +9,12 @@ layer pulls them.
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator
+from typing import Any
 
 from pop3shield.core import actions as A
 from pop3shield.core import grammar, responses
 from pop3shield.core._base import MessageEntry, State
+from pop3shield.core.framing import Line
 
 #: messages per chunk of a streamed LIST/UIDL
 LISTING_CHUNK = 500
@@ -21,12 +23,90 @@ LISTING_CHUNK = 500
 LISTING_INLINE = 100
 
 
+#: what :meth:`Transaction._replay` did with a line: nothing (the whole way is still to go), answered
+#: it from a remembered reply, or took the line the whole way from the fast tier's verdicts on
+NOT_REPLAYED, REPLAYED, SCREENED = 0, 1, 2
+
+#: distinct lines whose replies one session remembers (a few bytes each; the pipelining clients
+#: repeat a handful of them)
+REPLIES_KEPT = 32
+
+
 class Transaction:
     """Mixin of :class:`~pop3shield.core.session.Session`: the maildrop is open."""
 
     _messages: list[MessageEntry]
     #: 0-based indexes of the messages marked by DELE
     _deleted: set[int]
+    #: the replies of STAT, NOOP, LIST n and UIDL n by line (None: nothing remembered), each with
+    #: the arguments the detector's fast tier judges; see :meth:`_replay`
+    _replies: dict[bytes, tuple[tuple[tuple[bytes, str], ...], A.Send]] | None = None
+    #: False: every line takes the whole way (the reference the tests compare the replay with)
+    replay_replies = True
+    #: (line limit, strict_crlf, the fast tier or None), set with the first remembered reply
+    _replay_terms: tuple[int, bool, Any]
+
+    def _remember(self, reply: bytes) -> None:
+        """Keep the reply of the line being run if running that line again must give it again.
+
+        Only a line that ran with nothing found (no event, no repeat, no limit reached) in
+        TRANSACTION is kept: its screening is then a function of its bytes (line ending and
+        length aside, which :meth:`_replay` checks again), and its reply a function of the
+        maildrop and the deletion marks, which change only by DELE and RSET (they forget).
+        """
+        screened = self._current
+        if (not self.replay_replies or self.state is not State.TRANSACTION or screened is None
+                or screened.findings or type(screened.line) is not Line):
+            return
+        replies = self._replies
+        if replies is None:
+            replies = self._replies = {}
+            # what the replay checks of each line, fixed for the connection: the line limit in
+            # TRANSACTION, whether a bare LF is a violation, the fast tier if the protection is on
+            limits = self.limits
+            check = self._quick_check if self.engine.active("malicious_code") else None
+            self._replay_terms = (limits.line_length_limit, limits.strict_crlf, check)
+        elif len(replies) >= REPLIES_KEPT:
+            return
+        content = screened.line.content
+        replies[content] = (tuple(self._arguments(content)), A.Send(reply))  # a Send is immutable: shared
+
+    def _forget_replies(self) -> None:
+        self._replies = None
+
+    def _replay(self, line: Line) -> int:
+        """Run a line whose reply is remembered, if it runs as it did (NOT_REPLAYED: take the whole way).
+
+        What is not a function of the line's bytes is checked here as the whole way checks it:
+        the command count and its limit, the length against the line limit, a bare LF under
+        strict_crlf; the detector's fast tier is asked about each argument as before (an
+        undecided or malicious verdict goes on the whole way from there, with these verdicts).
+        """
+        content = line.content
+        entry = self._replies.get(content) if self._replies is not None else None
+        if entry is None or self.state is not State.TRANSACTION or self._commands >= self._command_limit:
+            return NOT_REPLAYED
+        line_limit, strict_crlf, check = self._replay_terms
+        if line.bare_lf:
+            if strict_crlf or len(content) + 1 > line_limit:
+                return NOT_REPLAYED
+        elif len(content) + 2 > line_limit:
+            return NOT_REPLAYED
+        self._commands += 1
+        self.commands += 1
+        args, reply = entry
+        if args and check is not None:
+            if len(args) == 1:  # LIST n, UIDL n
+                value, field = args[0]
+                verdicts = [check(value, field)]
+            else:
+                verdicts = [check(value, field) for value, field in args]
+            for verdict in verdicts:
+                if verdict is None or verdict.malicious:
+                    self._screen(line, args, [], 0, verdicts)
+                    return SCREENED
+        self._out.append(reply)
+        return REPLAYED
 
     def _message(self, raw: bytes) -> tuple[int, MessageEntry] | None:
         """A live message by its 1-based number, or None after answering the error."""
@@ -50,7 +130,9 @@ class Transaction:
 
     def _cmd_stat(self, args: tuple[bytes, ...]) -> None:
         live = self._live()
-        self._send(responses.ok(f"{len(live)} {sum(m.size for _, m in live)}"))
+        reply = responses.ok(f"{len(live)} {sum(m.size for _, m in live)}")
+        self._send(reply)
+        self._remember(reply)
 
     def _cmd_list(self, args: tuple[bytes, ...]) -> None:
         self._listing(args, uid=False)
@@ -63,7 +145,9 @@ class Transaction:
             found = self._message(args[0])
             if found is not None:
                 number, entry = found
-                self._send(responses.ok(f"{number} {entry.uid if uid else entry.size}"))
+                reply = responses.ok(f"{number} {entry.uid if uid else entry.size}")
+                self._send(reply)
+                self._remember(reply)
             return
         live = len(self._messages) - len(self._deleted)
         status = responses.ok(f"{live} messages")
@@ -126,13 +210,17 @@ class Transaction:
         found = self._message(args[0])
         if found is not None:
             self._deleted.add(found[0] - 1)
+            self._forget_replies()
             self._send(responses.ok("Marked to be deleted."))
 
     def _cmd_noop(self, args: tuple[bytes, ...]) -> None:
-        self._send(responses.ok())
+        reply = responses.ok()
+        self._send(reply)
+        self._remember(reply)
 
     def _cmd_rset(self, args: tuple[bytes, ...]) -> None:
         self._deleted.clear()
+        self._forget_replies()
         live = self._live()
         self._send(responses.ok(f"{len(live)} messages ({sum(m.size for _, m in live)} octets)."))
 

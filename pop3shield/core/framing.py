@@ -93,6 +93,8 @@ class LineFramer:
         """Take bytes from the network. Never holds more than the limits allow."""
         start = 0
         size = len(data)
+        if not self._partial and not self._discarding and not self._broken:
+            start = self._whole_lines(data)
         while start < size and not self._broken:
             end = data.find(b"\n", start)
             if end < 0:
@@ -107,6 +109,30 @@ class LineFramer:
                     self._end_line()
             start = end + 1
 
+    def _whole_lines(self, data: bytes) -> int:
+        """The usual case of a read, in one go: lines that each fit, all within the hard limit.
+
+        What the loop of :meth:`feed` does for them line by line, :meth:`_whole_line` each;
+        returns where the rest (the start of a line, or anything less usual) begins.
+        """
+        last = data.rfind(b"\n")
+        if last < 0 or self._pending_bytes + last + 1 > self.hard_limit:
+            return 0
+        whole = bytes(data[:last + 1])  # bytes: a line is a dict key later on
+        if whole.count(b"\n") == whole.count(b"\r\n"):  # every line ends in CRLF, as clients send
+            lines = whole[:-2].split(b"\r\n")
+            if max(map(len, lines)) > self.partial_cap - 2:  # the CR is part of the line here
+                return 0
+            self._events.extend([Line(line, False) for line in lines])
+        else:
+            lines = whole[:-1].split(b"\n")
+            if max(map(len, lines)) > self.partial_cap - 1:
+                return 0
+            self._events.extend([Line(line[:-1], False) if line.endswith(b"\r") else Line(line, True)
+                                 for line in lines])
+        self._pending_bytes += last + 1
+        return last + 1
+
     def next_event(self) -> FrameEvent | None:
         """The oldest pending event, or None when there is no complete line."""
         events = self._events
@@ -120,13 +146,14 @@ class LineFramer:
         elif self._next >= 64 and self._next * 2 >= len(events):
             del events[:self._next]  # taken ones go in batches: linear in the lines, never quadratic
             self._next = 0
-        if not isinstance(event, Line):
+        if type(event) is not Line:
             return event
-        self._pending_bytes -= event.length
-        if event.length <= self.line_limit:
+        length = len(event.content) + (1 if event.bare_lf else 2)
+        self._pending_bytes -= length
+        if length <= self.line_limit:
             return event
         content = event.content
-        return Overlong(content[:WINDOW], content[-WINDOW:], event.length, terminated=True)
+        return Overlong(content[:WINDOW], content[-WINDOW:], length, terminated=True)
 
     def discard_all(self) -> int:
         """Drop everything held (complete lines, the partial line); returns how many octets (at least).

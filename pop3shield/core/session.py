@@ -123,6 +123,7 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
             return []
         self._messages = list(messages)
         self._deleted.clear()
+        self._forget_replies()
         self.state = State.TRANSACTION
         # from here on the commands an honest session needs grow with the maildrop
         self._commands = 0

@@ -316,3 +316,68 @@ def test_lines_after_discard_all_are_framed_afresh() -> None:
     assert framer.next_event() is None
     framer.feed(b"NOOP\r\nQUIT\r\n")
     assert drain(framer) == [Line(b"NOOP", False), Line(b"QUIT", False)]
+
+
+class LoopOnly(LineFramer):
+    """The framer without its one-split path for a read of whole lines: every line through the
+    loop of ``feed``, as before that path existed (the reference it must agree with)."""
+
+    def _whole_lines(self, data: bytes) -> int:
+        return 0
+
+
+def take_events(framer: LineFramer, take: int | None) -> list[object]:
+    events = []
+    while take is None or len(events) < take:
+        event = framer.next_event()
+        if event is None:
+            break
+        events.append(event)
+    return events
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    lines=st.lists(st.tuples(st.integers(0, 24), st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b""])), max_size=12),
+    cuts=st.lists(st.integers(0, 400), max_size=5),
+    limits=st.tuples(st.integers(3, 20), st.integers(0, 20), st.integers(0, 60)),
+    take=st.sampled_from([None, 0, 1, 3]),
+)
+def test_the_one_split_path_frames_as_the_loop_does(lines: list[tuple[int, bytes]], cuts: list[int],
+                                                     limits: tuple[int, int, int], take: int | None) -> None:
+    """Lines at and around partial_cap, hard limits reached within a read, lines left pending
+    between reads: the same events, the same octets held, the same state after each read."""
+    line_limit, extra_cap, extra_hard = limits
+    partial_cap = line_limit + extra_cap
+    hard = partial_cap + extra_hard
+    stream = b"".join(bytes([65 + n % 26]) * size + end for n, (size, end) in enumerate(lines))
+    points = sorted({c for c in cuts if c < len(stream)})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)]) if stream[a:b]]
+    fast, loop = LineFramer(line_limit, hard, partial_cap), LoopOnly(line_limit, hard, partial_cap)
+    for chunk in chunks:
+        fast.feed(chunk)
+        loop.feed(chunk)
+        assert take_events(fast, take) == take_events(loop, take)
+        assert (fast.buffered, fast.has_partial, fast._broken) == (loop.buffered, loop.has_partial, loop._broken)
+    assert take_events(fast, None) == take_events(loop, None)
+
+
+def test_a_line_of_exactly_the_partial_cap_in_one_read_is_overlong() -> None:
+    for data in (b"A" * 9 + b"\n", b"NOOP\r\n" + b"A" * 9 + b"\n", b"A" * 8 + b"\r\n"):
+        fast, loop = LineFramer(5, 100, 9), LoopOnly(5, 100, 9)
+        fast.feed(data)
+        loop.feed(data)
+        assert take_events(fast, None) == take_events(loop, None)
+    # past the windows: what is kept of a line one octet over the cap is the windows, as in the loop
+    cap = WINDOW + 500
+    for data in (b"B" * (cap - 1) + b"\r\n", b"NOOP\r\n" + b"C" * cap + b"\n"):
+        fast, loop = LineFramer(255, 4 * cap, cap), LoopOnly(255, 4 * cap, cap)
+        fast.feed(data)
+        loop.feed(data)
+        assert take_events(fast, None) == take_events(loop, None)
+    framer = LineFramer(5, 100, 9)
+    framer.feed(b"A" * 9 + b"\n")
+    assert isinstance(framer.next_event(), Overlong)
+    framer.feed(b"A" * 7 + b"\r\n")  # 8 octets before the LF: kept whole, over the line limit
+    event = framer.next_event()
+    assert isinstance(event, Overlong) and event.length == 9
