@@ -240,6 +240,7 @@ class UpstreamBackend:
             reactor=self.reactor, response_timeout=settings.response_timeout,
             max_line=settings.max_line, tls_options=tls, proxy_header=header,
             name=endpoint.text))
+        factory.noisy = False  # no "Starting factory" / "Stopping factory" log lines per session
         connecting = clientFromString(self.reactor, endpoint.description).connect(factory)
         connecting.addTimeout(settings.connect_timeout, self.reactor)
         try:
