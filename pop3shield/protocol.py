@@ -31,6 +31,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3shield import eagerwrite
 from pop3shield.backends import (
     BackendBroken,
     ClientInfo,
@@ -128,7 +129,7 @@ class _ClientStream:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending = []
-            self.transport.write(data)
+            eagerwrite.write(self.transport, data)
             self.metrics.sent_bytes(len(data))
 
     def close(self) -> None:
@@ -155,7 +156,7 @@ class _ClientStream:
             self._pending.append(data)
             self.flush()
         else:
-            self.transport.write(data)
+            eagerwrite.write(self.transport, data)
             self.metrics.sent_bytes(len(data))
         self.on_write()
 

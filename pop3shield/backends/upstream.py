@@ -374,8 +374,12 @@ class _Session:
         """The login and the listing, pipelined behind it when the upstream offers PIPELINING
         (one round trip for AUTH or USER+PASS, STAT, LIST and UIDL)."""
         pipelining = "PIPELINING" in caps
-        auth, may_pipeline = self._auth_requests(caps)
-        listing = self._listing_requests() if pipelining and may_pipeline else []
+        self.protocol.cork()  # the login and the listing pipelined behind it: one write
+        try:
+            auth, may_pipeline = self._auth_requests(caps)
+            listing = self._listing_requests() if pipelining and may_pipeline else []
+        finally:
+            self.protocol.uncork()
         try:
             for d in auth:
                 reply = await d
