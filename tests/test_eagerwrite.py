@@ -112,8 +112,9 @@ class RealTCP(unittest.TestCase):
             producer = Producer()
             transport.registerProducer(producer, True)
             transport.bufferSize = 65536
-            for _ in range(200):  # far more than the kernel's buffers on both ends
-                eagerwrite.write(transport, b"x" * 65536)
+            chunk = b"x" * eagerwrite.MAX_EAGER
+            for _ in range(4000):  # far more than the kernel's buffers on both ends
+                eagerwrite.write(transport, chunk)
                 if producer.calls:
                     break
             self.assertEqual(producer.calls[:1], ["pause"])
@@ -123,7 +124,17 @@ class RealTCP(unittest.TestCase):
             transport.loseConnection()
             received = await self.sinks[0].done
             self.assertEqual(received, b"x" * len(received))
-            self.assertEqual(len(received) % 65536, 0)
+            self.assertEqual(len(received) % len(chunk), 0)
+        return defer.ensureDeferred(run())
+
+    def test_a_large_write_takes_the_queued_path(self) -> defer.Deferred[None]:
+        async def run() -> None:
+            transport = await self.connect()
+            big = b"y" * (eagerwrite.MAX_EAGER + 1)
+            eagerwrite.write(transport, big)
+            self.assertIn(transport, reactor.getWriters())
+            transport.loseConnection()
+            self.assertEqual(await self.sinks[0].done, big)
         return defer.ensureDeferred(run())
 
     def test_after_lose_connection_it_queues_like_transport_write(self) -> defer.Deferred[None]:
