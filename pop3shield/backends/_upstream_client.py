@@ -153,6 +153,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
+        if not self._requests or self._paused:
+            return  # nothing was due: the next request starts the timer again
         self.abort(f"no answer within {self.response_timeout:g} s")
 
     # -- requests --------------------------------------------------------------------------
@@ -271,10 +273,13 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
     def _arm(self) -> None:
         if self._closed:
             return
-        if self._requests and not self._paused:
-            self.setTimeout(self.response_timeout)
-        else:
+        if self._paused:
             self.setTimeout(None)
+        elif self._requests:
+            self.setTimeout(self.response_timeout)  # (re)started: moved, not made anew
+        # with nothing due the timer is left to run out: cancelling it after each response and
+        # making a new one for the next command cost a DelayedCall per command; when it fires
+        # with nothing due, timeoutConnection lets it go
 
     def pause(self) -> None:
         self._paused = True
