@@ -70,6 +70,38 @@ def one_session(host: str, port: int, user: str, password: str) -> int:
         client.close()
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(root: int) -> float:
+    """CPU seconds (user + system) of process ``root`` and its descendants, from /proc: the live
+    ones' own time plus what their reaped children used (a forked session process that exited
+    is in its parent's cutime/cstime)."""
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()
+        # after the command: state ppid ... utime(14) stime(15) cutime(16) cstime(17), 1-based
+        parents[int(entry)] = int(fields[1])
+        times[int(entry)] = sum(int(f) for f in fields[11:15]) / _TICK
+    total, todo = 0.0, [root]
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0.0)
+        todo.extend(children.get(pid, ()))
+    return total
+
+
 def run_load(host: str, port: int, accounts: dict[str, str], sessions: int) -> tuple[float, int]:
     """``sessions`` sessions spread over one thread per account; (seconds, octets)."""
     names = list(accounts)
@@ -166,6 +198,13 @@ def main() -> int:
                    "perdition -> Dovecot": (p_host, p_port)}
         for host, port in targets.values():  # warm-up, and a check that every target works
             run_load(host, port, accounts, len(accounts))
+        pids = {"Dovecot direct": dovecot.proc.pid, "pop3shield -> Dovecot": shield.proc.pid,
+                "perdition -> Dovecot": perdition.proc.pid}
+        # CPU milliseconds per session, by process tree, per round: the target's own processes
+        # (for the two relays not counting Dovecot behind them), and the load generator (this
+        # process: every thread)
+        cpu: dict[str, list[float]] = {name: [] for name in targets}
+        load_cpu: dict[str, list[float]] = {name: [] for name in targets}
         best: dict[str, float] = {name: 0.0 for name in targets}
         octets_seen: dict[str, int] = {}
         ratios: dict[str, list[float]] = {"direct": [], "perdition": []}
@@ -175,11 +214,16 @@ def main() -> int:
                 order.reverse()
             rates = {}
             for name, (host, port) in order:
+                before, own = tree_cpu(pids[name]), time.process_time()
                 seconds, octets = run_load(host, port, accounts, args.sessions)
+                cpu[name].append((tree_cpu(pids[name]) - before) * 1000 / args.sessions)
+                load_cpu[name].append((time.process_time() - own) * 1000 / args.sessions)
                 rates[name] = args.sessions / seconds
                 best[name] = max(best[name], rates[name])
                 octets_seen[name] = octets
-                print(f"round {round_ + 1}: {name:24s} {rates[name]:8.1f} sessions/s", flush=True)
+                print(f"round {round_ + 1}: {name:24s} {rates[name]:8.1f} sessions/s, "
+                      f"{cpu[name][-1]:5.2f} ms CPU per session (load generator {load_cpu[name][-1]:5.2f} ms), "
+                      f"load average {os.getloadavg()[0]:.2f}", flush=True)
             ratios["direct"].append(rates["pop3shield -> Dovecot"] / rates["Dovecot direct"])
             ratios["perdition"].append(rates["pop3shield -> Dovecot"] / rates["perdition -> Dovecot"])
         assert len(set(octets_seen.values())) == 1, f"targets delivered different octets: {octets_seen}"
@@ -189,10 +233,10 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} cores, {platform.platform()}, Python {platform.python_version()}, "
               f"Dovecot {'.'.join(map(str, dovecot.version))}")
         print()
-        print("| target | sessions/s |")
-        print("|---|---|")
+        print("| target | sessions/s | CPU ms per session, median of rounds (the target's processes) |")
+        print("|---|---|---|")
         for name, rate in best.items():
-            print(f"| {name} | {rate:.1f} |")
+            print(f"| {name} | {rate:.1f} | {statistics.median(cpu[name]):.2f} |")
         # ratios within a round (the same machine load), their median over the rounds
         direct, perd = statistics.median(ratios["direct"]), statistics.median(ratios["perdition"])
         print(f"| ratio pop3shield / Dovecot direct, median of rounds | {direct:.2f} (target >= 0.8; "

@@ -122,7 +122,7 @@ class Reloader:
 
     def __init__(self, reactor: Any, config: Any, *, events: Any = None, checkers: Iterable[Any] = (),
                  routes: Iterable[Any] = (), tls: Any = None, reopen_log: Callable[[], None] | None = None,
-                 threadpool: Any = None) -> None:
+                 threadpool: Any = None, forget: Iterable[Callable[[], None]] = ()) -> None:
         self.reactor = reactor
         self.config = config
         self.events = events
@@ -131,6 +131,8 @@ class Reloader:
         self.tls = tls
         self.reopen_log = reopen_log
         self.threadpool = threadpool
+        #: what is cached from outside and asked for again after a HUP (the upstreams' CAPA)
+        self.forget = list(forget)
         self._running: defer.Deferred[str] | None = None
 
     def reload(self) -> defer.Deferred[str]:
@@ -146,6 +148,8 @@ class Reloader:
                 log.error("cannot reopen the {what}, still writing the old one: {error}", what=what,
                           error=exc.strerror or str(exc))
         done.append("log and event files reopened")
+        for forget in self.forget:
+            forget()
         if self._running is not None:  # a HUP while one is under way: that one reads the files anyway
             return self._running
         pool = self.threadpool if self.threadpool is not None else self.reactor.getThreadPool()

@@ -32,6 +32,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3shield import eagerwrite
 from pop3shield.backends import (
     BackendBroken,
     ClientInfo,
@@ -133,7 +134,7 @@ class _ClientStream:
         if pending:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()  # the same list for the whole connection: see POP3ServerProtocol._run
-            self.transport.write(data)
+            eagerwrite.write(self.transport, data)
             self.metrics.sent_bytes(len(data))
 
     def close(self) -> None:
@@ -160,7 +161,7 @@ class _ClientStream:
             self._pending.append(data)
             self.flush()
         else:
-            self.transport.write(data)
+            eagerwrite.write(self.transport, data)
             self.metrics.sent_bytes(len(data))
         self.on_write()
 

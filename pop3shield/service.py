@@ -535,8 +535,9 @@ def make_service(config: Config, reactor: Any = None,
     from pop3shield.logsetup import reopen_log
 
     checkers, routes = _reloadables(backend)
+    forget = [backend.forget_capabilities] if hasattr(backend, "forget_capabilities") else []
     reloader = Reloader(reactor, config, events=events, checkers=checkers, routes=routes, tls=tls,
-                        reopen_log=reopen_log)
+                        reopen_log=reopen_log, forget=forget)
     handlers = SignalHandlers(reactor, reloader, factory.connections) if signals else None
     _Lifecycle(analyzer, events, state, (hashing,), factory.connections, server.shutdown_grace,
                handlers).setServiceParent(top)

@@ -62,3 +62,44 @@ def test_pipelining_on_a_failed_connection_fails_every_request() -> None:
         d.addErrback(lambda f: failures.append(f.check(UpstreamFailure)))
     assert failures == [UpstreamFailure, UpstreamFailure]
     assert transport.writes == []
+
+
+def test_the_response_timer_runs_only_for_a_response_that_is_due() -> None:
+    """Idle between commands (nothing due), the connection stays however long the client takes;
+    a command whose answer does not come within response_timeout still fails and aborts."""
+    clock = Clock()
+    protocol = UpstreamProtocol(reactor=clock, response_timeout=5.0, max_line=DEFAULT_MAX_LINE)
+    transport = CountingTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"+OK ready\r\n")
+    replies: list = []
+    protocol.request(b"NOOP").addCallback(replies.append)
+    clock.advance(4.0)
+    protocol.dataReceived(b"+OK\r\n")  # answered within the timeout
+    assert replies and replies[0].status.ok
+    clock.advance(4.0)
+    clock.advance(60.0)  # idle far past the timeout: nothing was due, nothing happens
+    assert not transport.disconnecting and not protocol._closed
+    failures: list = []
+    protocol.request(b"NOOP").addErrback(failures.append)
+    clock.advance(4.9)
+    assert not failures
+    clock.advance(0.2)  # 5 s after the command, no answer
+    assert failures and "no answer within 5 s" in str(failures[0].value)
+    assert protocol._closed
+
+
+def test_a_paused_read_does_not_time_out() -> None:
+    clock = Clock()
+    protocol = UpstreamProtocol(reactor=clock, response_timeout=5.0, max_line=DEFAULT_MAX_LINE)
+    transport = CountingTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"+OK ready\r\n")
+    failures: list = []
+    protocol.request(b"RETR 1", Kind.MULTI).addErrback(failures.append)
+    protocol.pause()  # the client is slow: the upstream read waits, its timer with it
+    clock.advance(30.0)
+    assert not failures and not protocol._closed
+    protocol.resume()
+    clock.advance(5.1)
+    assert failures and protocol._closed

@@ -26,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3shield import eagerwrite
 from pop3shield.core.upstream import (
     Body,
     Continuation,
@@ -95,6 +96,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
         self._closed = False
         self._paused = False
         self.tls = False
+        #: command lines held by cork() until uncork(), or None
+        self._corked: list[bytes] | None = None
         #: called once the events of one read are handled (a relayed body writes them in one go)
         self.after_read: Callable[[], None] | None = None
         self.greeting = self._queue(Expect(Kind.SINGLE))
@@ -150,6 +153,8 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
+        if not self._requests or self._paused:
+            return  # nothing was due: the next request starts the timer again
         self.abort(f"no answer within {self.response_timeout:g} s")
 
     # -- requests --------------------------------------------------------------------------
@@ -168,7 +173,7 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
                         start_tls)
         if responses:
             self._requests[-1].responses.extend(responses)
-        self.transport.write(line + b"\r\n")
+        self._write(line + b"\r\n")
         self._arm()
         return d
 
@@ -180,14 +185,32 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
             return [defer.fail(failure) for _ in requests]
         deferreds = [self._queue(expect if isinstance(expect, Expect) else Expect(expect))
                      for _, expect in requests]
-        self.transport.write(b"".join(line + b"\r\n" for line, _ in requests))
+        self._write(b"".join(line + b"\r\n" for line, _ in requests))
         self._arm()
         return deferreds
 
     def send_line(self, line: bytes) -> None:
         """A line that gets no response of its own (a SASL continuation answer)."""
         if not self._closed:
-            self.transport.write(line + b"\r\n")
+            self._write(line + b"\r\n")
+
+    def cork(self) -> None:
+        """Hold the command lines written from now on until :meth:`uncork` (pipelined requests
+        made by several calls, e.g. the login and the listing behind it, go out in one write)."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        """Write what :meth:`cork` held, in one write."""
+        held, self._corked = self._corked, None
+        if held and not self._closed:
+            eagerwrite.write(self.transport, held[0] if len(held) == 1 else b"".join(held))
+
+    def _write(self, data: bytes) -> None:
+        if self._corked is not None:
+            self._corked.append(data)
+        else:
+            eagerwrite.write(self.transport, data)
 
     def _queue(self, expect: Expect, on_body: Any = None, on_status: Any = None,
                start_tls: Any = None) -> defer.Deferred[Response]:
@@ -250,10 +273,13 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
     def _arm(self) -> None:
         if self._closed:
             return
-        if self._requests and not self._paused:
-            self.setTimeout(self.response_timeout)
-        else:
+        if self._paused:
             self.setTimeout(None)
+        elif self._requests:
+            self.setTimeout(self.response_timeout)  # (re)started: moved, not made anew
+        # with nothing due the timer is left to run out: cancelling it after each response and
+        # making a new one for the next command cost a DelayedCall per command; when it fires
+        # with nothing due, timeoutConnection lets it go
 
     def pause(self) -> None:
         self._paused = True

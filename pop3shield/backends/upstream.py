@@ -64,6 +64,9 @@ _MAX_LISTING_LINE = 100
 _CAPA_BOUND = Expect(Kind.MULTI, max_octets=8192, max_lines=100)
 #: codes that pass through to the client as they are
 _PASSED_CODES = ("SYS/TEMP", "SYS/PERM", "LOGIN-DELAY")
+#: seconds an upstream's CAPA answer is reused for the next logins (also forgotten on any failed
+#: login through it and on SIGHUP)
+CAPA_TTL = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,35 @@ class UpstreamBackend:
             log.warn("backend.verify = false: upstream TLS certificates are NOT verified; anyone "
                      "on the path to the upstream can read and change the relayed sessions")
         self._tls_cache: dict[str | None, Any] = {}
+        #: endpoint description -> the Twisted client endpoint made from it
+        self._endpoints: dict[str, Any] = {}
+        #: (endpoint, "plain" or "tls") -> (the time it was read, its CAPA): a login costs
+        #: no CAPA round trip while the upstream's answer is fresh
+        self._capa_cache: dict[tuple[Endpoint, str], tuple[float, dict[str, tuple[str, ...]]]] = {}
+
+    # -- the CAPA cache --------------------------------------------------------------------
+
+    def cached_capabilities(self, endpoint: Endpoint, phase: str) -> dict[str, tuple[str, ...]] | None:
+        """A copy of the upstream's CAPA read less than CAPA_TTL ago (None: ask it)."""
+        entry = self._capa_cache.get((endpoint, phase))
+        if entry is None:
+            return None
+        read, caps = entry
+        if not 0 <= self.reactor.seconds() - read < CAPA_TTL:
+            del self._capa_cache[(endpoint, phase)]
+            return None
+        return dict(caps)
+
+    def remember_capabilities(self, endpoint: Endpoint, phase: str, caps: dict[str, tuple[str, ...]]) -> None:
+        self._capa_cache[(endpoint, phase)] = (self.reactor.seconds(), dict(caps))
+
+    def forget_capabilities(self, endpoint: Endpoint | None = None) -> None:
+        """Ask the upstream (or every upstream) for its CAPA again at the next login."""
+        if endpoint is None:
+            self._capa_cache.clear()
+            return
+        for key in [k for k in self._capa_cache if k[0] == endpoint]:
+            del self._capa_cache[key]
 
     # -- IBackend --------------------------------------------------------------------------
 
@@ -214,6 +246,9 @@ class UpstreamBackend:
             return await session.open()
         except BaseException:
             protocol.abort()
+            # whatever went wrong may be the CAPA answer going stale (a mechanism withdrawn,
+            # PIPELINING turned off): the next login through this upstream asks again
+            self.forget_capabilities(endpoint)
             raise
 
     async def _check_locally(self, credentials: Credentials, client: ClientInfo) -> None:
@@ -240,7 +275,14 @@ class UpstreamBackend:
             reactor=self.reactor, response_timeout=settings.response_timeout,
             max_line=settings.max_line, tls_options=tls, proxy_header=header,
             name=endpoint.text))
-        connecting = clientFromString(self.reactor, endpoint.description).connect(factory)
+        factory.noisy = False  # no "Starting factory" / "Stopping factory" log lines per session
+        client_endpoint = self._endpoints.get(endpoint.description)
+        if client_endpoint is None:  # parsed once: an endpoint object connects any number of times
+            if len(self._endpoints) >= 1024:  # routing maps reloaded with ever new endpoints
+                self._endpoints.clear()
+            client_endpoint = self._endpoints[endpoint.description] = clientFromString(
+                self.reactor, endpoint.description)
+        connecting = client_endpoint.connect(factory)
         connecting.addTimeout(settings.connect_timeout, self.reactor)
         try:
             protocol = await connecting
@@ -291,7 +333,7 @@ class _Session:
             greeting = await p.greeting
             if not greeting.status.ok:
                 raise Unavailable(f"{self.endpoint.text}: greeting is -ERR", _code(greeting.status))
-            caps = await self._capa()
+            caps = await self._capa("plain")
             if greeting.status.code == "XCLIENT":  # Dovecot offers it in the greeting
                 caps.setdefault("XCLIENT", ())
             if self.settings.stls and not self.endpoint.implicit_tls:
@@ -302,7 +344,7 @@ class _Session:
                 if not reply.status.ok:
                     raise Unavailable(f"{self.endpoint.text}: STLS refused")
                 xclient = "XCLIENT" in caps
-                caps = await self._capa()
+                caps = await self._capa("tls")
                 if xclient:
                     caps.setdefault("XCLIENT", ())
             await self._client_address(caps)
@@ -312,11 +354,18 @@ class _Session:
         return UpstreamMailbox(self.credentials.username, listing, p, "PIPELINING" in caps,
                                self.endpoint.text)
 
-    async def _capa(self) -> dict[str, tuple[str, ...]]:
+    async def _capa(self, phase: str) -> dict[str, tuple[str, ...]]:
+        """The upstream's CAPA (``phase``: before TLS, or after STLS), from the backend's cache
+        while it is fresh; a -ERR (no CAPA) is not cached, so such an upstream is asked each time."""
+        caps = self.backend.cached_capabilities(self.endpoint, phase)
+        if caps is not None:
+            return caps
         reply = await self.protocol.request(b"CAPA", _CAPA_BOUND)
         if not reply.status.ok:
             return {}
-        return parse_capabilities(reply.body or b"")
+        caps = parse_capabilities(reply.body or b"")
+        self.backend.remember_capabilities(self.endpoint, phase, caps)
+        return caps
 
     async def _client_address(self, caps: dict[str, tuple[str, ...]]) -> None:
         if self.settings.client_address != "xclient":
@@ -373,8 +422,12 @@ class _Session:
         """The login and the listing, pipelined behind it when the upstream offers PIPELINING
         (one round trip for AUTH or USER+PASS, STAT, LIST and UIDL)."""
         pipelining = "PIPELINING" in caps
-        auth, may_pipeline = self._auth_requests(caps)
-        listing = self._listing_requests() if pipelining and may_pipeline else []
+        self.protocol.cork()  # the login and the listing pipelined behind it: one write
+        try:
+            auth, may_pipeline = self._auth_requests(caps)
+            listing = self._listing_requests() if pipelining and may_pipeline else []
+        finally:
+            self.protocol.uncork()
         try:
             for d in auth:
                 reply = await d
@@ -407,7 +460,7 @@ class _Session:
             size_text, uid = sizes[number], uids[number]
             if not size_text.isdigit():
                 raise Unavailable(f"{self.endpoint.text}: LIST size {size_text!r} is not a number")
-            if not 0 < len(uid) <= 70 or any(not 0x21 <= ord(ch) <= 0x7E for ch in uid) or uid in seen:
+            if not valid_uid(uid) or uid in seen:
                 raise Unavailable(f"{self.endpoint.text}: UIDL {number} is not a valid unique id")
             seen.add(uid)
             result.append(ListedMessage(number, uid, int(size_text)))
@@ -418,6 +471,12 @@ def auth_is_user(credentials: Credentials, caps: dict[str, tuple[str, ...]]) -> 
     """USER/PASS toward this upstream (no SASL mechanism of the client's kind offered)."""
     mechanisms = {m.upper() for m in caps.get("SASL", ())}
     return credentials.mechanism not in ("XOAUTH2", "OAUTHBEARER") and "PLAIN" not in mechanisms
+
+
+def valid_uid(uid: str) -> bool:
+    """1 to 70 characters in 0x21-0x7E (RFC 1939); at C speed (ASCII, printable, no space),
+    not a Python step per character."""
+    return 0 < len(uid) <= 70 and uid.isascii() and uid.isprintable() and " " not in uid
 
 
 def _numbered(body: bytes, count: int, where: str, what: str) -> dict[int, str]:

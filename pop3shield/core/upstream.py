@@ -337,7 +337,7 @@ class UpstreamReader:
                 len(body) > self.max_line and _long_line(self.max_line + 1).search(body)):
             return self._fail(Problem.LINE_TOO_LONG, f"bound {self.max_line}")
         dots = body.count(b"\n.")
-        stuffed = body.count(b"\n..")
+        stuffed = body.count(b"\n..") if dots else 0  # most mail has no line starting with a dot
         if at_start and body.startswith(b"."):
             dots += 1
             stuffed += body.startswith(b"..")
