@@ -142,8 +142,9 @@ class ServerConfig:
     #: threads that verify password hashes for logins of a user from an address it logged in from
     #: lately, apart from thread_pool_size's mailbox I/O
     hash_threads: int = 4
-    #: low-priority threads (nice 19) that verify the other logins (fresh addresses, guessers); 0: the
-    #: cores divided among the workers, so a flood of first guesses never crowds out a known user
+    #: low-priority threads (nice 19) that verify the other logins (fresh addresses, guessers); 0: half
+    #: the cores divided among the workers (at least one), so a flood of first guesses never crowds
+    #: out a known user and its hash memory stays bounded
     hash_threads_untrusted: int = 0
     #: peers (CIDR) whose connections must start with a PROXY v1/v2 header naming the client
     proxy_protocol_networks: tuple[IPNetwork, ...] = ()

@@ -35,10 +35,7 @@ MAX_EAGER = 16 * 1024
 
 def write(transport: Any, data: bytes) -> None:
     """``transport.write(data)``, sent at once where that cannot change anything but the timing."""
-    if (type(transport) in _PLAIN and 0 < len(data) <= MAX_EAGER and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._writeDisconnected
-            and not transport._writeDisconnecting
-            and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer)):
+    if type(transport) in _PLAIN and 0 < len(data) <= MAX_EAGER and _idle(transport):
         try:
             sent = transport.socket.send(data)
         except OSError:  # EAGAIN/ENOBUFS, or a real error: the ordinary path handles it
@@ -47,3 +44,14 @@ def write(transport: Any, data: bytes) -> None:
             return
         data = data[sent:]
     transport.write(data)
+
+
+def _idle(transport: Any) -> bool:
+    """Connected, not closing, nothing queued: a send now cannot overtake anything. The attributes
+    are Twisted's own (``FileDescriptor``'s buffer); a Twisted without them gets the queued path."""
+    try:
+        return bool(not transport.TLS and transport.connected and not transport.disconnecting
+                    and not transport._writeDisconnected and not transport._writeDisconnecting
+                    and not transport._tempDataBuffer and transport.offset == len(transport.dataBuffer))
+    except AttributeError:
+        return False

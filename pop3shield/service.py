@@ -458,12 +458,14 @@ def _reloadables(backend: Any) -> tuple[list[Any], list[Any]]:
 
 
 def untrusted_hash_threads(config: Config, *, workers: bool) -> int:
-    """``server.hash_threads_untrusted``, or (0) this process's share of the cores: the cores divided
-    among ``server.workers`` in a worker, all of them in a single process (twistd)."""
+    """``server.hash_threads_untrusted``, or (0) half this process's share of the cores (at least
+    one): the cores divided among ``server.workers`` in a worker, all of them in a single process
+    (twistd). A flood of first guesses from fresh addresses then holds at most half the cores, and
+    the memory of that many argon2id checks, however many addresses it comes from."""
     if config.server.hash_threads_untrusted:
         return config.server.hash_threads_untrusted
     processes = config.server.workers if workers else 1
-    return max(1, (os.cpu_count() or 1) // processes)
+    return max(1, (os.cpu_count() or 1) // processes // 2)
 
 
 def make_service(config: Config, reactor: Any = None,
@@ -485,7 +487,7 @@ def make_service(config: Config, reactor: Any = None,
         reactor = default_reactor
     reactor.suggestThreadPoolSize(config.server.thread_pool_size)
     # known pairs hash on threads of their own; the others (clean, then suspect, which hold one
-    # thread at most) on low-priority ones, no more than this process's share of the cores
+    # thread at most) on low-priority ones, no more than half this process's share of the cores
     hashing = HashPool(reactor, config.server.hash_threads,
                        untrusted_threads=untrusted_hash_threads(config, workers=adopted is not None))
     reactor.pop3shield_hash_pool = hashing  # the checkers built below verify in it

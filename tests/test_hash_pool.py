@@ -25,15 +25,15 @@ def test_hash_threads_is_a_config_key() -> None:
     assert config.server.hash_threads == 2
 
 
-def test_untrusted_hash_threads_default_to_the_process_share_of_the_cores(monkeypatch) -> None:
+def test_untrusted_hash_threads_default_to_half_the_process_share_of_the_cores(monkeypatch) -> None:
     from pop3shield.config import ConfigError
     from pop3shield.service import untrusted_hash_threads
 
     monkeypatch.setattr("os.cpu_count", lambda: 4)
     config = parse_config({"server": {"workers": 2}, "auth": {"realm": "a:b"}}, "p.toml", ".")
     assert config.server.hash_threads_untrusted == 0
-    assert untrusted_hash_threads(config, workers=True) == 2  # 4 cores, 2 workers
-    assert untrusted_hash_threads(config, workers=False) == 4  # one process (twistd)
+    assert untrusted_hash_threads(config, workers=True) == 1  # half of 4 cores over 2 workers
+    assert untrusted_hash_threads(config, workers=False) == 2  # one process (twistd)
     config = parse_config({"server": {"workers": 8}, "auth": {"realm": "a:b"}}, "p.toml", ".")
     assert untrusted_hash_threads(config, workers=True) == 1
     config = parse_config({"server": {"hash_threads_untrusted": 3}, "auth": {"realm": "a:b"}}, "p.toml", ".")
