@@ -205,6 +205,8 @@ def main() -> int:
         # process: every thread)
         cpu: dict[str, list[float]] = {name: [] for name in targets}
         load_cpu: dict[str, list[float]] = {name: [] for name in targets}
+        #: and Dovecot's, behind each target (the same processes as "Dovecot direct" itself)
+        dovecot_cpu: dict[str, list[float]] = {name: [] for name in targets}
         best: dict[str, float] = {name: 0.0 for name in targets}
         octets_seen: dict[str, int] = {}
         ratios: dict[str, list[float]] = {"direct": [], "perdition": []}
@@ -215,14 +217,17 @@ def main() -> int:
             rates = {}
             for name, (host, port) in order:
                 before, own = tree_cpu(pids[name]), time.process_time()
+                behind = tree_cpu(dovecot.proc.pid)
                 seconds, octets = run_load(host, port, accounts, args.sessions)
                 cpu[name].append((tree_cpu(pids[name]) - before) * 1000 / args.sessions)
+                dovecot_cpu[name].append((tree_cpu(dovecot.proc.pid) - behind) * 1000 / args.sessions)
                 load_cpu[name].append((time.process_time() - own) * 1000 / args.sessions)
                 rates[name] = args.sessions / seconds
                 best[name] = max(best[name], rates[name])
                 octets_seen[name] = octets
                 print(f"round {round_ + 1}: {name:24s} {rates[name]:8.1f} sessions/s, "
-                      f"{cpu[name][-1]:5.2f} ms CPU per session (load generator {load_cpu[name][-1]:5.2f} ms), "
+                      f"{cpu[name][-1]:5.2f} ms CPU per session (Dovecot {dovecot_cpu[name][-1]:5.2f} ms, "
+                      f"load generator {load_cpu[name][-1]:5.2f} ms), "
                       f"load average {os.getloadavg()[0]:.2f}", flush=True)
             ratios["direct"].append(rates["pop3shield -> Dovecot"] / rates["Dovecot direct"])
             ratios["perdition"].append(rates["pop3shield -> Dovecot"] / rates["perdition -> Dovecot"])
