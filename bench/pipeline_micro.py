@@ -36,12 +36,12 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse  # noq
 from twisted.cred.portal import Portal  # noqa: E402
 from twisted.internet import defer  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
-from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
 from pop3shield.backends.maildir import MaildirBackend  # noqa: E402
 from pop3shield.core import actions as A  # noqa: E402
 from pop3shield.core.session import Session  # noqa: E402
+from tests.test_protocol_backpressure import TurnClock  # noqa: E402 (one reactor iteration per turn())
 from pop3shield.core.settings import SessionSettings  # noqa: E402
 from pop3shield.events import EventLog  # noqa: E402
 from pop3shield.maildir import Maildir  # noqa: E402
@@ -96,17 +96,6 @@ def core_round() -> float:
 
 # ---------------------------------------------------------------------------- the whole protocol
 
-class _TurnClock(Clock):
-    """Runs only the calls due when a turn starts, as one iteration of a real reactor does."""
-
-    def turn(self) -> None:
-        due = [call for call in self.calls if call.getTime() <= self.seconds()]
-        for call in due:
-            self.calls.remove(call)
-            call.called = 1
-            call.func(*call.args, **call.kw)
-
-
 def _inline(function, *args):
     return defer.maybeDeferred(function, *args)
 
@@ -128,7 +117,7 @@ def _make_root(root: Path) -> tuple[str, int]:
 
 def protocol_round(root: Path, first: tuple[str, int]) -> tuple[float, int]:
     """CPU seconds of WRITES batches through one protocol, and the reactor turns they took."""
-    clock = _TurnClock()
+    clock = TurnClock()
     portal = Portal(MaildirRealm(str(root / "mail" / "{user}" / "Maildir")),
                     [InMemoryUsernamePasswordDatabaseDontUse(pipe=b"secret-pw")])
     factory = POP3ServerFactory(SessionSettings(hostname="bench.invalid"), MaildirBackend(portal, _inline),
