@@ -36,7 +36,7 @@ class Transaction:
     """Mixin of :class:`~pop3shield.core.session.Session`: the maildrop is open."""
 
     _messages: list[MessageEntry]
-    #: 0-based indexes of the messages marked by DELE
+    #: 0-based indexes of the messages marked by DELE (a set from login on)
     _deleted: set[int]
     #: the replies of STAT, NOOP, LIST n and UIDL n by line (None: nothing remembered), each with
     #: the arguments the detector's fast tier judges; see :meth:`_replay`

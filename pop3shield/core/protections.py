@@ -8,7 +8,7 @@ turns a trigger into a :class:`SecurityEvent` (or nothing, when inactive or alre
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,16 +71,33 @@ class Trigger:
         return self.action is Action.PREVENT
 
 
+#: never written: the repeats of an engine that has had none
+_NO_REPEATS: Counter[str] = Counter()
+#: the key -> action dicts in use, one per distinct resolution (at most 3 ** 8; a handful in practice)
+_ACTIONS: dict[tuple[Action, ...], Mapping[str, Action]] = {}
+
+
+def _shared_actions(resolved: tuple[Action, ...]) -> Mapping[str, Action]:
+    actions = _ACTIONS.get(resolved)
+    if actions is None:
+        actions = _ACTIONS[resolved] = dict(zip(PROTECTION_KEYS, resolved))  # shared: never written
+    return actions
+
+
 class ProtectionEngine:
     """Per-connection protection state: resolved actions, dedupe, repeat and global counters."""
 
+    #: protections already reported (``detect`` logs the first event only) and the repeats not
+    #: logged; shared empty ones until the first trigger, so a connection that never triggers
+    #: anything (nearly all of them) holds neither
+    reported: AbstractSet[str] = frozenset()
+    repeats: Counter[str] = _NO_REPEATS
+
     def __init__(self, config: ProtectionsConfig, client_address: str | None) -> None:
         self.config = config
-        self.actions: dict[str, Action] = {
-            key: config.get(key).action_for(client_address) for key in PROTECTION_KEYS
-        }
-        self.reported: set[str] = set()
-        self.repeats: Counter[str] = Counter()
+        resolved = tuple(config.get(key).action_for(client_address) for key in PROTECTION_KEYS)
+        #: key -> action for this client; one read-only dict for every connection that resolves alike
+        self.actions: Mapping[str, Action] = _shared_actions(resolved)
 
     def action(self, key: str) -> Action:
         return self.actions[key]
@@ -98,8 +115,12 @@ class ProtectionEngine:
         if action is Action.INACTIVE:
             return Trigger(action, None)
         if action is Action.DETECT and key in self.reported:
+            if self.repeats is _NO_REPEATS:
+                self.repeats = Counter()
             self.repeats[key] += 1
             return Trigger(action, None)
-        self.reported.add(key)
+        if type(self.reported) is frozenset:
+            self.reported = set()
+        self.reported.add(key)  # type: ignore[attr-defined]
         sample = command() if callable(command) else command
         return Trigger(action, SecurityEvent(key, action, sample, dict(detail)))

@@ -16,6 +16,7 @@ The work is split along its jobs, h11 style, into private modules: the screening
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import replace
 from typing import Any, Hashable
 
@@ -50,6 +51,9 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
     _sasl_exchange: str | None = None
     _sasl_user: bytes | None = None
     _login_mechanism: str | None = None
+    #: the maildrop and the deletion marks, made at login (none before it)
+    _messages: Sequence[MessageEntry] = ()
+    _deleted: AbstractSet[int] = frozenset()
 
     def __init__(
         self,
@@ -80,8 +84,6 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         self._commands = 0  # toward max_commands: restarts at login
         self.commands = 0  # every command of the connection, for the shell's session log line
         self._command_limit = settings.protections.commands_limit
-        self._messages: list[MessageEntry] = []
-        self._deleted: set[int] = set()
         #: the line waiting for the slow analysis, with what its screening found
         self._pending: Screened | None = None
         #: the line whose command runs now (its sample is the one its events carry)
@@ -126,7 +128,7 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
         if not self._answer("login_succeeded", A.Authenticate):
             return []
         self._messages = list(messages)
-        self._deleted.clear()
+        self._deleted = set()
         self._forget_replies()
         self.state = State.TRANSACTION
         # from here on the commands an honest session needs grow with the maildrop
