@@ -117,21 +117,31 @@ def start(tmp_path: Path):
         server.stop()
 
 
-def spread(server: Pop3ShieldServer, count: int, tries: int = 5) -> list[tuple[socket.socket, int]]:
-    """``count`` greeted connections that both workers serve (retrying when the kernel gave all to one)."""
+def spread(server: Pop3ShieldServer, count: int) -> list[tuple[socket.socket, int]]:
+    """``count`` greeted connections that both workers serve.
+
+    Both workers wait on the one listening socket and the first to wake takes the connection, so
+    a client that connects one at a time can see one worker win every race. When the first half
+    all went to one worker, that worker (a process this test started) is stopped for the rest,
+    which the other must then accept, and continued afterwards.
+    """
     workers = children(server.proc.pid)
-    for _ in range(tries):
-        held = []
-        for _ in range(count):
+    held: list[tuple[socket.socket, int]] = []
+    stopped = None
+    try:
+        for n in range(count):
+            owners = {pid for _, pid in held}
+            if n == count - count // 2 and len(owners) == 1:
+                stopped = owners.pop()
+                os.kill(stopped, signal.SIGSTOP)
             sock, greeting = greeted(server.host, server.port)
             assert greeting.startswith(b"+OK"), greeting
             held.append((sock, wait_for(lambda: owner(sock, workers), 10, "the connection's worker")))
-        if {pid for _, pid in held} == workers:
-            return held
-        for sock, _ in held:
-            sock.close()
-        time.sleep(0.5)
-    raise AssertionError(f"{tries} x {count} connections never reached both workers")
+    finally:
+        if stopped is not None:
+            os.kill(stopped, signal.SIGCONT)
+    assert {pid for _, pid in held} == workers, (held, workers)
+    return held
 
 
 def test_both_workers_serve_logins(start) -> None:
