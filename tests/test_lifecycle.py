@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import ssl
@@ -80,7 +81,10 @@ def test_sigterm_lets_sessions_finish_then_closes_the_rest_without_update(tmp_pa
     assert _messages(root / "alice" / "Maildir") == 3  # no QUIT, no UPDATE: nothing deleted
     assert _messages(root / "bob" / "Maildir") == 2
     log = server.log_path.read_text()
-    assert "shutting down: 2 sessions have 3 s to finish" in log
+    # alice and bob, and on a loaded machine the first probe of _refused too when it connected
+    # before the reactor got to the signal
+    counted = re.search(r"shutting down: (\d+) sessions have 3 s to finish", log)
+    assert counted and int(counted.group(1)) >= 2, [line for line in log.splitlines() if "shut" in line]
     assert "shutdown grace over: closing 1 sessions (nothing deleted)" in log
     assert "closed (server shutdown)" in log and "deleted=-" in log.split("closed (server shutdown)")[1]
     assert proc.returncode == 0
