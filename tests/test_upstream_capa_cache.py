@@ -116,18 +116,15 @@ class CapaCache(unittest.TestCase):
         return defer.ensureDeferred(run())
 
     def test_a_capa_refused_is_asked_again_each_time(self) -> defer.Deferred[None]:
-        from tests.test_upstream_faults import FakeUpstream
+        from tests.test_upstream_faults import answer_with
 
-        original = FakeUpstream.answer
-
-        def no_capa(proto: FakeUpstream, line: bytes) -> None:
+        def no_capa(proto, line: bytes, usual) -> None:
             if line.upper() == b"CAPA":
                 proto.transport.write(b"-ERR unknown command\r\n")
             else:
-                original(proto, line)
+                usual(proto, line)
 
-        FakeUpstream.answer = no_capa  # type: ignore[method-assign]
-        self.addCleanup(setattr, FakeUpstream, "answer", original)
+        answer_with(self, no_capa)
 
         async def run() -> None:
             self.assertEqual((await self.session_lines())[0], b"CAPA")

@@ -35,6 +35,14 @@ CLIENT = ClientInfo("faults", "192.0.2.9", 1234)
 MESSAGE = b"Subject: hi\r\n\r\nbody\r\n"
 
 
+def answer_with(case: Any, answer: Callable[[Any, bytes, Callable[[Any, bytes], None]], None]) -> None:
+    """For this test, :class:`FakeUpstream` answers each line through ``answer(proto, line, usual)``,
+    where ``usual(proto, line)`` is its own answer."""
+    usual = FakeUpstream.answer
+    FakeUpstream.answer = lambda proto, line: answer(proto, line, usual)  # type: ignore[method-assign]
+    case.addCleanup(setattr, FakeUpstream, "answer", usual)
+
+
 class FakeUpstream(Protocol):
     """Answers a login and the listing; RETR/TOP get ``factory.retr`` (bytes or a callable)."""
 
@@ -239,9 +247,8 @@ class FaultCase(unittest.TestCase):
 
     def test_sasl_challenge_from_the_upstream_is_answered_with_a_cancel(self) -> defer.Deferred[None]:
         self.fake.capa_extra = b"SASL XOAUTH2\r\n"
-        original = FakeUpstream.answer
 
-        def answer(proto: FakeUpstream, line: bytes) -> None:
+        def answer(proto: FakeUpstream, line: bytes, usual: Callable[[FakeUpstream, bytes], None]) -> None:
             if line.startswith(b"AUTH") and line.count(b" ") == 1:
                 proto.transport.write(b"+ \r\n")
             elif line.startswith(b"AUTH") or line == base64.b64encode(b"tok" * 100):
@@ -249,10 +256,9 @@ class FaultCase(unittest.TestCase):
             elif line == b"*":
                 proto.transport.write(b"-ERR [AUTH] Authentication failed.\r\n")
             else:
-                original(proto, line)
+                usual(proto, line)
 
-        FakeUpstream.answer = answer  # type: ignore[method-assign]
-        self.addCleanup(setattr, FakeUpstream, "answer", original)
+        answer_with(self, answer)
 
         async def run() -> None:
             with self.assertRaises(LoginRefused):

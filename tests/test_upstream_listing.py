@@ -8,7 +8,7 @@ from twisted.trial import unittest
 from pop3shield.backends import Credentials, Unavailable
 from pop3shield.backends.routing import parse_endpoint
 from pop3shield.backends.upstream import UpstreamBackend, UpstreamSettings, valid_uid
-from tests.test_upstream_faults import CLIENT, FakeFactory, FakeUpstream
+from tests.test_upstream_faults import CLIENT, FakeFactory, FakeUpstream, answer_with
 
 
 def test_valid_uid_is_exactly_the_rfc_range() -> None:
@@ -28,10 +28,9 @@ class BadUidl(unittest.TestCase):
 
     def login_with_uidl(self, uids: list[bytes]) -> defer.Deferred[object]:
         fake = FakeFactory()
-        original = FakeUpstream.answer
         body = b"".join(b"%d %s\r\n" % (n, uid) for n, uid in enumerate(uids, 1))
 
-        def answer(proto: FakeUpstream, line: bytes) -> None:
+        def answer(proto: FakeUpstream, line: bytes, usual) -> None:
             word = line.split(b" ")[0].upper()
             if word == b"STAT":
                 proto.transport.write(b"+OK %d %d\r\n" % (len(uids), 10 * len(uids)))
@@ -41,10 +40,9 @@ class BadUidl(unittest.TestCase):
             elif word == b"UIDL":
                 proto.transport.write(b"+OK\r\n" + body + b".\r\n")
             else:
-                original(proto, line)
+                usual(proto, line)
 
-        FakeUpstream.answer = answer  # type: ignore[method-assign]
-        self.addCleanup(setattr, FakeUpstream, "answer", original)
+        answer_with(self, answer)
         port = reactor.listenTCP(0, fake, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         endpoint = parse_endpoint(f"tcp:host=127.0.0.1:port={port.getHost().port}")

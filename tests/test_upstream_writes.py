@@ -64,14 +64,20 @@ def test_pipelining_on_a_failed_connection_fails_every_request() -> None:
     assert transport.writes == []
 
 
-def test_the_response_timer_runs_only_for_a_response_that_is_due() -> None:
-    """Idle between commands (nothing due), the connection stays however long the client takes;
-    a command whose answer does not come within response_timeout still fails and aborts."""
+def _greeted() -> tuple[Clock, UpstreamProtocol, CountingTransport]:
+    """An upstream connection with a 5 s response timeout, past the greeting, on a test clock."""
     clock = Clock()
     protocol = UpstreamProtocol(reactor=clock, response_timeout=5.0, max_line=DEFAULT_MAX_LINE)
     transport = CountingTransport()
     protocol.makeConnection(transport)
     protocol.dataReceived(b"+OK ready\r\n")
+    return clock, protocol, transport
+
+
+def test_the_response_timer_runs_only_for_a_response_that_is_due() -> None:
+    """Idle between commands (nothing due), the connection stays however long the client takes;
+    a command whose answer does not come within response_timeout still fails and aborts."""
+    clock, protocol, transport = _greeted()
     replies: list = []
     protocol.request(b"NOOP").addCallback(replies.append)
     clock.advance(4.0)
@@ -90,11 +96,7 @@ def test_the_response_timer_runs_only_for_a_response_that_is_due() -> None:
 
 
 def test_a_paused_read_does_not_time_out() -> None:
-    clock = Clock()
-    protocol = UpstreamProtocol(reactor=clock, response_timeout=5.0, max_line=DEFAULT_MAX_LINE)
-    transport = CountingTransport()
-    protocol.makeConnection(transport)
-    protocol.dataReceived(b"+OK ready\r\n")
+    clock, protocol, transport = _greeted()
     failures: list = []
     protocol.request(b"RETR 1", Kind.MULTI).addErrback(failures.append)
     protocol.pause()  # the client is slow: the upstream read waits, its timer with it
