@@ -148,10 +148,16 @@ class Metrics:
                                    "limit refused them.", ["result"], registry=r)
         self.logins = Counter("pop3shield_logins", "Login attempts that reached the backend, by mechanism and "
                               "result.", ["mechanism", "result"], registry=r)
-        self.commands = Counter("pop3shield_commands", "Command lines received, by keyword (other: anything not "
-                                "a POP3 keyword).", ["command"], registry=r)
-        self.sent = Counter("pop3shield_sent_bytes", "Bytes sent to clients.", registry=r)
-        self.received = Counter("pop3shield_received_bytes", "Bytes received from clients.", registry=r)
+        # counted on the reactor several times per command: plain integers, read at scrape time
+        self.commands = _Tally("pop3shield_commands", "Command lines received, by keyword (other: anything "
+                               "not a POP3 keyword).", ("command",))
+        r.register(self.commands)
+        self.sent = _Tally("pop3shield_sent_bytes", "Bytes sent to clients.", ())
+        self.received = _Tally("pop3shield_received_bytes", "Bytes received from clients.", ())
+        self._sent_counts, self._received_counts = self.sent.counts, self.received.counts
+        self._sent_counts[()] = self._received_counts[()] = 0  # a total is exposed from the start
+        r.register(self.sent)
+        r.register(self.received)
         self.verdicts = _Tally("pop3shield_detector_verdicts", "Malicious-code detector verdicts per argument: "
                                "tier 0 clean, malicious or undecided (sent to tier 1); tier 1 clean, "
                                "malicious or refused (no capacity, or the analysis failed).",
@@ -175,9 +181,8 @@ class Metrics:
         for reason in CONNECTION_REFUSALS:
             self.refusals.labels(reason)
         self.upstream = UpstreamMetrics(self.upstream_latency, self.upstream_errors)
-        #: the labelled children counted per command, looked up once each (``labels()`` takes a
-        #: lock and builds a key at every call)
-        self._command_counters: dict[bytes, Any] = {}
+        #: keyword as sent -> its label key, worked out once each
+        self._command_counters: dict[bytes, tuple[str]] = {}
         self.readings = _Readings()
         r.register(self.readings)
 
@@ -218,33 +223,34 @@ class Metrics:
 
     def command(self, keyword: bytes) -> None:
         """One command line, by its first word (bytes from the client: only known keywords count)."""
-        self._command_counter(keyword).inc()
+        self.commands.add(self._command_key(keyword))
 
     def commands_seen(self, keywords: Sequence[bytes]) -> None:
         """The command lines of one read, by their first words: one increment per keyword."""
+        add = self.commands.add
         if len(keywords) == 1:
-            self._command_counter(keywords[0]).inc()
+            add(self._command_key(keywords[0]))
             return
         for keyword, count in collections.Counter(keywords).items():
-            self._command_counter(keyword).inc(count)
+            add(self._command_key(keyword), count)
 
-    def _command_counter(self, keyword: bytes) -> Any:
-        counter = self._command_counters.get(keyword)
-        if counter is None:
+    def _command_key(self, keyword: bytes) -> tuple[str]:
+        key = self._command_counters.get(keyword)
+        if key is None:
             try:
                 word = keyword.decode("ascii").upper()
             except UnicodeDecodeError:
                 word = ""
-            counter = self.commands.labels(word if word in COMMAND_KEYWORDS else "other")
+            key = (word if word in COMMAND_KEYWORDS else "other",)
             if len(self._command_counters) < 256:  # keywords as sent (any case): bounded
-                self._command_counters[keyword] = counter
-        return counter
+                self._command_counters[keyword] = key
+        return key
 
     def sent_bytes(self, count: int) -> None:
-        self.sent.inc(count)
+        self._sent_counts[()] += count
 
     def received_bytes(self, count: int) -> None:
-        self.received.inc(count)
+        self._received_counts[()] += count
 
     def quick_verdict(self, verdict: Any) -> None:
         """Tier 0's answer for one argument: None means undecided (it goes to tier 1)."""
