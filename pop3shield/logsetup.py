@@ -42,6 +42,20 @@ from zope.interface import implementer
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
           "error": LogLevel.error, "critical": LogLevel.critical}
 
+#: False once :func:`begin_logging` set a level above debug: no observer takes debug lines
+_debug_wanted = True
+
+
+class QuietDebugLogger(Logger):
+    """A :class:`twisted.logger.Logger` whose ``debug()`` costs one check while the server logs
+    above debug. twisted.logger builds the whole event before the level filter drops it, and a
+    session logs a few debug lines (connect, login, update, close): on a busy server that is
+    work for nothing. Under twistd, or before :func:`begin_logging`, every line is emitted."""
+
+    def debug(self, format: str | None = None, **kwargs: Any) -> None:
+        if _debug_wanted:
+            self.emit(LogLevel.debug, format, **kwargs)
+
 #: code points written as escapes: C0, DEL, C1, line/paragraph separators, bidi embeddings,
 #: overrides and isolates, and lone surrogates (undecodable bytes of file names)
 _UNSAFE = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, *range(0x202A, 0x202F),
@@ -527,7 +541,9 @@ def begin_logging(path: str, fmt: str, level: str, queue_limit: int | None = DEF
     reactor); at exit what is still queued is written, waiting at most
     :data:`DEFAULT_FLUSH_TIMEOUT` seconds.
     """
+    global _debug_wanted
     install_stdlib_bridge(level)
+    _debug_wanted = level == "debug"
     globalLogBeginner.beginLoggingTo([make_observer(path, fmt, level, queue_limit=queue_limit)],
                                      redirectStandardIO=False)
     if _queued_observer is not None:

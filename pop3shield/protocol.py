@@ -27,7 +27,7 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IHandshakeListener, IPushProducer, ISSLTransport, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger, LogLevel
+from twisted.logger import LogLevel
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -60,11 +60,12 @@ from pop3shield.limits import (
     FailureDelays,
 )
 from pop3shield.hashpool import CLEAN, SUSPECT, TRUSTED
+from pop3shield.logsetup import QuietDebugLogger
 from pop3shield.metrics import CommandScanner, Metrics
 from pop3shield.proxyproto import BadHeader, HeaderReader, TrustedProxies, looks_like_header
 from pop3shield.state import IState, LocalState, LoginHistory, StateUnavailable, address_key, user_key
 
-log = Logger(namespace="pop3shield.server")
+log = QuietDebugLogger(namespace="pop3shield.server")
 
 
 #: actions that may wait in the output batch: anything else first flushes what was said before it

@@ -294,3 +294,33 @@ def test_a_failed_emulation_is_logged_without_the_argument(monkeypatch: pytest.M
     assert text.endswith(f"[pop3shield.mcp.deep#error] emulation of a {len(secret)}-byte argument failed: "
                          f"ValueError at test_logsetup.py:{broken.__code__.co_firstlineno + 1} in broken\n")
     assert "horse" not in text and "horse" not in format_json(event)
+
+
+def test_debug_lines_cost_nothing_once_the_server_logs_above_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's logger drops debug() before building the event when no observer takes it
+    (begin_logging below debug), and emits it as twisted.logger does otherwise."""
+    from pop3shield import logsetup
+
+    seen: list[dict] = []
+    log = logsetup.QuietDebugLogger(namespace="pop3shield.test", observer=seen.append)
+    monkeypatch.setattr(logsetup, "_debug_wanted", False)
+    log.debug("dropped {n}", n=1)
+    log.info("kept {n}", n=2)
+    assert [(e["log_level"], e["n"]) for e in seen] == [(LogLevel.info, 2)]
+    monkeypatch.setattr(logsetup, "_debug_wanted", True)
+    log.debug("kept {n}", n=3)
+    assert [(e["log_level"], e["n"]) for e in seen[1:]] == [(LogLevel.debug, 3)]
+
+
+@pytest.mark.parametrize("level, wanted", [("debug", True), ("info", False), ("warn", False)])
+def test_begin_logging_says_whether_debug_lines_are_wanted(monkeypatch: pytest.MonkeyPatch, level: str,
+                                                           wanted: bool) -> None:
+    from pop3shield import logsetup
+
+    monkeypatch.setattr(logsetup, "_debug_wanted", None)
+    monkeypatch.setattr(logsetup, "install_stdlib_bridge", lambda level: None)
+    monkeypatch.setattr(logsetup.globalLogBeginner, "beginLoggingTo", lambda *a, **k: None)
+    monkeypatch.setattr(logsetup, "make_observer", lambda *a, **k: None)
+    monkeypatch.setattr(logsetup, "_queued_observer", None)
+    logsetup.begin_logging("-", "text", level)
+    assert logsetup._debug_wanted is wanted
