@@ -6,6 +6,7 @@ short reason, so that the session can answer ``-ERR`` or apply the ``non_complia
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -171,6 +172,9 @@ def username_problem(name: str, extra_chars: str) -> str | None:
     """
     if not name:
         return "empty user name"
+    if name.isascii() and name[0] != "." and (
+            name.isalnum() or name.translate(_deleting(extra_chars)).isalnum()):
+        return None  # most names: ASCII letters, digits and extra characters, checked at C speed
     marks = -1  # marks on the current letter; -1: the previous character is no letter
     previous = ""
     for char in name:
@@ -197,6 +201,12 @@ def username_problem(name: str, extra_chars: str) -> str | None:
     if name[0] == ".":
         return "user name starts with '.'"
     return None
+
+
+@functools.lru_cache(maxsize=8)
+def _deleting(chars: str) -> dict[int, None]:
+    """A str.translate table that deletes ``chars``."""
+    return dict.fromkeys(map(ord, chars))
 
 
 def valid_username(name: str, extra_chars: str) -> bool:

@@ -495,3 +495,18 @@ _KEYWORDS = st.sampled_from([k for k in grammar.ARITY] + [k.lower() for k in gra
 ))
 def test_parse_command_matches_the_reference(line: bytes) -> None:
     assert parse_command(line) == _reference_parse(line)
+
+
+def _username_problem_per_character(name: str, extra_chars: str) -> bool:
+    """Whether an ASCII name is acceptable, judged one character at a time as the general rule
+    does: a letter, a digit or an extra character each, and no leading dot."""
+    return bool(name) and name[0] != "." and all(
+        unicodedata.category(c)[0] in "LN" or c in extra_chars for c in name)
+
+
+@settings(max_examples=1500)
+@given(st.text(st.characters(min_codepoint=0, max_codepoint=0x7F), max_size=12),
+       st.sampled_from([DEFAULT_USERNAME_EXTRA, "", "._-", "@", ".", "+=!"]))
+def test_an_ascii_name_is_judged_as_the_per_character_rule_judges_it(name: str, extra: str) -> None:
+    """ASCII names take a shortcut at C speed; it accepts exactly what the general rule accepts."""
+    assert (username_problem(name, extra) is None) == _username_problem_per_character(name, extra)
