@@ -5,12 +5,14 @@
 Starts one private Dovecot (tests/support/dovecot.py) over one Maildir per client, then, in
 front of that same Dovecot, a pop3shield with ``[backend] type = "upstream"`` (every protection
 at its default, prevent) and a perdition (Debian ``perdition``, plain TCP, no map: every user to
-that Dovecot). The same load goes to each, interleaved round by round so that the machine's other
-work hits all three alike: ``--clients`` concurrent clients (one user each, as Dovecot locks a
+that Dovecot), and, as the floor of any relay written on Twisted, Twisted's own
+``twisted.protocols.portforward`` (bytes passed through, nothing parsed or checked). The same load
+goes to each, interleaved round by round so that the machine's other work hits them all alike: ``--clients`` concurrent clients (one user each, as Dovecot locks a
 mailbox per session), each session connect, USER, PASS, STAT, UIDL, RETR of every message, QUIT.
 It prints sessions/s per target (the best round) and the ratios pop3shield/Dovecot and
-pop3shield/perdition, taken within each round (the same machine load) and given as the median. Loopback only; every run is bounded by the counts given; the servers are
-stopped by PID.
+pop3shield/perdition, taken within each round (the same machine load) and given as the median,
+and the forwarder's ratio to Dovecot direct: what a relay that inspects nothing reaches on the same
+machine. Loopback only; every run is bounded by the counts given; the servers are stopped by PID.
 """
 
 from __future__ import annotations
@@ -160,6 +162,49 @@ class Perdition:
             pass
 
 
+class Forwarder:
+    """Twisted's port forwarder (``twisted.protocols.portforward``) in a child process: the cost of
+    the reactor, the two connections and the copying alone, with no POP3 in it."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> tuple[str, int]:
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-forwarder", str(self.port),
+                                      self.upstream[0], str(self.upstream[1])],
+                                     stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+        wait_for_pop3_greeting(self.host, self.port, 20, alive=lambda: self.proc.poll() is None,
+                               describe=lambda: "the forwarder exited")
+        return self.host, self.port
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def serve_forwarder(port: int, host: str, upstream_port: int) -> int:
+    from twisted.internet import reactor
+    from twisted.protocols import portforward
+
+    factory = portforward.ProxyFactory(host, upstream_port)
+    factory.noisy = False
+    reactor.listenTCP(port, factory, interface="127.0.0.1")
+    reactor.run()
+    return 0
+
+
+#: the reference target: Twisted's port forwarder, which inspects nothing
+FORWARDER = "Twisted portforward -> Dovecot"
+
 #: pop3shield's server.workers in the bench (POP3SHIELD_WORKERS; default 1, the figure of issue 9)
 WORKERS = int(os.environ.get("POP3SHIELD_WORKERS", "1"))
 
@@ -169,6 +214,8 @@ def pop3shield_upstream_toml(host: str, port: int) -> str:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["--serve-forwarder"]:  # the child process of Forwarder
+        return serve_forwarder(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=400, help="sessions per target per round")
     parser.add_argument("--clients", type=int, default=8)
@@ -181,6 +228,7 @@ def main() -> int:
     dovecot = DovecotServer(extra_config="mail_max_userip_connections = 1000\n")
     shield: Pop3ShieldServer | None = None
     perdition: Perdition | None = None
+    forwarder: Forwarder | None = None
     try:
         for n, user in enumerate(accounts):
             make_maildir(work / "mail" / user / "Maildir", args.messages, args.size, n + 1)
@@ -194,12 +242,14 @@ def main() -> int:
         s_host, s_port = shield.start(work / "pop3shield", accounts, work / "shield-mail-unused")
         perdition = Perdition(work, (d_host, d_port))
         p_host, p_port = perdition.start()
+        forwarder = Forwarder((d_host, d_port))
+        f_host, f_port = forwarder.start()
         targets = {"Dovecot direct": (d_host, d_port), "pop3shield -> Dovecot": (s_host, s_port),
-                   "perdition -> Dovecot": (p_host, p_port)}
+                   "perdition -> Dovecot": (p_host, p_port), FORWARDER: (f_host, f_port)}
         for host, port in targets.values():  # warm-up, and a check that every target works
             run_load(host, port, accounts, len(accounts))
         pids = {"Dovecot direct": dovecot.proc.pid, "pop3shield -> Dovecot": shield.proc.pid,
-                "perdition -> Dovecot": perdition.proc.pid}
+                "perdition -> Dovecot": perdition.proc.pid, FORWARDER: forwarder.proc.pid}
         # CPU milliseconds per session, by process tree, per round: the target's own processes
         # (for the two relays not counting Dovecot behind them), and the load generator (this
         # process: every thread)
@@ -209,7 +259,7 @@ def main() -> int:
         dovecot_cpu: dict[str, list[float]] = {name: [] for name in targets}
         best: dict[str, float] = {name: 0.0 for name in targets}
         octets_seen: dict[str, int] = {}
-        ratios: dict[str, list[float]] = {"direct": [], "perdition": []}
+        ratios: dict[str, list[float]] = {"direct": [], "perdition": [], "forwarder": []}
         for round_ in range(args.rounds):
             order = list(targets.items())
             if round_ % 2:
@@ -231,6 +281,7 @@ def main() -> int:
                       f"load average {os.getloadavg()[0]:.2f}", flush=True)
             ratios["direct"].append(rates["pop3shield -> Dovecot"] / rates["Dovecot direct"])
             ratios["perdition"].append(rates["pop3shield -> Dovecot"] / rates["perdition -> Dovecot"])
+            ratios["forwarder"].append(rates[FORWARDER] / rates["Dovecot direct"])
         assert len(set(octets_seen.values())) == 1, f"targets delivered different octets: {octets_seen}"
         print()
         print(f"{args.clients} concurrent clients, {args.sessions} sessions per round, best of {args.rounds} "
@@ -248,8 +299,13 @@ def main() -> int:
               f"rounds: {', '.join(f'{r:.2f}' for r in ratios['direct'])}) |")
         print(f"| ratio pop3shield / perdition, median of rounds | {perd:.2f} (target >= 3; "
               f"rounds: {', '.join(f'{r:.2f}' for r in ratios['perdition'])}) |")
+        print(f"| reference: ratio {FORWARDER} / Dovecot direct, median of rounds | "
+              f"{statistics.median(ratios['forwarder']):.2f} (no target: what relaying alone costs; "
+              f"rounds: {', '.join(f'{r:.2f}' for r in ratios['forwarder'])}) |")
         return 0
     finally:
+        if forwarder:
+            forwarder.stop()
         if perdition:
             perdition.stop()
         if shield:
