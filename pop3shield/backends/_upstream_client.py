@@ -64,17 +64,27 @@ class Response:
     end: End | None = None
 
 
-@dataclass
 class _Request:
-    expect: Expect
-    deferred: defer.Deferred[Response]
-    on_body: Callable[[bytes], None] | None = None
-    on_status: Callable[[Status], None] | None = None
-    start_tls: Any = None
-    #: lines to answer the upstream's SASL challenges with, in order (then: cancel)
-    responses: list[bytes] = field(default_factory=list, repr=False)
-    status: Status | None = None
-    pieces: list[bytes] = field(default_factory=list, repr=False)
+    """One response that is due: what to do with its parts as they arrive."""
+
+    __slots__ = ("expect", "deferred", "on_body", "on_status", "start_tls", "responses", "status", "pieces")
+
+    def __init__(self, expect: Expect, deferred: defer.Deferred[Response],
+                 on_body: Callable[[bytes], None] | None = None,
+                 on_status: Callable[[Status], None] | None = None, start_tls: Any = None) -> None:
+        self.expect = expect
+        self.deferred = deferred
+        self.on_body = on_body
+        self.on_status = on_status
+        self.start_tls = start_tls
+        #: lines to answer the upstream's SASL challenges with, in order (then: cancel)
+        self.responses: list[bytes] = []
+        self.status: Status | None = None
+        #: a collected body's pieces (when there is no on_body)
+        self.pieces: list[bytes] = []
+
+    def __repr__(self) -> str:  # no secrets (responses) and no mail (pieces)
+        return f"<_Request {self.expect.kind.value} status={self.status!r}>"
 
 
 class UpstreamProtocol(Protocol, TimeoutMixin):
@@ -222,21 +232,29 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
     # -- events ----------------------------------------------------------------------------
 
     def _event(self, event: Any) -> None:
-        if isinstance(event, Refused):
+        kind = type(event)  # the reader's events are final classes: by type, the common ones first
+        if kind is Body:
+            request = self._requests[0]
+            if request.on_body is not None:
+                request.on_body(event.data)
+            else:
+                request.pieces.append(event.data)
+            return
+        if kind is Refused:
             self.abort(f"refused the upstream's response: {event.problem.value} ({event.detail})", violation=True)
             return
-        if isinstance(event, Discarded):
+        if kind is Discarded:
             log.info("{name}: discarded {octets} octets sent in plaintext after STLS",
                      name=self.name, octets=event.octets)
             return
         request = self._requests[0]
-        if isinstance(event, Continuation):
+        if kind is Continuation:
             if request.responses:
                 self.send_line(request.responses.pop(0))
             else:
                 self.send_line(b"*")  # we have nothing more to say: cancel, the -ERR follows
             return
-        if isinstance(event, Status):
+        if kind is Status:
             if request.expect.kind is Kind.MULTI and event.ok:
                 request.status = event
                 if request.on_status is not None:
@@ -248,13 +266,7 @@ class UpstreamProtocol(Protocol, TimeoutMixin):
                 self.tls = True
             request.deferred.callback(Response(event))
             return
-        if isinstance(event, Body):
-            if request.on_body is not None:
-                request.on_body(event.data)
-            else:
-                request.pieces.append(event.data)
-            return
-        if isinstance(event, End):
+        if kind is End:
             self._requests.popleft()
             assert request.status is not None
             body = None if request.on_body is not None else b"".join(request.pieces)

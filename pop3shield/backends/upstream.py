@@ -522,6 +522,10 @@ class UpstreamMailbox:
         self.pipelining = pipelining
         self.name = name
         self._sizes = {m.key: m.size for m in self.listing}
+        #: the Expect of each RETR, made once per message (immutable)
+        self._retr_expect: dict[Hashable, Expect] = {}
+        #: registered with the client's transport while a message streams (one per mailbox)
+        self._producer: PausingProducer | None = None
         self._released = False
         #: set by the backend: pop3shield.metrics.UpstreamMetrics, or None
         self.metrics: Any = None
@@ -535,67 +539,18 @@ class UpstreamMailbox:
             return defer.fail(MessageUnavailable(f"no message {key!r}"))
         if lines is None:
             # the listed size, or two more when the upstream ends an unterminated last line
-            command, expect = b"RETR %d" % key, Expect(Kind.MULTI, exact_octets=size, final_crlf=True)
+            expect = self._retr_expect.get(key)
+            if expect is None:
+                expect = self._retr_expect[key] = Expect(Kind.MULTI, exact_octets=size, final_crlf=True)
+            command = b"RETR %d" % key
         else:
             # TOP sends a prefix of the message (plus a CRLF when it does not end in one)
             command, expect = b"TOP %d %d" % (key, lines), Expect(Kind.MULTI, max_octets=size + 2)
-        written = [0]
-        started = [False]
-        producer = PausingProducer(self.protocol)
-        # what one upstream read gave (status line, body pieces, terminator) goes out in one write
-        held: list[bytes] = []
-
-        def flush() -> None:
-            if held:
-                data = held[0] if len(held) == 1 else b"".join(held)
-                held.clear()
-                consumer.write(data)
-                written[0] += len(data)
-
-        asked = self.protocol.reactor.seconds() if self.metrics is not None else 0.0
-
-        def on_status(_status: Any) -> None:
-            if self.metrics is not None:
-                self.metrics.observe_upstream(self.protocol.reactor.seconds() - asked)
-            started[0] = True
-            consumer.registerProducer(producer, True)
-            held.append(status)
-            self.protocol.after_read = flush
-
-        def on_body(data: bytes) -> None:
-            held.append(data)
-
-        def finished(_reply: Any) -> int:
-            if not started[0]:
-                raise MessageUnavailable(f"{self.name}: the upstream answered -ERR to {command.decode()}")
-            self.protocol.after_read = None
-            held.append(b".\r\n")
-            flush()
-            self._unregister(consumer)
-            return written[0]
-
-        def failed(failure: Any) -> Any:
-            self.protocol.after_read = None
-            held.clear()  # a response cut off: what it held never reaches the client
-            if started[0]:
-                self._unregister(consumer)
-                log.warn("{name}: {command} cut off: {reason}", name=self.name,
-                         command=command.decode(), reason=failure.getErrorMessage())
-            elif failure.check(MessageUnavailable):
-                return failure  # the upstream answered -ERR: the session goes on
-            else:
-                log.warn("{name}: {command} failed: {reason}", name=self.name, command=command.decode(),
-                         reason=failure.getErrorMessage())
-            # a broken, hostile or vanished upstream: the client's session cannot go on either
-            if self.metrics is not None:
-                error = failure.value
-                self.metrics.upstream_error("protocol" if getattr(error, "violation", False) else
-                                            "timeout" if "no answer within" in str(error) else "closed")
-            self.release()
-            raise BackendBroken(f"{self.name}: {command.decode()}: {failure.getErrorMessage()}")
-
-        d = self.protocol.request(command, expect, on_body=on_body, on_status=on_status)
-        d.addCallbacks(finished, failed)
+        if self._producer is None:
+            self._producer = PausingProducer(self.protocol)
+        relayed = _Relayed(self, command, status, consumer)
+        d = self.protocol.request(command, expect, on_body=relayed.held.append, on_status=relayed.started)
+        d.addCallbacks(relayed.finished, relayed.failed)
         return d
 
     def _unregister(self, consumer: Any) -> None:
@@ -638,3 +593,69 @@ class UpstreamMailbox:
         """Close the upstream connection WITHOUT QUIT: the upstream deletes nothing."""
         self._released = True
         self.protocol.abort()
+
+
+class _Relayed:
+    """One RETR or TOP passing through: what one upstream read gave (status line, body pieces,
+    terminator) goes to the client in one write, after the reader has checked all of it."""
+
+    __slots__ = ("mailbox", "command", "consumer", "held", "written", "is_started", "asked")
+
+    def __init__(self, mailbox: UpstreamMailbox, command: bytes, status: bytes, consumer: Any) -> None:
+        self.mailbox = mailbox
+        self.command = command
+        self.consumer = consumer
+        #: the client's status line first; the upstream's own is checked, not passed on
+        self.held: list[bytes] = [status]
+        self.written = 0
+        self.is_started = False
+        self.asked = mailbox.protocol.reactor.seconds() if mailbox.metrics is not None else 0.0
+
+    def flush(self) -> None:
+        held = self.held
+        if held:
+            data = held[0] if len(held) == 1 else b"".join(held)
+            held.clear()
+            self.consumer.write(data)
+            self.written += len(data)
+
+    def started(self, _status: Any) -> None:
+        """The upstream said +OK: from now on the client's transport may pause the upstream."""
+        box = self.mailbox
+        if box.metrics is not None:
+            box.metrics.observe_upstream(box.protocol.reactor.seconds() - self.asked)
+        self.is_started = True
+        self.consumer.registerProducer(box._producer, True)
+        box.protocol.after_read = self.flush
+
+    def finished(self, _reply: Any) -> int:
+        box = self.mailbox
+        if not self.is_started:
+            raise MessageUnavailable(f"{box.name}: the upstream answered -ERR to {self.command.decode()}")
+        box.protocol.after_read = None
+        self.held.append(b".\r\n")
+        self.flush()
+        box._unregister(self.consumer)
+        return self.written
+
+    def failed(self, failure: Any) -> Any:
+        box = self.mailbox
+        command = self.command.decode()
+        box.protocol.after_read = None
+        self.held.clear()  # a response cut off: what it held never reaches the client
+        if self.is_started:
+            box._unregister(self.consumer)
+            log.warn("{name}: {command} cut off: {reason}", name=box.name, command=command,
+                     reason=failure.getErrorMessage())
+        elif failure.check(MessageUnavailable):
+            return failure  # the upstream answered -ERR: the session goes on
+        else:
+            log.warn("{name}: {command} failed: {reason}", name=box.name, command=command,
+                     reason=failure.getErrorMessage())
+        # a broken, hostile or vanished upstream: the client's session cannot go on either
+        if box.metrics is not None:
+            error = failure.value
+            box.metrics.upstream_error("protocol" if getattr(error, "violation", False) else
+                                       "timeout" if "no answer within" in str(error) else "closed")
+        box.release()
+        raise BackendBroken(f"{box.name}: {command}: {failure.getErrorMessage()}")
