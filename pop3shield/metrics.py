@@ -18,14 +18,17 @@ reactor's thread pool, never on the reactor.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = ["COMMAND_KEYWORDS", "LOGIN_MECHANISMS", "LOGIN_RESULTS", "UPSTREAM_ERRORS", "Metrics",
            "UpstreamMetrics", "metrics_site"]
@@ -53,7 +56,7 @@ _KEYWORD_BYTES = 5
 class UpstreamMetrics:
     """What a backend that relays to an upstream server may report; passed to its builder."""
 
-    def __init__(self, latency: Histogram, errors: Counter) -> None:
+    def __init__(self, latency: _TallyHistogram, errors: Counter) -> None:
         self._latency = latency
         self._errors = errors
 
@@ -165,8 +168,10 @@ class Metrics:
         r.register(self.verdicts)
         self.analysis_wait = Histogram("pop3shield_analysis_queue_seconds", "Time an analysis waited in the "
                                        "detector's queue for a thread.", buckets=_QUEUE_BUCKETS, registry=r)
-        self.upstream_latency = Histogram("pop3shield_upstream_seconds", "Upstream POP3 round trips.",
-                                          buckets=_LATENCY_BUCKETS, registry=r)
+        # observed on the reactor for every relayed command: plain integers, read at scrape time
+        self.upstream_latency = _TallyHistogram("pop3shield_upstream_seconds", "Upstream POP3 round trips.",
+                                                _LATENCY_BUCKETS)
+        r.register(self.upstream_latency)
         self.upstream_errors = Counter("pop3shield_upstream_errors", "Failed upstream calls, by reason.",
                                        ["reason"], registry=r)
         self.refusals = Counter("pop3shield_connections_refused", "Client connections refused, by limit: total "
@@ -309,6 +314,33 @@ class _Tally(Collector):
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         for key, count in list(self.counts.items()):  # a copy: the reactor may count meanwhile
             family.add_metric(list(key), count)
+        yield family
+
+
+class _TallyHistogram(Collector):
+    """A histogram kept as plain numbers and read at scrape time, for observations made on the
+    reactor thread only (prometheus_client's ``Histogram.observe`` takes two locks); the
+    exposition is the one a ``Histogram`` of the same name, help and buckets gives."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = [float(b) for b in buckets]
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket (not cumulative); the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.sum += amount
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+
+    def collect(self) -> Iterable[Any]:
+        counts, total = list(self.counts), self.sum  # a copy: the reactor may observe meanwhile
+        cumulative, buckets = 0, []
+        for bound, count in zip([*self.bounds, math.inf], counts):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[])
+        family.add_metric([], buckets, total)
         yield family
 
 

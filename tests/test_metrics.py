@@ -662,3 +662,26 @@ def test_verdicts_expose_what_a_prometheus_counter_exposes() -> None:
     names = [line.split()[2] for line in generate_latest(m.registry).decode().splitlines()
              if line.startswith("# TYPE")]
     assert names.index("pop3shield_detector_verdicts_total") == names.index("pop3shield_commands_total") + 3
+
+
+def test_upstream_latency_exposes_what_a_prometheus_histogram_exposes() -> None:
+    """The relay's round trips are observed as plain numbers; the scrape shows the same family a
+    prometheus_client Histogram with those buckets shows, bounds included (le is inclusive)."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from pop3shield.metrics import _LATENCY_BUCKETS
+
+    m = Metrics()
+    reference = CollectorRegistry()
+    histogram = Histogram("pop3shield_upstream_seconds", m.upstream_latency.documentation,
+                          buckets=_LATENCY_BUCKETS, registry=reference)
+    for seconds in (0.0, 0.001, 0.005, 0.0051, 0.2, 1.0, 29.9, 30.0, 31.0, 1e6, 0.05):
+        m.upstream.observe_upstream(seconds)
+        histogram.observe(seconds)
+
+    def family(registry) -> str:
+        text = generate_latest(registry).decode()
+        return "\n".join(line for line in text.splitlines() if "pop3shield_upstream_seconds" in line)
+
+    assert family(m.registry) == family(reference)
+    assert 'pop3shield_upstream_seconds_bucket{le="+Inf"} 11.0' in family(m.registry)
