@@ -372,7 +372,10 @@ class CommandScanner:
 
     def keywords(self, data: bytes, in_sasl: bool) -> list[bytes]:
         """The first word of each command line that ends in ``data``, in order."""
-        start, size = 0, len(data)
+        size = len(data)
+        if not self._started and data.find(b"\n") == size - 1 >= 0:  # the usual read: one whole line
+            return [] if in_sasl else [data[:min(_KEYWORD_BYTES, size - 1)].partition(b" ")[0].rstrip(b"\r")]
+        start = 0
         found: list[bytes] = []
         if self._started:  # the end of the line the last read began
             end = data.find(b"\n")

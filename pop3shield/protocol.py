@@ -400,7 +400,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._admitting:
             self._early += data  # at most a read or two: reading is paused until admission is decided
             return
-        if self.session is None or self.session.closed:
+        if self.session is None or self.session.state is State.CLOSED:
             return
         if self._octets_in == 0 and looks_like_header(data):
             # a PROXY header from a peer outside server.proxy_protocol_networks: it may not choose its address

@@ -17,6 +17,10 @@ class State(enum.Enum):
     UPDATE = "update"
     CLOSED = "closed"
 
+    # members are singletons compared by identity: hashed by identity too, at C speed (Enum's
+    # __hash__ is a Python function, and (state, keyword) is looked up for every command line)
+    __hash__ = object.__hash__
+
 
 class MessageEntry(Protocol):
     """What the session needs of a message in the maildrop."""

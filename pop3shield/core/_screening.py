@@ -206,18 +206,22 @@ class Screening:
         if problems:
             trigger = self.engine.trigger("non_compliant", sample, reason=", ".join(problems))
             triggers.insert(0, Finding(trigger, "Protocol violation."))
-        self._screen(line, self._arguments(line.content), triggers, lead=1 if problems else 0)
+        self._screen(line, self._arguments(line.content), triggers, lead=1 if problems else 0, sample=sample)
 
     def _screen(self, line: Line | Overlong, args: Sequence[tuple[bytes, str]], triggers: list[Finding],
-                lead: int = 0, verdicts: Sequence[Any] | None = None) -> None:
+                lead: int = 0, verdicts: Sequence[Any] | None = None,
+                sample: Callable[[], str] | None = None) -> None:
         """The malicious-code check, fast tier here, slow tier through the I/O layer.
 
         Its finding goes first (an exploit is the more useful verdict than "too long"), except
         behind ``lead`` byte-level violations: a NUL or a Latin-1 byte is first of all not POP3.
-        ``verdicts``: the fast tier's, one per argument, when the caller already asked it.
+        ``verdicts``: the fast tier's, one per argument, when the caller already asked it;
+        ``sample``: the line's event sample, when the caller already made it.
         """
+        if sample is None:
+            sample = self._sample_of(line)
         if not self.engine.active("malicious_code") or self._quick_check is None:
-            self._resume(Screened(line, tuple(triggers), lead, self._sample_of(line)))
+            self._resume(Screened(line, tuple(triggers), lead, sample))
             return
         slow: list[bytes] = []
         reasons: list[str] = []
@@ -231,10 +235,10 @@ class Screening:
         if reasons:
             triggers.insert(lead, self._mcp_trigger(line, sorted(set(reasons))))
         elif slow:
-            self._pending = Screened(line, tuple(triggers), lead, self._sample_of(line))
+            self._pending = Screened(line, tuple(triggers), lead, sample)
             self._ask(A.Analyze(tuple(slow)))
             return
-        self._resume(Screened(line, tuple(triggers), lead, self._sample_of(line)))
+        self._resume(Screened(line, tuple(triggers), lead, sample))
 
     def _mcp_trigger(self, line: Line | Overlong, reasons: list[str]) -> Finding:
         trigger = self.engine.trigger("malicious_code", self._sample_of(line), reasons=reasons)

@@ -116,7 +116,7 @@ class Session(Screening, Authorization, SaslExchange, Transaction):
             return []
         if not self._started:
             self._early_data = True
-        if self._first_bytes(data):
+        if not self._seen_input and self._first_bytes(data):
             return self._flush()
         self._framer.feed(data)
         if self._started:
