@@ -4,6 +4,7 @@ under ``twistd -n pop3shield`` (this checkout's plugin and code, via PYTHONPATH)
 from __future__ import annotations
 
 import poplib
+import re
 import shutil
 import signal
 import socket
@@ -115,7 +116,16 @@ def test_an_ssl_listener_without_a_key_of_its_own_uses_tls_and_rereads_it_on_sig
         ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
         assert _served_fingerprint(port, ca) == first
         proc.send_signal(signal.SIGHUP)
-        wait_for_line(out, rf"TLS certificate {cert} reloaded", proc)
+        # every worker reloads on its own SIGHUP, passed on by the supervisor: until the last has
+        # said so, a connection may still reach one that serves the old certificate
+        from pop3shield.config import load_config
+
+        workers = load_config(conf).server.workers
+        reloaded = rf"TLS certificate {re.escape(str(cert))} reloaded"
+        deadline = time.monotonic() + 30
+        while len(re.findall(reloaded, out.read_text(errors="replace"))) < workers:
+            assert time.monotonic() < deadline and proc.poll() is None, out.read_text(errors="replace")
+            time.sleep(0.1)
         assert _served_fingerprint(port, ca) != first
         assert "warning" not in out.read_text()  # the certificate is used: no "unused" warning
     finally:
