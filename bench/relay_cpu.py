@@ -144,7 +144,6 @@ def main() -> int:
         pids = {"pop3shield": shield.proc.pid, "Twisted portforward": forwarder.proc.pid}
         for host, target_port in targets.values():  # warm-up, and a check that both work
             relay.run_load(host, target_port, accounts, 5 * len(accounts))
-        calls_before = None
         for name, (host, target_port) in targets.items():
             if args.profile and name != "pop3shield":
                 continue
@@ -159,8 +158,6 @@ def main() -> int:
             best = min(runs, key=sum)
             print(f"{name:20s} least of {args.reps}: user {best[0]:.2f} ms, system {best[1]:.2f} ms, "
                   f"total {sum(best):.2f} ms per session", flush=True)
-        if args.profile:
-            calls_before = args.reps * args.sessions + 5 * len(accounts) + 1  # sessions profiled
     finally:
         if forwarder:
             forwarder.stop()
@@ -172,7 +169,9 @@ def main() -> int:
         import pstats
 
         stats = pstats.Stats(args.profile)
-        print(f"\nprofile in {args.profile}: about {stats.total_calls / calls_before:.0f} Python calls "
+        # the repetitions, the warm-up and the start-up's greeting check
+        profiled_sessions = args.reps * args.sessions + 5 * len(accounts) + 1
+        print(f"\nprofile in {args.profile}: about {stats.total_calls / profiled_sessions:.0f} Python calls "
               f"per session (start-up included); own time, largest first:")
         stats.sort_stats("tottime").print_stats(25)
     return 0

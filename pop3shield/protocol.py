@@ -400,7 +400,7 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         if self._admitting:
             self._early += data  # at most a read or two: reading is paused until admission is decided
             return
-        if self.session is None or self.session.state is State.CLOSED:
+        if self.session is None or self.session.closed:
             return
         if self._octets_in == 0 and looks_like_header(data):
             # a PROXY header from a peer outside server.proxy_protocol_networks: it may not choose its address
@@ -513,12 +513,6 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
             getattr(self, "_do_" + kind.__name__)(action)
         if out is not None:
             out.flush()  # the replies of one batch of input: one write
-        session = self.session
-        if (session is not None and session.state is self._timeout_state and not self._reading_paused
-                and self._listing is None and session.buffered == 0 and not session.yielded):
-            # the common case, a command answered with nothing more to read: nothing to pause or
-            # resume, the timeout is the state's already, no turn to schedule
-            return
         self._update_reading()
         self._update_timeout()
         self._schedule_turn()
@@ -897,18 +891,13 @@ class POP3ServerProtocol(Protocol, TimeoutMixin):
         self._streaming = True
         consumer = self._out
         assert consumer is not None
-        try:
-            d = self.mailbox.send_message(action.key, action.body_lines, action.status, consumer,
-                                          prefetch=action.prefetch)
-        except Exception:  # what maybeDeferred does, without its calls per message
-            d = defer.fail()
+        d = defer.maybeDeferred(self.mailbox.send_message, action.key, action.body_lines, action.status,
+                                consumer, prefetch=action.prefetch)
         d.addCallbacks(self._stream_done, self._stream_error, errbackArgs=(consumer.written,))
 
     def _stream_done(self, sent: int) -> None:
         self._streaming = False
-        session = self.session
-        if session is not None and not session.closed:  # the connection may be gone by now
-            self._run(session.stream_finished())
+        self._guard(lambda _: self.session.stream_finished())(None)
 
     def _stream_error(self, failure: Failure, written_before: int) -> None:
         self._streaming = False

@@ -685,3 +685,24 @@ def test_upstream_latency_exposes_what_a_prometheus_histogram_exposes() -> None:
 
     assert family(m.registry) == family(reference)
     assert 'pop3shield_upstream_seconds_bucket{le="+Inf"} 11.0' in family(m.registry)
+
+
+_SCANNER_PIECES = [b"STAT", b"QUIT", b"LIST 1", b"RETR 12", b"AUTHX", b"\r", b"\n", b"\r\n", b" ", b"x", b"\xff"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_read_of_one_whole_line_is_scanned_as_in_pieces(seed: int) -> None:
+    """The scanner takes a read that is exactly one line without splitting it; the keywords it
+    finds are those found when the same bytes arrive one octet at a time."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(2000):
+        line = b"".join(rng.choice(_SCANNER_PIECES) for _ in range(rng.randint(0, 4))).replace(b"\n", b"")
+        data = line + rng.choice([b"\r\n", b"\n"])
+        in_sasl = rng.random() < 0.2
+        whole = CommandScanner().keywords(data, in_sasl)
+        bytewise, scanner = [], CommandScanner()
+        for i in range(len(data)):
+            bytewise += scanner.keywords(data[i:i + 1], in_sasl)
+        assert whole == bytewise, (data, in_sasl)

@@ -184,7 +184,7 @@ class Transaction:
     def _cmd_retr(self, args: tuple[bytes, ...]) -> None:
         found = self._message(args[0])
         if found is not None:
-            status = b"+OK %d octets\r\n" % found[1].size  # what responses.ok gives, for a number
+            status = responses.ok(f"{found[1].size} octets")
             self._ask(A.StreamMessage(found[1].key, status, None, self._next_key(found[0])))
 
     def _cmd_top(self, args: tuple[bytes, ...]) -> None:
